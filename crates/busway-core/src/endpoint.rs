@@ -1,0 +1,620 @@
+//! Receive endpoints: their configuration, and the loop that takes deliveries from the
+//! transport, runs them through the pipeline and settles them.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::bus::BusInner;
+use crate::consumer::{Consumer, ConsumerConfigurator, ConsumerOf, ConsumerRegistration, Dispatcher};
+use crate::context::{ConsumeContext, EndpointInfo, ReceiveContext};
+use crate::envelope::Envelope;
+use crate::error::{ConsumeError, ConsumeErrorKind, Error};
+use crate::fault::{ExceptionInfo, FAULT_URN, Fault, FaultDetails};
+use crate::headers::names;
+use crate::message::{Message, new_id};
+use crate::pipeline::{
+    ConsumeLayer, ConsumeService, ConsumeTracingLayer, RedeliveryLayer, Retry, RetryLayer,
+    TimeoutLayer, apply_consume_layers,
+};
+use crate::send::{OutgoingMessage, SendTarget};
+use crate::topology::{EndpointTopology, Extensions};
+use crate::transport::{Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, TransportMessage};
+use crate::urn::Urn;
+
+/// MassTransit's default prefetch: twice the CPU count, at least 16.
+pub fn default_prefetch() -> u16 {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    u16::try_from((cpus * 2).max(16)).unwrap_or(u16::MAX)
+}
+
+/// Configures one receive endpoint: its consumers, prefetch, concurrency and pipeline.
+///
+/// Used by value in `BusBuilder::receive_endpoint("name", |e| e.consumer(..).prefetch(32))`.
+#[derive(Debug)]
+pub struct EndpointConfigurator {
+    pub(crate) name: String,
+    pub(crate) prefetch: Option<u16>,
+    pub(crate) concurrency: Option<usize>,
+    pub(crate) registrations: Vec<ConsumerRegistration>,
+    pub(crate) retry: Option<Retry>,
+    pub(crate) redelivery: Option<Retry>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) layers: Vec<ConsumeLayer>,
+    pub(crate) temporary: bool,
+    pub(crate) bind_message_types: bool,
+    pub(crate) publish_faults: Option<bool>,
+    pub(crate) extensions: Extensions,
+}
+
+impl EndpointConfigurator {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            prefetch: None,
+            concurrency: None,
+            registrations: Vec::new(),
+            retry: None,
+            redelivery: None,
+            timeout: None,
+            layers: Vec::new(),
+            temporary: false,
+            bind_message_types: true,
+            publish_faults: None,
+            extensions: Extensions::default(),
+        }
+    }
+
+    /// The endpoint name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adds a consumer of one message type; the type is inferred when `C` consumes only one.
+    pub fn consumer<M, C>(mut self, consumer: C) -> Self
+    where
+        M: Message,
+        C: Consumer<M>,
+    {
+        self.registrations
+            .push(ConsumerRegistration::new::<M, C>(Arc::new(consumer)));
+        self
+    }
+
+    /// Adds a consumer of several message types: `consumer_for::<(A, B)>(c)`.
+    pub fn consumer_for<Ms>(mut self, consumer: impl ConsumerOf<Ms>) -> Self {
+        self.registrations
+            .extend(Arc::new(consumer).registrations());
+        self
+    }
+
+    /// Adds a consumer with its own pipeline options (retry, timeout, concurrency, layers).
+    pub fn consumer_with<M, C>(
+        mut self,
+        consumer: C,
+        configure: impl FnOnce(ConsumerConfigurator) -> ConsumerConfigurator,
+    ) -> Self
+    where
+        M: Message,
+        C: Consumer<M>,
+    {
+        let config = configure(ConsumerConfigurator::default());
+        self.registrations
+            .push(ConsumerRegistration::new::<M, C>(Arc::new(consumer)).configure(&config));
+        self
+    }
+
+    /// Adds a handler function: `e.handler(|ctx: ConsumeContext<Ping>| async move { .. })`.
+    pub fn handler<M, F, Fut>(mut self, handler: F) -> Self
+    where
+        M: Message,
+        F: Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
+    {
+        self.registrations
+            .push(ConsumerRegistration::handler::<M, F, Fut>(handler));
+        self
+    }
+
+    /// Adds a prepared registration.
+    pub fn registration(mut self, registration: ConsumerRegistration) -> Self {
+        self.registrations.push(registration);
+        self
+    }
+
+    /// How many unacknowledged messages the broker may hand this endpoint
+    /// (default `max(2 × CPUs, 16)`).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+
+    /// How many messages this endpoint processes at once (default: the prefetch).
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        self.concurrency = Some(limit.max(1));
+        self
+    }
+
+    /// In-process retry for every consumer at the endpoint.
+    pub fn retry(mut self, policy: Retry) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Delayed redelivery: after in-process retries fail, send the message back to the
+    /// endpoint after each of the policy's intervals (needs transport delayed delivery).
+    pub fn redelivery(mut self, policy: Retry) -> Self {
+        self.redelivery = Some(policy);
+        self
+    }
+
+    /// Limits each consume attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Adds a `tower::Layer` around the endpoint's consume pipeline (first added is
+    /// outermost; all of them run inside the bus-level layers).
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<ConsumeService> + Send + Sync + 'static,
+        L::Service: Service<ReceiveContext, Response = (), Error = ConsumeError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as Service<ReceiveContext>>::Future: Send + 'static,
+    {
+        self.layers.push(ConsumeLayer::new(layer));
+        self
+    }
+
+    /// Makes the endpoint temporary: its queue is deleted when the bus stops.
+    pub fn temporary(mut self) -> Self {
+        self.temporary = true;
+        self
+    }
+
+    /// Whether the consumed message types are bound to the endpoint so publishes reach it
+    /// (default true). With `false`, only sends to the endpoint's address arrive.
+    pub fn bind_message_types(mut self, bind: bool) -> Self {
+        self.bind_message_types = bind;
+        self
+    }
+
+    /// Whether `Fault<T>` is published when a message faults (default true). Faults are
+    /// always sent to the message's fault or response address when it has one.
+    pub fn publish_faults(mut self, publish: bool) -> Self {
+        self.publish_faults = Some(publish);
+        self
+    }
+
+    /// Stores a transport-specific option (used by transport crates' extension traits).
+    pub fn extension<T: std::any::Any + Send + Sync>(mut self, value: T) -> Self {
+        self.extensions.insert(value);
+        self
+    }
+
+    /// The transport-specific options.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+}
+
+/// Defaults every endpoint starts from (set on the bus builder).
+#[derive(Debug, Clone)]
+pub(crate) struct EndpointDefaults {
+    pub(crate) prefetch: Option<u16>,
+    pub(crate) concurrency: Option<usize>,
+    pub(crate) retry: Option<Retry>,
+    pub(crate) redelivery: Option<Retry>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) publish_faults: bool,
+}
+
+impl Default for EndpointDefaults {
+    fn default() -> Self {
+        Self {
+            prefetch: None,
+            concurrency: None,
+            retry: None,
+            redelivery: None,
+            timeout: None,
+            publish_faults: true,
+        }
+    }
+}
+
+/// An endpoint ready to run: its topology and its pipeline.
+pub(crate) struct EndpointPlan {
+    pub(crate) topology: EndpointTopology,
+    pub(crate) pipeline: ConsumeService,
+    pub(crate) publish_faults: bool,
+}
+
+impl EndpointConfigurator {
+    pub(crate) fn into_plan(
+        self,
+        address: String,
+        defaults: &EndpointDefaults,
+        bus_layers: &[ConsumeLayer],
+    ) -> EndpointPlan {
+        let (prefetch, concurrency) = match (
+            self.prefetch.or(defaults.prefetch),
+            self.concurrency.or(defaults.concurrency),
+        ) {
+            (Some(p), Some(c)) => (p, c),
+            (Some(p), None) => (p, usize::from(p)),
+            (None, Some(c)) => (
+                u16::try_from((c * 12 / 10).max(c)).unwrap_or(u16::MAX),
+                c,
+            ),
+            (None, None) => {
+                let p = default_prefetch();
+                (p, usize::from(p))
+            }
+        };
+        let mut consumers = Vec::new();
+        let mut message_types: Vec<Urn> = Vec::new();
+        for r in &self.registrations {
+            if !consumers.contains(&r.consumer_type) {
+                consumers.push(r.consumer_type.clone());
+            }
+            if !message_types.contains(&r.message_type) {
+                message_types.push(r.message_type.clone());
+            }
+        }
+        let mut svc: ConsumeService = BoxCloneSyncService::new(Dispatcher::new(self.registrations));
+        if let Some(t) = self.timeout.or(defaults.timeout) {
+            svc = BoxCloneSyncService::new(TimeoutLayer::new(t).layer(svc));
+        }
+        if let Some(r) = self.retry.or_else(|| defaults.retry.clone()) {
+            svc = BoxCloneSyncService::new(RetryLayer::new(r).layer(svc));
+        }
+        if let Some(r) = self.redelivery.or_else(|| defaults.redelivery.clone()) {
+            svc = BoxCloneSyncService::new(RedeliveryLayer::new(r).layer(svc));
+        }
+        svc = apply_consume_layers(&self.layers, svc);
+        svc = apply_consume_layers(bus_layers, svc);
+        svc = BoxCloneSyncService::new(ConsumeTracingLayer.layer(svc));
+        EndpointPlan {
+            topology: EndpointTopology {
+                name: self.name,
+                address,
+                message_types,
+                prefetch,
+                concurrency,
+                temporary: self.temporary,
+                bind_message_types: self.bind_message_types,
+                consumers,
+                extensions: self.extensions,
+            },
+            pipeline: svc,
+            publish_faults: self.publish_faults.unwrap_or(defaults.publish_faults),
+        }
+    }
+
+    pub(crate) fn has_redelivery(&self, defaults: &EndpointDefaults) -> bool {
+        self.redelivery.is_some() || defaults.redelivery.is_some()
+    }
+}
+
+/// Shared state of a running endpoint.
+pub(crate) struct EndpointRuntime {
+    pub(crate) bus: Arc<BusInner>,
+    pub(crate) info: Arc<EndpointInfo>,
+    pub(crate) pipeline: ConsumeService,
+    pub(crate) publish_faults: bool,
+}
+
+/// Takes deliveries until `stop`, processing up to `concurrency` at once; then stops the
+/// receiver and waits for in-flight deliveries (which `hard` cancels and requeues).
+pub(crate) async fn run_endpoint(
+    runtime: Arc<EndpointRuntime>,
+    mut receiver: Box<dyn Receiver>,
+    concurrency: usize,
+    stop: CancellationToken,
+    hard: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut failures = 0u32;
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            d = receiver.next() => d,
+        };
+        match next {
+            None => break,
+            Some(Err(err)) => {
+                failures = failures.saturating_add(1);
+                let backoff = Duration::from_millis(50u64.saturating_mul(u64::from(failures.min(40))));
+                tracing::warn!(endpoint = %runtime.info.name, error = %err, ?backoff, "receive failed");
+                drop(permit);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
+            Some(Ok(delivery)) => {
+                failures = 0;
+                let rt = runtime.clone();
+                let cancel = hard.child_token();
+                tasks.spawn(async move {
+                    handle_delivery(rt, delivery, cancel).await;
+                    drop(permit);
+                });
+            }
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    if let Err(err) = receiver.stop().await {
+        tracing::warn!(endpoint = %runtime.info.name, error = %err, "stopping the receiver failed");
+    }
+    while let Some(result) = tasks.join_next().await {
+        if let Err(err) = result {
+            tracing::error!(endpoint = %runtime.info.name, error = %err, "a delivery task failed");
+        }
+    }
+    tracing::debug!(endpoint = %runtime.info.name, "endpoint stopped");
+}
+
+async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: CancellationToken) {
+    let Delivery {
+        message,
+        redelivered,
+        delivery_count,
+        settlement,
+    } = delivery;
+    let received = match rt.bus.serializers.deserialize(&message) {
+        Ok(received) => received,
+        Err(err) => {
+            let details = FaultDetails {
+                exception_type: "busway::DeserializeError".to_string(),
+                message: err.to_string(),
+                stack_trace: error_chain(&err),
+                input_address: rt.info.address.clone(),
+                consumer_type: None,
+                message_type: None,
+                retry_count: 0,
+                redelivery_count: 0,
+                timestamp: Utc::now(),
+            };
+            tracing::error!(endpoint = %rt.info.name, error = %err, "could not read a message; moving it to the error queue");
+            move_message(&rt, settlement, MoveKind::Error, message, &details.message, |h| {
+                details.write_headers(h)
+            })
+            .await;
+            return;
+        }
+    };
+    let rc = ReceiveContext::new(
+        rt.bus.clone(),
+        rt.info.clone(),
+        message,
+        received,
+        redelivered,
+        delivery_count,
+        settlement,
+        cancel.clone(),
+    );
+    let fut = AssertUnwindSafe(rt.pipeline.clone().oneshot(rc.clone())).catch_unwind();
+    let outcome = tokio::select! {
+        r = fut => Some(r),
+        _ = cancel.cancelled() => None,
+    };
+    let Some(settlement) = rc.take_settlement() else {
+        // A layer settled the delivery itself (delayed redelivery).
+        return;
+    };
+    let result = match outcome {
+        None => {
+            tracing::info!(endpoint = %rt.info.name, message_id = ?rc.message_id(), "shutdown deadline passed; returning the message to the queue");
+            settle(&rt, settlement.requeue().await, "requeue");
+            return;
+        }
+        Some(Err(panic)) => Err(ConsumeError::kind_msg(
+            ConsumeErrorKind::Panic,
+            "panic",
+            format!("the consume pipeline panicked: {}", panic_text(panic)),
+        )),
+        Some(Ok(result)) => result,
+    };
+    match result {
+        Ok(()) => settle(&rt, settlement.ack().await, "ack"),
+        Err(err) if err.kind() == ConsumeErrorKind::NoConsumer => {
+            tracing::warn!(endpoint = %rt.info.name, message_id = ?rc.message_id(), error = %err, "moving the message to the skipped queue");
+            let message = rc.transport_message().clone();
+            move_message(&rt, settlement, MoveKind::Skipped, message, &err.to_string(), |h| {
+                h.insert(names::REASON, "dead-letter");
+            })
+            .await;
+        }
+        Err(err) if err.kind() == ConsumeErrorKind::Cancelled => {
+            settle(&rt, settlement.requeue().await, "requeue");
+        }
+        Err(err) => fault(&rt, &rc, settlement, err).await,
+    }
+}
+
+fn settle(rt: &EndpointRuntime, result: crate::error::Result<()>, what: &str) {
+    if let Err(err) = result {
+        tracing::warn!(endpoint = %rt.info.name, error = %err, "{what} failed; the broker will redeliver the message");
+    }
+}
+
+fn error_chain(err: &Error) -> String {
+    let mut out = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(e) = next {
+        out.push_str("\ncaused by: ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_string())
+}
+
+async fn move_message(
+    rt: &EndpointRuntime,
+    settlement: Box<dyn Settlement>,
+    kind: MoveKind,
+    mut message: TransportMessage,
+    reason: &str,
+    add_headers: impl FnOnce(&mut crate::headers::Headers),
+) {
+    add_headers(&mut message.headers);
+    rt.bus.host.write_headers(&mut message.headers);
+    message.time_to_live = None;
+    rt.bus
+        .observers
+        .on_move(&rt.info.name, kind, &message, reason);
+    if let Err(err) = settlement.move_to(kind, message).await {
+        tracing::error!(
+            endpoint = %rt.info.name,
+            queue = %kind.queue_name(&rt.info.name),
+            error = %err,
+            "could not move the message; it stays on the queue and will be redelivered"
+        );
+    }
+}
+
+async fn fault(
+    rt: &EndpointRuntime,
+    rc: &ReceiveContext,
+    settlement: Box<dyn Settlement>,
+    err: ConsumeError,
+) {
+    let source = rc.fault_source();
+    let details = FaultDetails {
+        exception_type: err.type_name().to_string(),
+        message: err.to_string(),
+        stack_trace: err.chain_text(),
+        input_address: rt.info.address.clone(),
+        consumer_type: source.as_ref().map(|(c, _)| c.clone()),
+        message_type: source.as_ref().map(|(_, m)| m.as_str().to_string()),
+        retry_count: rc.retry_attempt(),
+        redelivery_count: rc.redelivery_count(),
+        timestamp: Utc::now(),
+    };
+    tracing::error!(
+        endpoint = %rt.info.name,
+        message_id = ?rc.message_id(),
+        retries = details.retry_count,
+        redeliveries = details.redelivery_count,
+        error = %err,
+        "consume faulted; moving the message to the error queue"
+    );
+    if let Err(publish_err) = send_fault(rt, rc, &err, &details).await {
+        tracing::warn!(endpoint = %rt.info.name, error = %publish_err, "could not publish the fault event");
+    }
+    let message = rc.transport_message().clone();
+    move_message(rt, settlement, MoveKind::Error, message, &details.message, |h| {
+        details.write_headers(h)
+    })
+    .await;
+}
+
+async fn send_fault(
+    rt: &EndpointRuntime,
+    rc: &ReceiveContext,
+    err: &ConsumeError,
+    details: &FaultDetails,
+) -> crate::error::Result<()> {
+    let env = rc.envelope();
+    let target = match env
+        .fault_address
+        .as_deref()
+        .or(env.response_address.as_deref())
+    {
+        Some(address) => SendTarget::Send(crate::address::Address::parse(address)?),
+        None if rt.publish_faults => SendTarget::Publish,
+        None => return Ok(()),
+    };
+    let now = Utc::now();
+    let fault = Fault {
+        fault_id: new_id(),
+        faulted_message_id: env.message_id,
+        timestamp: now,
+        exceptions: vec![ExceptionInfo::from_consume_error(err)],
+        host: Some((*rt.bus.host).clone()),
+        fault_message_types: env.message_type.clone(),
+        message: rc.message_json(),
+    };
+    let body = serde_json::value::to_raw_value(&fault).map_err(|e| {
+        Error::with_source(crate::error::ErrorKind::Serialize, "could not write the fault", e)
+    })?;
+    let mut message_type: Vec<Urn> = env.message_type.iter().map(Urn::fault).collect();
+    message_type.push(FAULT_URN);
+    let mut headers = crate::headers::Headers::new();
+    if details.retry_count > 0 {
+        headers.insert(names::FAULT_RETRY_COUNT, details.retry_count);
+    }
+    if details.redelivery_count > 0 {
+        headers.insert(names::FAULT_REDELIVERY_COUNT, details.redelivery_count);
+    }
+    let destination_address = match &target {
+        SendTarget::Publish => message_type
+            .first()
+            .map(|u| rt.bus.transport.publish_address(u)),
+        SendTarget::Send(a) => Some(a.as_str().to_string()),
+    };
+    let envelope = Envelope {
+        message_id: Some(new_id()),
+        request_id: env.request_id,
+        correlation_id: env.correlation_id,
+        conversation_id: env.conversation_id,
+        initiator_id: env.message_id,
+        source_address: Some(rt.info.address.clone()),
+        destination_address,
+        response_address: None,
+        fault_address: None,
+        message_type,
+        expiration_time: None,
+        sent_time: Some(now),
+        headers,
+        host: Some(rt.bus.host.clone()),
+    };
+    rt.bus
+        .dispatch(OutgoingMessage {
+            envelope,
+            message: body,
+            target,
+            delivery: DeliveryOptions::default(),
+            time_to_live: None,
+            partition_key: None,
+            serializer: None,
+            trace_parent: Some(rc.trace_context()),
+        })
+        .await
+}

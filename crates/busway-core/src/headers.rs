@@ -1,0 +1,269 @@
+//! Message headers: a small ordered map with case-insensitive names and JSON values.
+
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+/// Names of the headers busway and MassTransit read and write.
+pub mod names {
+    /// Why a message was moved: `fault` (error queue) or `dead-letter` (skipped queue).
+    pub const REASON: &str = "MT-Reason";
+    /// Short type name of the error that faulted the message.
+    pub const FAULT_EXCEPTION_TYPE: &str = "MT-Fault-ExceptionType";
+    /// Address of the endpoint where the message faulted.
+    pub const FAULT_INPUT_ADDRESS: &str = "MT-Fault-InputAddress";
+    /// The error message (at most 2048 characters).
+    pub const FAULT_MESSAGE: &str = "MT-Fault-Message";
+    /// When the fault happened (ISO 8601).
+    pub const FAULT_TIMESTAMP: &str = "MT-Fault-Timestamp";
+    /// The error chain (at most 2048 characters).
+    pub const FAULT_STACK_TRACE: &str = "MT-Fault-StackTrace";
+    /// The consumer that faulted.
+    pub const FAULT_CONSUMER_TYPE: &str = "MT-Fault-ConsumerType";
+    /// The message type the faulting consumer consumed.
+    pub const FAULT_MESSAGE_TYPE: &str = "MT-Fault-MessageType";
+    /// How many in-process retries ran before the fault.
+    pub const FAULT_RETRY_COUNT: &str = "MT-Fault-RetryCount";
+    /// How many delayed redeliveries ran before the fault.
+    pub const FAULT_REDELIVERY_COUNT: &str = "MT-Fault-RedeliveryCount";
+    /// How many times the message was redelivered by delayed redelivery.
+    pub const REDELIVERY_COUNT: &str = "MT-Redelivery-Count";
+    /// The message id before a redelivery or schedule replaced it.
+    pub const ORIGINAL_MESSAGE_ID: &str = "MT-OriginalMessageId";
+    /// The message types a request accepts as a response (URNs).
+    pub const REQUEST_ACCEPT_TYPE: &str = "MT-Request-AcceptType";
+    /// The conversation a new conversation was started from.
+    pub const INITIATING_CONVERSATION_ID: &str = "MT-InitiatingConversationId";
+    /// Host machine name (error and skipped moves).
+    pub const HOST_MACHINE_NAME: &str = "MT-Host-MachineName";
+    /// Host process name.
+    pub const HOST_PROCESS_NAME: &str = "MT-Host-ProcessName";
+    /// Host process id.
+    pub const HOST_PROCESS_ID: &str = "MT-Host-ProcessId";
+    /// Host assembly (the application).
+    pub const HOST_ASSEMBLY: &str = "MT-Host-Assembly";
+    /// Host assembly version.
+    pub const HOST_ASSEMBLY_VERSION: &str = "MT-Host-AssemblyVersion";
+    /// The framework version (busway's, here).
+    pub const HOST_MASSTRANSIT_VERSION: &str = "MT-Host-MassTransitVersion";
+    /// The runtime version.
+    pub const HOST_FRAMEWORK_VERSION: &str = "MT-Host-FrameworkVersion";
+    /// The operating system version.
+    pub const HOST_OPERATING_SYSTEM_VERSION: &str = "MT-Host-OperatingSystemVersion";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// MassTransit's name for the W3C trace context.
+    pub const MT_ACTIVITY_ID: &str = "MT-Activity-Id";
+
+    // Raw JSON serializer transport headers.
+    /// Raw JSON: message id.
+    pub const MESSAGE_ID: &str = "MessageId";
+    /// Raw JSON: correlation id.
+    pub const CORRELATION_ID: &str = "CorrelationId";
+    /// Raw JSON: conversation id.
+    pub const CONVERSATION_ID: &str = "ConversationId";
+    /// Raw JSON: request id.
+    pub const REQUEST_ID: &str = "RequestId";
+    /// Raw JSON: initiator id.
+    pub const INITIATOR_ID: &str = "MT-InitiatorId";
+    /// Raw JSON: message types, `;`-separated.
+    pub const MESSAGE_TYPE: &str = "MT-MessageType";
+    /// Raw JSON: response address.
+    pub const RESPONSE_ADDRESS: &str = "MT-Response-Address";
+    /// Raw JSON: fault address.
+    pub const FAULT_ADDRESS: &str = "MT-Fault-Address";
+    /// Raw JSON: source address.
+    pub const SOURCE_ADDRESS: &str = "MT-Source-Address";
+    /// Raw JSON: host info as JSON.
+    pub const HOST_INFO: &str = "MT-Host-Info";
+    /// Content type, where a transport carries it as a header (Kafka, SQS).
+    pub const CONTENT_TYPE: &str = "Content-Type";
+}
+
+/// Message headers: names are compared without regard to ASCII case, values are JSON.
+///
+/// Insertion order is kept, which keeps wire output stable.
+#[derive(Clone, Default, PartialEq)]
+pub struct Headers {
+    entries: Vec<(String, Value)>,
+}
+
+impl Headers {
+    /// An empty header set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `name` to `value`, replacing an existing header of the same name (any case).
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        let name = name.into();
+        let value = value.into();
+        match self
+            .entries
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&name))
+        {
+            Some(entry) => entry.1 = value,
+            None => self.entries.push((name, value)),
+        }
+    }
+
+    /// Sets `name` only if no header of that name exists.
+    pub fn insert_if_absent(&mut self, name: impl Into<String>, value: impl Into<Value>) {
+        let name = name.into();
+        if !self.contains(&name) {
+            self.entries.push((name, value.into()));
+        }
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The value of `name` as text: strings as they are, numbers and booleans formatted.
+    pub fn get_str(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        match self.get(name)? {
+            Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+            Value::Null => None,
+            Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
+            Value::Bool(b) => Some(std::borrow::Cow::Owned(b.to_string())),
+            other => Some(std::borrow::Cow::Owned(other.to_string())),
+        }
+    }
+
+    /// The value of `name` as an integer: a JSON number or a string holding one.
+    pub fn get_i64(&self, name: &str) -> Option<i64> {
+        match self.get(name)? {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// True if `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Removes `name`, returning its value.
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        let index = self
+            .entries
+            .iter()
+            .position(|(k, _)| k.eq_ignore_ascii_case(name))?;
+        Some(self.entries.remove(index).1)
+    }
+
+    /// All headers, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Copies every header of `other` into `self`, replacing same-named ones.
+    pub fn extend_from(&mut self, other: &Headers) {
+        for (k, v) in other.iter() {
+            self.insert(k, v.clone());
+        }
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.entries.iter().map(|(k, v)| (k, v)))
+            .finish()
+    }
+}
+
+impl<K: Into<String>, V: Into<Value>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut headers = Headers::new();
+        for (k, v) in iter {
+            headers.insert(k, v);
+        }
+        headers
+    }
+}
+
+impl Serialize for Headers {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
+        for (k, v) in &self.entries {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Headers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HeadersVisitor;
+        impl<'de> Visitor<'de> for HeadersVisitor {
+            type Value = Headers;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of headers or null")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Headers, E> {
+                Ok(Headers::new())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Headers, E> {
+                Ok(Headers::new())
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Headers, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Headers, A::Error> {
+                let mut headers = Headers::new();
+                while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                    headers.insert(k, v);
+                }
+                Ok(headers)
+            }
+        }
+        deserializer.deserialize_option(HeadersVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_case_insensitive_and_replace() {
+        let mut h = Headers::new();
+        h.insert("Application-Header", "a");
+        h.insert("application-header", "b");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get_str("APPLICATION-HEADER").as_deref(), Some("b"));
+        h.insert("MT-Redelivery-Count", 2);
+        assert_eq!(h.get_i64("mt-redelivery-count"), Some(2));
+        h.insert("n", "7");
+        assert_eq!(h.get_i64("n"), Some(7));
+        assert_eq!(h.remove("N"), Some(Value::from("7")));
+    }
+
+    #[test]
+    fn null_reads_as_empty() {
+        let h: Headers = serde_json::from_str("null").unwrap();
+        assert!(h.is_empty());
+    }
+}

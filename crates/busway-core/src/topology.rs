@@ -1,0 +1,196 @@
+//! Topology: the endpoints, their consumed message types and options, computed once from the
+//! registrations, deployed by the transport and printable for people (text and Mermaid).
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use crate::urn::{EntityNameStyle, Urn};
+
+/// Transport-specific endpoint options, keyed by type (`http::Extensions`-like).
+///
+/// Transport crates add their own option types here through extension traits on the
+/// endpoint configurator (a RabbitMQ quorum queue, a Kafka topic name) and read them back in
+/// `Transport::deploy`.
+#[derive(Clone, Default)]
+pub struct Extensions {
+    map: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+}
+
+impl Extensions {
+    /// Stores a value, replacing one of the same type.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        self.map.insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The stored value of type `T`.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.map
+            .get(&TypeId::of::<T>())
+            .and_then(|v| v.as_ref().downcast_ref::<T>())
+    }
+
+    /// True if nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+impl fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extensions")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+/// One receive endpoint as the transport must declare it.
+#[derive(Debug, Clone)]
+pub struct EndpointTopology {
+    /// The endpoint (queue) name.
+    pub name: String,
+    /// The endpoint's full address on the transport.
+    pub address: String,
+    /// Message types the endpoint consumes; publishes of these types reach it.
+    pub message_types: Vec<Urn>,
+    /// How many unacknowledged deliveries the broker may hand the endpoint at once.
+    pub prefetch: u16,
+    /// How many deliveries the endpoint processes at once.
+    pub concurrency: usize,
+    /// Temporary endpoints (the bus's response endpoint) are deleted when the bus stops.
+    pub temporary: bool,
+    /// Whether message types are bound to the endpoint (MassTransit's
+    /// `ConfigureConsumeTopology`). When false only sends reach it.
+    pub bind_message_types: bool,
+    /// Consumer type names, for display.
+    pub consumers: Vec<String>,
+    /// Transport-specific options.
+    pub extensions: Extensions,
+}
+
+impl EndpointTopology {
+    /// The error queue name (`<name>_error`).
+    pub fn error_queue(&self) -> String {
+        format!("{}_error", self.name)
+    }
+
+    /// The skipped queue name (`<name>_skipped`).
+    pub fn skipped_queue(&self) -> String {
+        format!("{}_skipped", self.name)
+    }
+}
+
+/// The whole topology of a bus.
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    /// Receive endpoints, in registration order.
+    pub endpoints: Vec<EndpointTopology>,
+}
+
+impl Topology {
+    /// The endpoint named `name`.
+    pub fn endpoint(&self, name: &str) -> Option<&EndpointTopology> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    /// Every message type consumed somewhere, without duplicates, in first-seen order.
+    pub fn message_types(&self) -> Vec<Urn> {
+        let mut out: Vec<Urn> = Vec::new();
+        for e in &self.endpoints {
+            for t in &e.message_types {
+                if !out.contains(t) {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// A plain-text description: one block per endpoint with its queue, options, consumers
+    /// and the message-type exchanges bound to it (RabbitMQ-style names).
+    pub fn to_text(&self) -> String {
+        let style = EntityNameStyle::RABBITMQ;
+        let mut out = String::new();
+        for e in &self.endpoints {
+            let _ = writeln!(
+                out,
+                "endpoint {} ({}){}",
+                e.name,
+                e.address,
+                if e.temporary { " [temporary]" } else { "" }
+            );
+            let _ = writeln!(
+                out,
+                "  prefetch {}, concurrency {}",
+                e.prefetch, e.concurrency
+            );
+            for c in &e.consumers {
+                let _ = writeln!(out, "  consumer {c}");
+            }
+            for t in &e.message_types {
+                let binding = if e.bind_message_types {
+                    format!("exchange {} -> exchange {}", t.entity_name(&style), e.name)
+                } else {
+                    "not bound (send only)".to_string()
+                };
+                let _ = writeln!(out, "  consumes {t}: {binding}");
+            }
+            let _ = writeln!(
+                out,
+                "  queue {} <- exchange {}; faults -> {}, skipped -> {}",
+                e.name,
+                e.name,
+                e.error_queue(),
+                e.skipped_queue()
+            );
+        }
+        out
+    }
+
+    /// A Mermaid `flowchart` of exchanges, queues and consumers.
+    pub fn to_mermaid(&self) -> String {
+        fn id(prefix: &str, name: &str) -> String {
+            let cleaned: String = name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            format!("{prefix}_{cleaned}")
+        }
+        let style = EntityNameStyle::RABBITMQ;
+        let mut out = String::from("flowchart LR\n");
+        let mut declared = Vec::new();
+        for e in &self.endpoints {
+            let ex = id("x", &e.name);
+            let q = id("q", &e.name);
+            let _ = writeln!(out, "  {ex}{{{{\"exchange {}\"}}}} --> {q}[(\"queue {}\")]", e.name, e.name);
+            for t in &e.message_types {
+                if !e.bind_message_types {
+                    continue;
+                }
+                let entity = t.entity_name(&style);
+                let tx = id("t", &entity);
+                if !declared.contains(&tx) {
+                    let _ = writeln!(out, "  {tx}{{{{\"{entity}\"}}}}");
+                    declared.push(tx.clone());
+                }
+                let _ = writeln!(out, "  {tx} --> {ex}");
+            }
+            for c in &e.consumers {
+                let cid = id(&format!("c_{}", e.name), c);
+                let _ = writeln!(out, "  {q} --> {cid}([\"{c}\"])");
+            }
+            let err = id("q", &e.error_queue());
+            let skip = id("q", &e.skipped_queue());
+            let _ = writeln!(out, "  {q} -. fault .-> {err}[(\"{}\")]", e.error_queue());
+            let _ = writeln!(out, "  {q} -. skipped .-> {skip}[(\"{}\")]", e.skipped_queue());
+        }
+        out
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_text())
+    }
+}

@@ -1,0 +1,169 @@
+//! W3C trace context (`traceparent`) carried across the bus.
+//!
+//! Every publish and send gets a producer span id; the `traceparent` header carries it to the
+//! consumer, whose consume span continues the same trace. Inside a consumer, the current
+//! trace context is task-local, so messages published there (through the context or the bus)
+//! are children of the consume span.
+
+use std::fmt;
+use std::future::Future;
+
+use crate::headers::{Headers, names};
+
+/// A W3C trace context: trace id, span id and sampled flag.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+    sampled: bool,
+}
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+fn nonzero_u64() -> u64 {
+    loop {
+        let v = fastrand::u64(..);
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+impl TraceContext {
+    /// A new trace with a random trace id and span id, sampled.
+    pub fn new_root() -> Self {
+        let trace_id = loop {
+            let v = fastrand::u128(..);
+            if v != 0 {
+                break v;
+            }
+        };
+        Self {
+            trace_id,
+            span_id: nonzero_u64(),
+            sampled: true,
+        }
+    }
+
+    /// A new span in the same trace.
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id,
+            span_id: nonzero_u64(),
+            sampled: self.sampled,
+        }
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The span id as 16 lowercase hex digits.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// Whether the trace is sampled.
+    pub fn sampled(&self) -> bool {
+        self.sampled
+    }
+
+    /// Parses a `traceparent` value (`00-<trace>-<span>-<flags>`).
+    pub fn parse(traceparent: &str) -> Option<Self> {
+        let mut parts = traceparent.trim().split('-');
+        let version = parts.next()?;
+        let trace = parts.next()?;
+        let span = parts.next()?;
+        let flags = parts.next()?;
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        if u8::from_str_radix(version, 16).is_err() || (version == "00" && parts.next().is_some()) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// The `traceparent` header value.
+    pub fn to_traceparent(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
+    }
+
+    /// Reads `traceparent`, or MassTransit's `MT-Activity-Id`, from headers.
+    pub fn from_headers(headers: &Headers) -> Option<Self> {
+        [names::TRACEPARENT, names::MT_ACTIVITY_ID]
+            .iter()
+            .find_map(|n| headers.get_str(n).and_then(|v| Self::parse(&v)))
+    }
+
+    /// Writes `traceparent` and `MT-Activity-Id` (so MassTransit services continue the trace).
+    pub fn write_headers(&self, headers: &mut Headers) {
+        let value = self.to_traceparent();
+        headers.insert(names::MT_ACTIVITY_ID, value.clone());
+        headers.insert(names::TRACEPARENT, value);
+    }
+
+    /// The trace context of the consume in progress on this task, if any.
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|c| *c).ok()
+    }
+
+    /// Runs `fut` with `self` as the current trace context.
+    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+        CURRENT.scope(self, fut).await
+    }
+}
+
+impl fmt::Debug for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_traceparent())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let t = TraceContext::new_root();
+        let parsed = TraceContext::parse(&t.to_traceparent()).unwrap();
+        assert_eq!(parsed, t);
+        let c = t.child();
+        assert_eq!(c.trace_id(), t.trace_id());
+        assert_ne!(c.span_id(), t.span_id());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for bad in [
+            "",
+            "00-00000000000000000000000000000000-0000000000000001-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad}");
+        }
+        let ok = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(ok.sampled());
+    }
+}

@@ -1,0 +1,206 @@
+//! The transport SPI: what a broker client implements so the bus can run on it.
+//!
+//! A transport connects, deploys the [`Topology`], publishes by message type, sends to
+//! addresses, and hands each receive endpoint a stream of [`Delivery`]s that the bus settles
+//! (ack, requeue, move to the error or skipped queue, redeliver later). All policy (retry,
+//! faults, serialization, tracing) lives in the bus; a transport only moves bytes and keeps
+//! its broker's delivery guarantees.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::address::Address;
+use crate::error::Result;
+use crate::headers::Headers;
+use crate::topology::{EndpointTopology, Topology};
+use crate::urn::{EntityNameStyle, Urn};
+
+/// A message as the transport sees it: bytes plus transport-level properties.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransportMessage {
+    /// The serialized body.
+    pub body: Bytes,
+    /// The content type of the body (`application/vnd.masstransit+json`, `application/json`).
+    pub content_type: Option<String>,
+    /// The transport-level message id (the envelope's message id, "D" form).
+    pub message_id: Option<String>,
+    /// The transport-level correlation id.
+    pub correlation_id: Option<String>,
+    /// Transport headers (AMQP headers table, Kafka headers, Service Bus properties).
+    pub headers: Headers,
+    /// How long the broker should keep the message before discarding it.
+    pub time_to_live: Option<Duration>,
+    /// A partition or ordering key, for transports that have one.
+    pub partition_key: Option<String>,
+}
+
+/// Per-call delivery options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryOptions {
+    /// Deliver no earlier than this long from now (transport delayed delivery).
+    pub delay: Option<Duration>,
+}
+
+impl DeliveryOptions {
+    /// Options with a delivery delay.
+    pub fn delayed(delay: Duration) -> Self {
+        Self { delay: Some(delay) }
+    }
+}
+
+/// Where a settled message is moved instead of being acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MoveKind {
+    /// `<endpoint>_error`: the message faulted.
+    Error,
+    /// `<endpoint>_skipped`: no consumer at the endpoint handles the message.
+    Skipped,
+}
+
+impl MoveKind {
+    /// The queue suffix for this kind (`_error`, `_skipped`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            MoveKind::Error => "_error",
+            MoveKind::Skipped => "_skipped",
+        }
+    }
+
+    /// The queue name for an endpoint.
+    pub fn queue_name(self, endpoint: &str) -> String {
+        format!("{endpoint}{}", self.suffix())
+    }
+}
+
+/// What a transport supports beyond publish, send and receive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Delayed delivery (`DeliveryOptions::delay`, `Settlement::redeliver`): needed for
+    /// scheduled sends and delayed redelivery.
+    pub delayed_delivery: bool,
+}
+
+impl Capabilities {
+    /// Nothing beyond the basics.
+    pub const fn new() -> Self {
+        Self {
+            delayed_delivery: false,
+        }
+    }
+
+    /// Declares delayed delivery support.
+    pub const fn with_delayed_delivery(mut self, yes: bool) -> Self {
+        self.delayed_delivery = yes;
+        self
+    }
+}
+
+/// A broker client the bus runs on.
+///
+/// Implementations must be cheap to share (`Arc` inside) and safe to call from many tasks.
+#[async_trait]
+pub trait Transport: Send + Sync + fmt::Debug + 'static {
+    /// The transport's name for tracing (`messaging.system`): `rabbitmq`, `kafka`, `loopback`.
+    fn system(&self) -> &'static str;
+
+    /// The full address of a named endpoint on this transport
+    /// (`loopback://localhost/orders`, `rabbitmq://host/vhost/orders`).
+    fn endpoint_address(&self, name: &str) -> String;
+
+    /// What the transport supports beyond publish, send and receive.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    /// The address written as `destinationAddress` when publishing a message type
+    /// (the message type's exchange or topic).
+    fn publish_address(&self, message_type: &Urn) -> String {
+        self.endpoint_address(&message_type.entity_name(&EntityNameStyle::RABBITMQ))
+    }
+
+    /// Connects (if needed) and declares everything the topology names. Called once by
+    /// `BusBuilder::build`, and again by transports themselves after a reconnect.
+    async fn deploy(&self, topology: &Topology) -> Result<()>;
+
+    /// Publishes to every endpoint subscribed to any of `message_types` (most specific first).
+    /// Returns once the broker has accepted the message.
+    async fn publish(
+        &self,
+        message_types: &[Urn],
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()>;
+
+    /// Sends to one address. Returns once the broker has accepted the message.
+    async fn send(
+        &self,
+        address: &Address,
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()>;
+
+    /// Starts consuming an endpoint declared by [`Transport::deploy`] (or, for temporary
+    /// endpoints, declares it now).
+    async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>>;
+
+    /// Closes connections. Called last during bus shutdown.
+    async fn close(&self) -> Result<()>;
+}
+
+/// A stream of deliveries from one endpoint.
+#[async_trait]
+pub trait Receiver: Send + 'static {
+    /// The next delivery. `None` once the receiver is stopped and drained. An `Err` is
+    /// logged by the bus, which keeps calling `next` (transports recover underneath).
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Stops taking new deliveries from the broker. Deliveries already handed out stay valid
+    /// and must still be settled; buffered ones not yet handed out go back to the broker.
+    async fn stop(&mut self) -> Result<()>;
+}
+
+/// One message handed to the bus by a [`Receiver`], to be settled exactly once.
+pub struct Delivery {
+    /// The message.
+    pub message: TransportMessage,
+    /// True when the broker says this message was delivered before.
+    pub redelivered: bool,
+    /// The broker's delivery count, when it keeps one (1 for a first delivery).
+    pub delivery_count: Option<u32>,
+    /// How to settle the delivery.
+    pub settlement: Box<dyn Settlement>,
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("redelivered", &self.redelivered)
+            .field("delivery_count", &self.delivery_count)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settles one delivery. Each method consumes it; dropping it unsettled must return the
+/// message to the broker (requeue), so nothing is lost when a task dies.
+#[async_trait]
+pub trait Settlement: Send + Sync + 'static {
+    /// The message was handled: remove it from the broker.
+    async fn ack(self: Box<Self>) -> Result<()>;
+
+    /// Return the message to its queue for another delivery.
+    async fn requeue(self: Box<Self>) -> Result<()>;
+
+    /// Move `message` (the original, with added headers) to the endpoint's error or skipped
+    /// queue, then remove the original. The move must be confirmed before the ack.
+    async fn move_to(self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()>;
+
+    /// Deliver `message` to this endpoint again after `delay`, then remove the original.
+    async fn redeliver(self: Box<Self>, message: TransportMessage, delay: Duration) -> Result<()>;
+}

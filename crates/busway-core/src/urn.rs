@@ -1,0 +1,364 @@
+//! Message type URNs (`urn:message:Namespace:TypeName`) and the entity names brokers derive
+//! from them.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The prefix of every MassTransit message type URN.
+pub const URN_PREFIX: &str = "urn:message:";
+
+/// A message type URN such as `urn:message:Contracts:OrderPlaced`.
+///
+/// The URN is a message's routing identity on every transport and on the wire (the envelope's
+/// `messageType` array). Cloning is cheap.
+#[derive(Clone)]
+pub struct Urn(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    Static(&'static str),
+    Shared(Arc<str>),
+}
+
+impl Urn {
+    /// A URN from a static string, usable in `static` items.
+    pub const fn from_static(urn: &'static str) -> Self {
+        Self(Repr::Static(urn))
+    }
+
+    /// A URN from any string. The text is taken as is.
+    pub fn new(urn: impl AsRef<str>) -> Self {
+        Self(Repr::Shared(Arc::from(urn.as_ref())))
+    }
+
+    /// The default URN for a Rust type: `urn:message:{module.path}:{TypeName}`, where the
+    /// module path's `::` separators become `.` (MassTransit's namespaces are dotted).
+    pub fn from_module_path(module_path: &str, type_name: &str) -> Self {
+        let namespace = module_path.replace("::", ".");
+        Self::new(format!("{URN_PREFIX}{namespace}:{type_name}"))
+    }
+
+    /// The URN as text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            Repr::Static(s) => s,
+            Repr::Shared(s) => s,
+        }
+    }
+
+    /// The URN of `Fault<T>` for this message type `T`:
+    /// `urn:message:MassTransit:Fault[[Ns:T]]`.
+    pub fn fault(&self) -> Urn {
+        let inner = self.as_str().strip_prefix(URN_PREFIX).unwrap_or(self.as_str());
+        Urn::new(format!("{URN_PREFIX}MassTransit:Fault[[{inner}]]"))
+    }
+
+    /// For a `Fault[[..]]` URN, the URN of the faulted message type.
+    pub fn faulted_type(&self) -> Option<Urn> {
+        let inner = self
+            .as_str()
+            .strip_prefix(URN_PREFIX)?
+            .strip_prefix("MassTransit:Fault[[")?
+            .strip_suffix("]]")?;
+        Some(Urn::new(format!("{URN_PREFIX}{inner}")))
+    }
+
+    /// The parsed type name, when the URN has the `urn:message:` form.
+    pub fn type_name(&self) -> Option<TypeName> {
+        TypeName::parse(self.as_str().strip_prefix(URN_PREFIX)?)
+    }
+
+    /// The broker entity name for this type, as MassTransit's message name formatter writes it
+    /// for the given transport style (`Contracts:OrderPlaced` for RabbitMQ,
+    /// `Contracts/OrderPlaced` for Service Bus). A URN that does not parse is used whole, with
+    /// characters brokers reject replaced by `-`.
+    pub fn entity_name(&self, style: &EntityNameStyle) -> String {
+        match self.type_name() {
+            Some(name) => style.format(&name),
+            None => self
+                .as_str()
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.:".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl PartialEq for Urn {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Urn {}
+
+impl Hash for Urn {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Urn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Urn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl Borrow<str> for Urn {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Urn {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Urn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Urn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for Urn {
+    fn from(s: &str) -> Self {
+        Urn::new(s)
+    }
+}
+
+impl From<String> for Urn {
+    fn from(s: String) -> Self {
+        Urn(Repr::Shared(Arc::from(s)))
+    }
+}
+
+impl Serialize for Urn {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Urn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(Urn::new(s))
+    }
+}
+
+/// A .NET-style type name parsed from a URN: namespace, name (with `+` for nested types) and
+/// generic arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeName {
+    /// The namespace (`Company.Project`), if any.
+    pub namespace: Option<String>,
+    /// The type name; nested types are joined with `+` (`Outer+Inner`).
+    pub name: String,
+    /// Generic arguments, in order.
+    pub arguments: Vec<TypeName>,
+}
+
+impl TypeName {
+    /// Parses the part of a URN after `urn:message:`: `Ns:Type`, `Type`,
+    /// `Ns:Generic[[ArgNs:Arg],[ArgNs2:Arg2]]`.
+    pub fn parse(text: &str) -> Option<TypeName> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let (head, args) = match text.find('[') {
+            Some(open) => {
+                let args_text = text[open..].strip_prefix('[')?.strip_suffix(']')?;
+                (&text[..open], Some(args_text))
+            }
+            None => (text, None),
+        };
+        let (namespace, name) = match head.rfind(':') {
+            Some(colon) => (Some(head[..colon].to_string()), &head[colon + 1..]),
+            None => (None, head),
+        };
+        if name.is_empty() || namespace.as_deref() == Some("") {
+            return None;
+        }
+        let mut arguments = Vec::new();
+        if let Some(args_text) = args {
+            for part in split_top_level(args_text)? {
+                let inner = part.strip_prefix('[')?.strip_suffix(']')?;
+                arguments.push(TypeName::parse(inner)?);
+            }
+        }
+        Some(TypeName {
+            namespace,
+            name: name.to_string(),
+            arguments,
+        })
+    }
+}
+
+/// Splits `[a],[b[[c]]]` into `[a]` and `[b[[c]]]`, honouring nesting.
+fn split_top_level(text: &str) -> Option<Vec<&str>> {
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0usize;
+    for (i, c) in text.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.checked_sub(1)?,
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return None;
+    }
+    parts.push(&text[start..]);
+    Some(parts)
+}
+
+/// The separators MassTransit's message name formatter uses for one transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityNameStyle {
+    /// Between generic arguments (`::` on RabbitMQ).
+    pub argument_separator: &'static str,
+    /// Around the generic argument list (`--`).
+    pub generic_separator: &'static str,
+    /// Between namespace and type name (`:` on RabbitMQ, `/` on Service Bus).
+    pub namespace_separator: &'static str,
+    /// Replaces `+` between nested type names (`-`).
+    pub nested_separator: &'static str,
+}
+
+impl EntityNameStyle {
+    /// RabbitMQ's (and the in-memory transport's) names: `Ns:Type`, `MassTransit:Fault--Ns:T--`.
+    pub const RABBITMQ: EntityNameStyle = EntityNameStyle {
+        argument_separator: "::",
+        generic_separator: "--",
+        namespace_separator: ":",
+        nested_separator: "-",
+    };
+
+    /// Azure Service Bus names: `Ns/Type`.
+    pub const SERVICE_BUS: EntityNameStyle = EntityNameStyle {
+        argument_separator: "---",
+        generic_separator: "--",
+        namespace_separator: "/",
+        nested_separator: "-",
+    };
+
+    /// Formats a type name with these separators.
+    pub fn format(&self, name: &TypeName) -> String {
+        let mut out = String::new();
+        self.write(name, None, &mut out);
+        out
+    }
+
+    fn write(&self, name: &TypeName, enclosing_ns: Option<&str>, out: &mut String) {
+        if let Some(ns) = &name.namespace {
+            if enclosing_ns != Some(ns.as_str()) {
+                out.push_str(ns);
+                out.push_str(self.namespace_separator);
+            }
+        }
+        out.push_str(&name.name.replace('+', self.nested_separator));
+        if !name.arguments.is_empty() {
+            out.push_str(self.generic_separator);
+            for (i, arg) in name.arguments.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(self.argument_separator);
+                }
+                self.write(arg, name.namespace.as_deref(), out);
+            }
+            out.push_str(self.generic_separator);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_urn_uses_dotted_namespace() {
+        let urn = Urn::from_module_path("my_app::contracts", "OrderPlaced");
+        assert_eq!(urn.as_str(), "urn:message:my_app.contracts:OrderPlaced");
+    }
+
+    #[test]
+    fn fault_urn_wraps_the_type() {
+        let urn = Urn::from_static("urn:message:Company.Project:SubmitOrder");
+        assert_eq!(
+            urn.fault().as_str(),
+            "urn:message:MassTransit:Fault[[Company.Project:SubmitOrder]]"
+        );
+        assert_eq!(urn.fault().faulted_type(), Some(urn));
+    }
+
+    #[test]
+    fn rabbitmq_entity_names_match_masstransit() {
+        let style = EntityNameStyle::RABBITMQ;
+        let easy = Urn::new("urn:message:MassTransit.RabbitMqTransport.Tests:NameEasy");
+        assert_eq!(
+            easy.entity_name(&style),
+            "MassTransit.RabbitMqTransport.Tests:NameEasy"
+        );
+        let nested = Urn::new("urn:message:Ns:Outer+Nested");
+        assert_eq!(nested.entity_name(&style), "Ns:Outer-Nested");
+        let generic = Urn::new("urn:message:Ns:NameGeneric[[System:String]]");
+        assert_eq!(generic.entity_name(&style), "Ns:NameGeneric--System:String--");
+        let double = Urn::new("urn:message:Ns:NameDoubleGeneric[[System:String],[Ns:NameEasy]]");
+        assert_eq!(
+            double.entity_name(&style),
+            "Ns:NameDoubleGeneric--System:String::NameEasy--"
+        );
+        let fault = Urn::new("urn:message:Acme:ProcessFile").fault();
+        assert_eq!(fault.entity_name(&style), "MassTransit:Fault--Acme:ProcessFile--");
+        let nested_generic =
+            Urn::new("urn:message:Ns:NameDoubleGeneric[[Ns:NameGeneric[[Ns:NameEasyToo]]],[Ns:NameEasy]]");
+        assert_eq!(
+            nested_generic.entity_name(&style),
+            "Ns:NameDoubleGeneric--NameGeneric--NameEasyToo--::NameEasy--"
+        );
+    }
+
+    #[test]
+    fn service_bus_entity_names_use_slashes() {
+        let urn = Urn::new("urn:message:Acme:FileReceived");
+        assert_eq!(urn.entity_name(&EntityNameStyle::SERVICE_BUS), "Acme/FileReceived");
+    }
+
+    #[test]
+    fn unparseable_urns_are_sanitised() {
+        let urn = Urn::new("custom:thing with spaces");
+        assert_eq!(
+            urn.entity_name(&EntityNameStyle::RABBITMQ),
+            "custom:thing-with-spaces"
+        );
+        assert!(TypeName::parse("Ns:G[[A:B]").is_none());
+    }
+}

@@ -1,0 +1,185 @@
+//! Derive macros for busway.
+//!
+//! Use them through the `busway` crate (`use busway::prelude::*;` brings `Message` in), not
+//! directly: the generated code names `::busway` paths. This crate follows the facade's version
+//! and is not meant to be depended on by itself.
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::quote;
+use syn::{Data, DeriveInput, Fields, LitStr, Path, parse_macro_input};
+
+/// Derives `busway::Message` for a struct or enum.
+///
+/// Container attributes (all optional):
+///
+/// - `#[message(urn = "urn:message:Contracts:OrderPlaced")]` sets the message type URN. A value
+///   that does not start with `urn:` gets the `urn:message:` prefix, as MassTransit's
+///   `[MessageUrn]` does. Without it the URN is `urn:message:{module.path}:{TypeName}`.
+/// - `#[message(crate = "busway_core")]` names the crate that exports `Message` when `busway`
+///   is not a direct dependency.
+///
+/// Field attributes (on at most one field each):
+///
+/// - `#[message(key)]`: the field's `Display` form is the message key (Kafka partition key,
+///   ordering lane).
+/// - `#[message(correlation_id)]`: the field (a `Uuid` or `Option<Uuid>`) is the default
+///   correlation id of the message on the wire.
+#[proc_macro_derive(Message, attributes(message))]
+pub fn derive_message(input: TokenStream) -> TokenStream {
+    let input = parse_macro_input!(input as DeriveInput);
+    match expand(&input) {
+        Ok(tokens) => tokens.into(),
+        Err(err) => err.to_compile_error().into(),
+    }
+}
+
+struct ContainerOptions {
+    urn: Option<LitStr>,
+    krate: Path,
+}
+
+fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
+    let mut urn = None;
+    let mut krate: Path = syn::parse_quote!(::busway);
+    for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("urn") {
+                let value: LitStr = meta.value()?.parse()?;
+                let text = value.value();
+                if text.trim().is_empty() {
+                    return Err(meta.error("the message URN must not be empty"));
+                }
+                if text.chars().any(char::is_whitespace) {
+                    return Err(meta.error("the message URN must not contain whitespace"));
+                }
+                let full = if text.starts_with("urn:") {
+                    text
+                } else {
+                    format!("urn:message:{text}")
+                };
+                urn = Some(LitStr::new(&full, value.span()));
+                Ok(())
+            } else if meta.path.is_ident("crate") {
+                let value: LitStr = meta.value()?.parse()?;
+                krate = value.parse()?;
+                Ok(())
+            } else {
+                Err(meta.error(
+                    "unknown message attribute; expected `urn = \"...\"` or `crate = \"...\"`",
+                ))
+            }
+        })?;
+    }
+    Ok(ContainerOptions { urn, krate })
+}
+
+#[derive(Default)]
+struct FieldOptions {
+    key: Option<TokenStream2>,
+    correlation: Option<TokenStream2>,
+}
+
+fn field_options(input: &DeriveInput) -> syn::Result<FieldOptions> {
+    let mut out = FieldOptions::default();
+    let fields = match &input.data {
+        Data::Struct(data) => &data.fields,
+        _ => return Ok(out),
+    };
+    let iter: Box<dyn Iterator<Item = (usize, &syn::Field)>> = match fields {
+        Fields::Named(named) => Box::new(named.named.iter().enumerate()),
+        Fields::Unnamed(unnamed) => Box::new(unnamed.unnamed.iter().enumerate()),
+        Fields::Unit => return Ok(out),
+    };
+    for (index, field) in iter {
+        let access = match &field.ident {
+            Some(ident) => quote!(self.#ident),
+            None => {
+                let index = syn::Index::from(index);
+                quote!(self.#index)
+            }
+        };
+        for attr in field.attrs.iter().filter(|a| a.path().is_ident("message")) {
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("key") {
+                    if out.key.is_some() {
+                        return Err(meta.error("only one field can be the message key"));
+                    }
+                    out.key = Some(access.clone());
+                    Ok(())
+                } else if meta.path.is_ident("correlation_id") {
+                    if out.correlation.is_some() {
+                        return Err(meta.error("only one field can be the correlation id"));
+                    }
+                    out.correlation = Some(access.clone());
+                    Ok(())
+                } else {
+                    Err(meta.error(
+                        "unknown message field attribute; expected `key` or `correlation_id`",
+                    ))
+                }
+            })?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
+    if let Data::Union(_) = input.data {
+        return Err(syn::Error::new(
+            Span::call_site(),
+            "Message cannot be derived for unions",
+        ));
+    }
+    let container = container_options(input)?;
+    let fields = field_options(input)?;
+    let krate = &container.krate;
+    let ident = &input.ident;
+    let name = ident.to_string();
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let generic = !input.generics.params.is_empty();
+
+    let urn_body = match (&container.urn, generic) {
+        (Some(urn), false) => quote! {
+            static URN: #krate::Urn = #krate::Urn::from_static(#urn);
+            &URN
+        },
+        (Some(urn), true) => quote! {
+            #krate::__private::urn_for_type::<Self>(|| #krate::Urn::from_static(#urn))
+        },
+        (None, false) => quote! {
+            static URN: #krate::__private::OnceLock<#krate::Urn> = #krate::__private::OnceLock::new();
+            URN.get_or_init(|| #krate::Urn::from_module_path(::core::module_path!(), #name))
+        },
+        (None, true) => quote! {
+            #krate::__private::urn_for_type::<Self>(|| {
+                #krate::Urn::from_module_path(::core::module_path!(), #name)
+            })
+        },
+    };
+
+    let key = fields.key.map(|access| {
+        quote! {
+            fn message_key(&self) -> ::core::option::Option<::std::string::String> {
+                ::core::option::Option::Some(::std::string::ToString::to_string(&#access))
+            }
+        }
+    });
+    let correlation = fields.correlation.map(|access| {
+        quote! {
+            fn correlation_id(&self) -> ::core::option::Option<#krate::__private::Uuid> {
+                #krate::__private::ToCorrelationId::to_correlation_id(&#access)
+            }
+        }
+    });
+
+    Ok(quote! {
+        impl #impl_generics #krate::Message for #ident #ty_generics #where_clause {
+            fn message_type() -> &'static #krate::Urn {
+                #urn_body
+            }
+            #key
+            #correlation
+        }
+    })
+}

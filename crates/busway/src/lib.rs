@@ -1,0 +1,54 @@
+#![doc = include_str!("lib.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[doc(inline)]
+pub use busway_core::{
+    Address, AddressKind, BoxError, Bus, BusBuilder, BusObserver, ConsumeContext, ConsumeError,
+    ConsumeErrorKind, ConsumeService, Consumer, ConsumerConfigurator, ConsumerOf,
+    ConsumerRegistration, DefaultEndpointNameFormatter, DomainEventHandler, DomainEvents,
+    EndpointConfigurator, EndpointNameFormatter, Envelope, Error, ErrorKind, ExceptionInfo, Fault,
+    Headers, HostInfo, InMemory, IntoAddress, KebabCaseEndpointNameFormatter, MassTransitJson,
+    Mediator, Message, OutgoingMessage, RawJson, ReceiveContext, RequestClient, RequestFault,
+    Response, Result, Retry, RunningBus, SendBuilder, SendTarget, Serializer,
+    SnakeCaseEndpointNameFormatter, Topology, TraceContext, Transport, TransportMessage, Urn,
+    async_trait, new_id,
+};
+
+#[doc(inline)]
+pub use busway_core::{
+    address, bus, consumer, context, endpoint, envelope, error, fault, headers, host, inmemory,
+    mediator, naming, observer, pipeline, request, send, serializer, testing, topology, trace,
+    transport, urn,
+};
+
+/// `#[derive(Message)]`: see [`busway_macros::Message`].
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+pub use busway_macros::Message;
+
+/// Re-exported crates that message contracts use.
+pub mod deps {
+    pub use chrono;
+    pub use rust_decimal;
+    pub use serde;
+    pub use serde_json;
+    pub use tower;
+    pub use uuid;
+}
+
+/// Everything a typical service needs: `use busway::prelude::*;`.
+pub mod prelude {
+    #[cfg(feature = "macros")]
+    pub use crate::Message;
+    pub use crate::{
+        Bus, ConsumeContext, ConsumeError, Consumer, DomainEventHandler, DomainEvents, InMemory,
+        Mediator, Retry, async_trait,
+    };
+    pub use chrono::{DateTime, Utc};
+    pub use rust_decimal::Decimal;
+    pub use serde::{Deserialize, Serialize};
+    pub use uuid::Uuid;
+}
+
+#[doc(hidden)]
+pub use busway_core::__private;
