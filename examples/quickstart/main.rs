@@ -89,7 +89,10 @@ impl Order {
     fn place(customer_id: Uuid, sku: &str, total: Decimal) -> Self {
         let id = Uuid::now_v7();
         let mut events = DomainEvents::default();
-        events.record(OrderWasPlaced { order_id: id, total });
+        events.record(OrderWasPlaced {
+            order_id: id,
+            total,
+        });
         Self {
             id,
             customer_id,
@@ -186,8 +189,12 @@ impl Consumer<ConfirmationSent> for AuditConfirmations {
         let _ = self.0.send(format!(
             "consumed ConfirmationSent for order {} (same conversation {}: {})",
             ctx.message().order_id,
-            ctx.conversation_id().map(|c| c.to_string()).unwrap_or_default(),
-            ctx.headers().get_str(names::TRACEPARENT).unwrap_or_default()
+            ctx.conversation_id()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            ctx.headers()
+                .get_str(names::TRACEPARENT)
+                .unwrap_or_default()
         ));
         Ok(())
     }
@@ -233,7 +240,9 @@ impl Consumer<OrderPlaced> for ReserveInventory {
             ));
             return Err(OutOfStock(order.sku.clone()).into());
         }
-        let _ = self.0.send(format!("inventory reserved for order {}", order.order_id));
+        let _ = self
+            .0
+            .send(format!("inventory reserved for order {}", order.order_id));
         Ok(())
     }
 }
@@ -247,33 +256,37 @@ impl Consumer<Fault<OrderPlaced>> for AlertOperations {
         let _ = self.0.send(format!(
             "consumed Fault<OrderPlaced> for order {}: {}",
             fault.message.order_id,
-            fault.exceptions.first().map(|e| e.message.as_str()).unwrap_or("")
+            fault
+                .exceptions
+                .first()
+                .map(|e| e.message.as_str())
+                .unwrap_or("")
         ));
         Ok(())
     }
 }
 
-async fn expect(rx: &mut mpsc::UnboundedReceiver<String>, contains: &str) -> Result<(), BoxError> {
-    loop {
+/// Prints event lines until one containing each of `wanted` has been seen, in any order.
+async fn expect(rx: &mut mpsc::UnboundedReceiver<String>, wanted: &[&str]) -> Result<(), BoxError> {
+    let mut missing: Vec<&str> = wanted.to_vec();
+    while !missing.is_empty() {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
             Ok(Some(line)) => {
                 println!("  {line}");
-                if line.contains(contains) {
-                    return Ok(());
-                }
+                missing.retain(|w| !line.contains(w));
             }
             Ok(None) => return Err("the event channel closed".into()),
-            Err(_) => return Err(format!("timed out waiting for `{contains}`").into()),
+            Err(_) => return Err(format!("timed out waiting for {missing:?}").into()),
         }
     }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .init();
 
@@ -310,10 +323,13 @@ async fn main() -> Result<(), BoxError> {
     let order_id = place_order
         .handle(Uuid::now_v7(), "WIDGET-1", Decimal::new(4250, 2))
         .await?;
-    expect(&mut rx, "domain event").await?;
+    expect(&mut rx, &["domain event"]).await?;
     println!("2. consumers react");
-    expect(&mut rx, "consumed ConfirmationSent").await?;
-    expect(&mut rx, "inventory reserved").await?;
+    expect(
+        &mut rx,
+        &["consumed ConfirmationSent", "inventory reserved"],
+    )
+    .await?;
 
     println!("3. request/response");
     let client = bus.request_client::<CheckOrderStatus>();
@@ -326,7 +342,15 @@ async fn main() -> Result<(), BoxError> {
     place_order
         .handle(Uuid::now_v7(), "UNOBTAINIUM", Decimal::new(999, 0))
         .await?;
-    expect(&mut rx, "consumed Fault<OrderPlaced>").await?;
+    expect(
+        &mut rx,
+        &[
+            "attempt 3 failed",
+            "consumed Fault<OrderPlaced>",
+            "consumed ConfirmationSent",
+        ],
+    )
+    .await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while transport.queue_len("reserve-inventory_error") == 0 {
         if tokio::time::Instant::now() > deadline {

@@ -73,13 +73,20 @@ impl Address {
             return Err(invalid(text, "it is empty"));
         }
         if let Some((scheme, rest)) = trimmed.split_once("://") {
-            if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+            if scheme.is_empty()
+                || !scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            {
                 return Err(invalid(text, "the scheme is not valid"));
             }
             let (rest, query) = split_query(rest);
             let mut parts = rest.split('/');
             let host = parts.next().unwrap_or_default().to_string();
-            let mut segments: Vec<String> = parts.filter(|s| !s.is_empty()).map(str::to_string).collect();
+            let mut segments: Vec<String> = parts
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
             let name = segments
                 .pop()
                 .ok_or_else(|| invalid(text, "the URI has no entity name in its path"))?;
@@ -234,7 +241,10 @@ mod tests {
         let a = Address::parse("exchange:orders").unwrap();
         assert_eq!(a.kind(), AddressKind::Exchange);
         let t = Address::parse("topic:orders?partitions=6").unwrap();
-        assert_eq!((t.kind(), t.name(), t.query("partitions")), (AddressKind::Topic, "orders", Some("6")));
+        assert_eq!(
+            (t.kind(), t.name(), t.query("partitions")),
+            (AddressKind::Topic, "orders", Some("6"))
+        );
         assert_eq!(Address::queue("x").as_str(), "queue:x");
     }
 
@@ -249,7 +259,14 @@ mod tests {
 
     #[test]
     fn bad_addresses_say_why() {
-        for bad in ["", "orders", "queue:", "loopback://localhost/", "queue:a b", "://x/y"] {
+        for bad in [
+            "",
+            "orders",
+            "queue:",
+            "loopback://localhost/",
+            "queue:a b",
+            "://x/y",
+        ] {
             let err = Address::parse(bad).unwrap_err();
             assert!(err.is_address(), "{bad}: {err}");
         }

@@ -16,7 +16,9 @@ use tower_service::Service;
 use crate::address::IntoAddress;
 use crate::consumer::{Consumer, ConsumerOf, ConsumerRegistration};
 use crate::context::{EndpointInfo, ReceiveContext};
-use crate::endpoint::{EndpointConfigurator, EndpointDefaults, EndpointPlan, EndpointRuntime, run_endpoint};
+use crate::endpoint::{
+    EndpointConfigurator, EndpointDefaults, EndpointPlan, EndpointRuntime, run_endpoint,
+};
 use crate::error::{ConsumeError, Error, ErrorKind, Result};
 use crate::host::HostInfo;
 use crate::inmemory::InMemory;
@@ -130,7 +132,10 @@ impl Bus {
     }
 
     /// A request client that sends requests of type `Req` to `address`.
-    pub fn request_client_to<Req: Message>(&self, address: impl IntoAddress) -> Result<RequestClient<Req>> {
+    pub fn request_client_to<Req: Message>(
+        &self,
+        address: impl IntoAddress,
+    ) -> Result<RequestClient<Req>> {
         Ok(RequestClient::new(
             self.clone(),
             Some(address.into_address()?),
@@ -251,7 +256,9 @@ impl RunningBus {
         let endpoints = std::mem::take(&mut self.endpoints);
         let names: Vec<String> = endpoints.iter().map(|(n, _)| n.clone()).collect();
         let mut handles: Vec<JoinHandle<()>> = endpoints.into_iter().map(|(_, h)| h).collect();
-        let drained = tokio::time::timeout(deadline, futures_util::future::join_all(handles.iter_mut())).await;
+        let drained =
+            tokio::time::timeout(deadline, futures_util::future::join_all(handles.iter_mut()))
+                .await;
         if drained.is_err() {
             tracing::warn!(?deadline, endpoints = ?names, "in-flight messages did not finish before the shutdown deadline; cancelling them");
             self.hard.cancel();
@@ -284,7 +291,9 @@ async fn wait_for_signal() -> Result<()> {
     #[cfg(unix)]
     {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| Error::with_source(ErrorKind::Config, "could not listen for SIGTERM", e))?;
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Config, "could not listen for SIGTERM", e)
+            })?;
         tokio::select! {
             r = ctrl_c => r.map_err(|e| Error::with_source(ErrorKind::Config, "could not listen for Ctrl-C", e)),
             _ = term.recv() => Ok(()),
@@ -309,7 +318,10 @@ impl Drop for RunningBus {
 impl fmt::Debug for RunningBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunningBus")
-            .field("endpoints", &self.endpoints.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -356,8 +368,14 @@ impl fmt::Debug for BusBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BusBuilder")
             .field("transport", &self.transport)
-            .field("endpoints", &self.endpoints.iter().map(|e| e.name()).collect::<Vec<_>>())
-            .field("consumers", &self.auto.iter().map(|a| &a.type_name).collect::<Vec<_>>())
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|e| e.name()).collect::<Vec<_>>(),
+            )
+            .field(
+                "consumers",
+                &self.auto.iter().map(|a| &a.type_name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -506,11 +524,8 @@ impl BusBuilder {
     pub fn send_layer<L>(mut self, layer: L) -> Self
     where
         L: Layer<SendService> + Send + Sync + 'static,
-        L::Service: Service<OutgoingMessage, Response = (), Error = Error>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        L::Service:
+            Service<OutgoingMessage, Response = (), Error = Error> + Clone + Send + Sync + 'static,
         <L::Service as Service<OutgoingMessage>>::Future: Send + 'static,
     {
         self.send_layers.push(SendLayer::new(layer));
@@ -545,9 +560,8 @@ impl BusBuilder {
     /// Builds the bus: computes the topology and deploys it on the transport (connecting
     /// it). Publishing and sending work from here on; [`Bus::start`] starts consuming.
     pub async fn build(self) -> Result<Bus> {
-        let transport: Arc<dyn Transport> = self
-            .transport
-            .unwrap_or_else(|| Arc::new(InMemory::new()));
+        let transport: Arc<dyn Transport> =
+            self.transport.unwrap_or_else(|| Arc::new(InMemory::new()));
 
         // Group auto-configured consumers by endpoint name, then merge with explicit endpoints.
         let mut order: Vec<String> = Vec::new();

@@ -220,9 +220,9 @@ impl ReceiveContext {
     /// `MT-Redelivery-Count` incremented (delayed redelivery). The original is removed once
     /// the copy is accepted; if that fails the original goes back to the queue.
     pub async fn redeliver(&self, delay: Duration) -> Result<()> {
-        let settlement = self.take_settlement().ok_or_else(|| {
-            Error::new(ErrorKind::Config, "the delivery was already settled")
-        })?;
+        let settlement = self
+            .take_settlement()
+            .ok_or_else(|| Error::new(ErrorKind::Config, "the delivery was already settled"))?;
         let mut message = self.inner.transport_message.clone();
         message.headers.insert(
             names::REDELIVERY_COUNT,

@@ -17,7 +17,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::bus::BusInner;
-use crate::consumer::{Consumer, ConsumerConfigurator, ConsumerOf, ConsumerRegistration, Dispatcher};
+use crate::consumer::{
+    Consumer, ConsumerConfigurator, ConsumerOf, ConsumerRegistration, Dispatcher,
+};
 use crate::context::{ConsumeContext, EndpointInfo, ReceiveContext};
 use crate::envelope::Envelope;
 use crate::error::{ConsumeError, ConsumeErrorKind, Error};
@@ -30,7 +32,9 @@ use crate::pipeline::{
 };
 use crate::send::{OutgoingMessage, SendTarget};
 use crate::topology::{EndpointTopology, Extensions};
-use crate::transport::{Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, TransportMessage};
+use crate::transport::{
+    Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, TransportMessage,
+};
 use crate::urn::Urn;
 
 /// MassTransit's default prefetch: twice the CPU count, at least 16.
@@ -259,10 +263,7 @@ impl EndpointConfigurator {
         ) {
             (Some(p), Some(c)) => (p, c),
             (Some(p), None) => (p, usize::from(p)),
-            (None, Some(c)) => (
-                u16::try_from((c * 12 / 10).max(c)).unwrap_or(u16::MAX),
-                c,
-            ),
+            (None, Some(c)) => (u16::try_from((c * 12 / 10).max(c)).unwrap_or(u16::MAX), c),
             (None, None) => {
                 let p = default_prefetch();
                 (p, usize::from(p))
@@ -351,7 +352,8 @@ pub(crate) async fn run_endpoint(
             None => break,
             Some(Err(err)) => {
                 failures = failures.saturating_add(1);
-                let backoff = Duration::from_millis(50u64.saturating_mul(u64::from(failures.min(40))));
+                let backoff =
+                    Duration::from_millis(50u64.saturating_mul(u64::from(failures.min(40))));
                 tracing::warn!(endpoint = %runtime.info.name, error = %err, ?backoff, "receive failed");
                 drop(permit);
                 tokio::select! {
@@ -404,9 +406,14 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 timestamp: Utc::now(),
             };
             tracing::error!(endpoint = %rt.info.name, error = %err, "could not read a message; moving it to the error queue");
-            move_message(&rt, settlement, MoveKind::Error, message, &details.message, |h| {
-                details.write_headers(h)
-            })
+            move_message(
+                &rt,
+                settlement,
+                MoveKind::Error,
+                message,
+                &details.message,
+                |h| details.write_headers(h),
+            )
             .await;
             return;
         }
@@ -448,9 +455,16 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
         Err(err) if err.kind() == ConsumeErrorKind::NoConsumer => {
             tracing::warn!(endpoint = %rt.info.name, message_id = ?rc.message_id(), error = %err, "moving the message to the skipped queue");
             let message = rc.transport_message().clone();
-            move_message(&rt, settlement, MoveKind::Skipped, message, &err.to_string(), |h| {
-                h.insert(names::REASON, "dead-letter");
-            })
+            move_message(
+                &rt,
+                settlement,
+                MoveKind::Skipped,
+                message,
+                &err.to_string(),
+                |h| {
+                    h.insert(names::REASON, "dead-letter");
+                },
+            )
             .await;
         }
         Err(err) if err.kind() == ConsumeErrorKind::Cancelled => {
@@ -539,9 +553,14 @@ async fn fault(
         tracing::warn!(endpoint = %rt.info.name, error = %publish_err, "could not publish the fault event");
     }
     let message = rc.transport_message().clone();
-    move_message(rt, settlement, MoveKind::Error, message, &details.message, |h| {
-        details.write_headers(h)
-    })
+    move_message(
+        rt,
+        settlement,
+        MoveKind::Error,
+        message,
+        &details.message,
+        |h| details.write_headers(h),
+    )
     .await;
 }
 
@@ -572,7 +591,11 @@ async fn send_fault(
         message: rc.message_json(),
     };
     let body = serde_json::value::to_raw_value(&fault).map_err(|e| {
-        Error::with_source(crate::error::ErrorKind::Serialize, "could not write the fault", e)
+        Error::with_source(
+            crate::error::ErrorKind::Serialize,
+            "could not write the fault",
+            e,
+        )
     })?;
     let mut message_type: Vec<Urn> = env.message_type.iter().map(Urn::fault).collect();
     message_type.push(FAULT_URN);

@@ -206,9 +206,7 @@ impl<'de> Deserialize<'de> for ReadEnvelope {
                         "messageid" => e.message_id = map.next_value::<LenientGuid>()?.0,
                         "requestid" => e.request_id = map.next_value::<LenientGuid>()?.0,
                         "correlationid" => e.correlation_id = map.next_value::<LenientGuid>()?.0,
-                        "conversationid" => {
-                            e.conversation_id = map.next_value::<LenientGuid>()?.0
-                        }
+                        "conversationid" => e.conversation_id = map.next_value::<LenientGuid>()?.0,
                         "initiatorid" => e.initiator_id = map.next_value::<LenientGuid>()?.0,
                         "sourceaddress" => e.source_address = map.next_value()?,
                         "destinationaddress" => e.destination_address = map.next_value()?,
@@ -216,9 +214,7 @@ impl<'de> Deserialize<'de> for ReadEnvelope {
                         "faultaddress" => e.fault_address = map.next_value()?,
                         "messagetype" => e.message_type = map.next_value::<LenientTypes>()?.0,
                         "message" => message = Some(map.next_value::<Box<RawValue>>()?),
-                        "expirationtime" => {
-                            e.expiration_time = map.next_value::<LenientTime>()?.0
-                        }
+                        "expirationtime" => e.expiration_time = map.next_value::<LenientTime>()?.0,
                         "senttime" => e.sent_time = map.next_value::<LenientTime>()?.0,
                         "headers" => e.headers = map.next_value()?,
                         "host" => e.host = map.next_value()?,

@@ -228,18 +228,28 @@ impl InMemory {
 
     /// Messages waiting in a queue (not counting unacknowledged deliveries).
     pub fn queue_len(&self, queue: &str) -> usize {
-        self.queue(queue).map(|q| lock(&q.inner).ready.len()).unwrap_or(0)
+        self.queue(queue)
+            .map(|q| lock(&q.inner).ready.len())
+            .unwrap_or(0)
     }
 
     /// Deliveries handed to receivers and not yet settled.
     pub fn unacked(&self, queue: &str) -> usize {
-        self.queue(queue).map(|q| lock(&q.inner).unacked).unwrap_or(0)
+        self.queue(queue)
+            .map(|q| lock(&q.inner).unacked)
+            .unwrap_or(0)
     }
 
     /// A copy of the messages waiting in a queue, oldest first.
     pub fn messages(&self, queue: &str) -> Vec<TransportMessage> {
         self.queue(queue)
-            .map(|q| lock(&q.inner).ready.iter().map(|s| s.message.clone()).collect())
+            .map(|q| {
+                lock(&q.inner)
+                    .ready
+                    .iter()
+                    .map(|s| s.message.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -323,7 +333,10 @@ impl Transport for InMemory {
         options: &DeliveryOptions,
     ) -> Result<()> {
         let Some(first) = message_types.first() else {
-            return Err(Error::new(ErrorKind::Config, "cannot publish a message without a message type"));
+            return Err(Error::new(
+                ErrorKind::Config,
+                "cannot publish a message without a message type",
+            ));
         };
         let exchange = exchange_for(first);
         {
@@ -347,7 +360,9 @@ impl Transport for InMemory {
             if scheme != "loopback" {
                 return Err(Error::new(
                     ErrorKind::Address,
-                    format!("the in-memory transport cannot send to `{address}` (scheme `{scheme}`)"),
+                    format!(
+                        "the in-memory transport cannot send to `{address}` (scheme `{scheme}`)"
+                    ),
                 ));
             }
         }
@@ -506,7 +521,11 @@ impl Settlement for InMemorySettlement {
         Ok(())
     }
 
-    async fn redeliver(mut self: Box<Self>, message: TransportMessage, delay: Duration) -> Result<()> {
+    async fn redeliver(
+        mut self: Box<Self>,
+        message: TransportMessage,
+        delay: Duration,
+    ) -> Result<()> {
         let queue = self.queue.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;

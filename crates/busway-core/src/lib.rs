@@ -57,6 +57,7 @@ pub use pipeline::{ConsumeService, Retry};
 pub use request::{RequestClient, Response};
 pub use send::{OutgoingMessage, SendBuilder, SendTarget};
 pub use serializer::{MassTransitJson, RawJson, Serializer};
+pub use tokio_util::sync::CancellationToken;
 pub use topology::Topology;
 pub use trace::TraceContext;
 pub use transport::{Transport, TransportMessage};

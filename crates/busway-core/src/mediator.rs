@@ -93,7 +93,10 @@ impl fmt::Debug for DomainEvents {
 }
 
 trait ErasedHandler: Send + Sync {
-    fn handle<'a>(&'a self, event: &'a (dyn Any + Send + Sync)) -> BoxFuture<'a, Result<(), BoxError>>;
+    fn handle<'a>(
+        &'a self,
+        event: &'a (dyn Any + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
     fn name(&self) -> &'static str;
 }
 
@@ -107,7 +110,10 @@ where
     E: Send + Sync + 'static,
     H: DomainEventHandler<E>,
 {
-    fn handle<'a>(&'a self, event: &'a (dyn Any + Send + Sync)) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn handle<'a>(
+        &'a self,
+        event: &'a (dyn Any + Send + Sync),
+    ) -> BoxFuture<'a, Result<(), BoxError>> {
         match event.downcast_ref::<E>() {
             Some(e) => self.handler.handle(e),
             None => Box::pin(async { Err("event type mismatch".into()) }),
@@ -224,7 +230,10 @@ impl Mediator {
 
     /// Dispatches one event to every handler of its type, in registration order. Every
     /// handler runs even if an earlier one fails; failures are reported together.
-    pub async fn dispatch<E: Send + Sync + 'static>(&self, event: &E) -> Result<DispatchReport, DispatchError> {
+    pub async fn dispatch<E: Send + Sync + 'static>(
+        &self,
+        event: &E,
+    ) -> Result<DispatchReport, DispatchError> {
         let mut report = DispatchReport::default();
         let mut failures = Vec::new();
         self.dispatch_dyn(TypeId::of::<E>(), event, &mut report, &mut failures)

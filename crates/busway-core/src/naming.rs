@@ -139,7 +139,10 @@ mod tests {
     fn kebab_case_like_masstransit() {
         let f = KebabCaseEndpointNameFormatter::new();
         assert_eq!(f.consumer("app::SubmitOrderConsumer"), "submit-order");
-        assert_eq!(f.consumer("app::orders::SendConfirmationEmail"), "send-confirmation-email");
+        assert_eq!(
+            f.consumer("app::orders::SendConfirmationEmail"),
+            "send-confirmation-email"
+        );
         assert_eq!(f.consumer("Consumer"), "consumer");
         assert_eq!(f.consumer("app::Wrapper<app::ChargeCard>"), "charge-card");
         assert_eq!(f.consumer("app::Order2Shipped"), "order2-shipped");
@@ -149,8 +152,14 @@ mod tests {
 
     #[test]
     fn other_formatters() {
-        assert_eq!(SnakeCaseEndpointNameFormatter::new().consumer("a::SubmitOrderConsumer"), "submit_order");
-        assert_eq!(DefaultEndpointNameFormatter.consumer("a::SubmitOrderConsumer"), "SubmitOrder");
+        assert_eq!(
+            SnakeCaseEndpointNameFormatter::new().consumer("a::SubmitOrderConsumer"),
+            "submit_order"
+        );
+        assert_eq!(
+            DefaultEndpointNameFormatter.consumer("a::SubmitOrderConsumer"),
+            "SubmitOrder"
+        );
         let t = KebabCaseEndpointNameFormatter::new().temporary("bus");
         assert!(t.contains("_bus_") && t.len() <= 72, "{t}");
     }

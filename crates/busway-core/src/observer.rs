@@ -77,6 +77,8 @@ impl Observers {
 
 impl fmt::Debug for Observers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Observers").field("len", &self.0.len()).finish()
+        f.debug_struct("Observers")
+            .field("len", &self.0.len())
+            .finish()
     }
 }

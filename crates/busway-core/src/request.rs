@@ -246,7 +246,10 @@ impl<Req: Message> Request<'_, Req> {
         builder
             .request_id(request_id)
             .response_address(bus.address.clone())
-            .header(names::REQUEST_ACCEPT_TYPE, vec![Resp::message_type().as_str().to_string()])
+            .header(
+                names::REQUEST_ACCEPT_TYPE,
+                vec![Resp::message_type().as_str().to_string()],
+            )
             .headers(&self.headers)
             .time_to_live(self.timeout)
             .await?;

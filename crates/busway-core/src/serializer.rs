@@ -43,7 +43,8 @@ pub trait Serializer: Send + Sync + fmt::Debug + 'static {
     fn content_type(&self) -> &str;
 
     /// Builds the transport message for an envelope and a message body already in JSON.
-    fn serialize(&self, envelope: &Envelope, message: &RawValue) -> Result<TransportMessage, Error>;
+    fn serialize(&self, envelope: &Envelope, message: &RawValue)
+    -> Result<TransportMessage, Error>;
 
     /// Reads a transport message.
     fn deserialize(&self, message: &TransportMessage) -> Result<ReceivedMessage, Error>;
@@ -69,7 +70,11 @@ impl Serializer for MassTransitJson {
         MASSTRANSIT_JSON
     }
 
-    fn serialize(&self, envelope: &Envelope, message: &RawValue) -> Result<TransportMessage, Error> {
+    fn serialize(
+        &self,
+        envelope: &Envelope,
+        message: &RawValue,
+    ) -> Result<TransportMessage, Error> {
         let body = serde_json::to_vec(&WireEnvelope { envelope, message }).map_err(|e| {
             Error::with_source(ErrorKind::Serialize, "could not write the envelope", e)
         })?;
@@ -150,7 +155,11 @@ impl Serializer for RawJson {
         RAW_JSON
     }
 
-    fn serialize(&self, envelope: &Envelope, message: &RawValue) -> Result<TransportMessage, Error> {
+    fn serialize(
+        &self,
+        envelope: &Envelope,
+        message: &RawValue,
+    ) -> Result<TransportMessage, Error> {
         let mut headers = envelope.headers.clone();
         let mut set_id = |name: &str, id: Option<uuid::Uuid>| {
             if let Some(id) = id {
@@ -283,7 +292,10 @@ impl Serializers {
 
     /// The reader for a content type, or an error naming what was found.
     pub fn reader(&self, content_type: Option<&str>) -> Result<&Arc<dyn Serializer>, Error> {
-        let ct = match content_type.map(base_content_type).filter(|c| !c.is_empty()) {
+        let ct = match content_type
+            .map(base_content_type)
+            .filter(|c| !c.is_empty())
+        {
             Some(ct) => ct,
             None => match &self.missing_content_type {
                 Some(ct) => base_content_type(ct),
@@ -358,7 +370,9 @@ fn camelize_keys(value: &mut Value) -> bool {
             }
             changed
         }
-        Value::Array(items) => items.iter_mut().fold(false, |acc, v| camelize_keys(v) | acc),
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |acc, v| camelize_keys(v) | acc),
         _ => false,
     }
 }

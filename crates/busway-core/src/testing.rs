@@ -125,7 +125,12 @@ impl BusObserver for HarnessObserver {
             .moves
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((endpoint.to_string(), kind, message.clone(), reason.to_string()));
+            .push((
+                endpoint.to_string(),
+                kind,
+                message.clone(),
+                reason.to_string(),
+            ));
         self.0.notify.notify_waiters();
     }
 }
@@ -288,28 +293,44 @@ impl TestHarness {
     }
 
     /// Waits until a `T` matching `predicate` is published.
-    pub async fn wait_published<T: Message>(&self, predicate: impl Fn(&T) -> bool) -> Result<Observed<T>> {
+    pub async fn wait_published<T: Message>(
+        &self,
+        predicate: impl Fn(&T) -> bool,
+    ) -> Result<Observed<T>> {
         self.wait(Kind::Published, "published", predicate).await
     }
 
     /// Waits until a `T` matching `predicate` is sent.
-    pub async fn wait_sent<T: Message>(&self, predicate: impl Fn(&T) -> bool) -> Result<Observed<T>> {
+    pub async fn wait_sent<T: Message>(
+        &self,
+        predicate: impl Fn(&T) -> bool,
+    ) -> Result<Observed<T>> {
         self.wait(Kind::Sent, "sent", predicate).await
     }
 
     /// Waits until a consumer consumes a `T` matching `predicate` successfully.
-    pub async fn wait_consumed<T: Message>(&self, predicate: impl Fn(&T) -> bool) -> Result<Observed<T>> {
+    pub async fn wait_consumed<T: Message>(
+        &self,
+        predicate: impl Fn(&T) -> bool,
+    ) -> Result<Observed<T>> {
         self.wait(Kind::Consumed, "consumed", predicate).await
     }
 
     /// Waits until a consumer fails on a `T` matching `predicate`.
-    pub async fn wait_faulted<T: Message>(&self, predicate: impl Fn(&T) -> bool) -> Result<Observed<T>> {
+    pub async fn wait_faulted<T: Message>(
+        &self,
+        predicate: impl Fn(&T) -> bool,
+    ) -> Result<Observed<T>> {
         self.wait(Kind::Faulted, "faulted", predicate).await
     }
 
     /// Waits until a message is moved to `endpoint`'s error or skipped queue; returns it with
     /// the reason.
-    pub async fn wait_moved(&self, endpoint: &str, kind: MoveKind) -> Result<(TransportMessage, String)> {
+    pub async fn wait_moved(
+        &self,
+        endpoint: &str,
+        kind: MoveKind,
+    ) -> Result<(TransportMessage, String)> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let notified = self.observations.notify.notified();

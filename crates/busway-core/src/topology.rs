@@ -163,7 +163,11 @@ impl Topology {
         for e in &self.endpoints {
             let ex = id("x", &e.name);
             let q = id("q", &e.name);
-            let _ = writeln!(out, "  {ex}{{{{\"exchange {}\"}}}} --> {q}[(\"queue {}\")]", e.name, e.name);
+            let _ = writeln!(
+                out,
+                "  {ex}{{{{\"exchange {}\"}}}} --> {q}[(\"queue {}\")]",
+                e.name, e.name
+            );
             for t in &e.message_types {
                 if !e.bind_message_types {
                     continue;
@@ -183,7 +187,11 @@ impl Topology {
             let err = id("q", &e.error_queue());
             let skip = id("q", &e.skipped_queue());
             let _ = writeln!(out, "  {q} -. fault .-> {err}[(\"{}\")]", e.error_queue());
-            let _ = writeln!(out, "  {q} -. skipped .-> {skip}[(\"{}\")]", e.skipped_queue());
+            let _ = writeln!(
+                out,
+                "  {q} -. skipped .-> {skip}[(\"{}\")]",
+                e.skipped_queue()
+            );
         }
         out
     }

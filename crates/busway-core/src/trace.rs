@@ -78,7 +78,12 @@ impl TraceContext {
         let trace = parts.next()?;
         let span = parts.next()?;
         let flags = parts.next()?;
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        if version.len() != 2
+            || version == "ff"
+            || trace.len() != 32
+            || span.len() != 16
+            || flags.len() != 2
+        {
             return None;
         }
         if u8::from_str_radix(version, 16).is_err() || (version == "00" && parts.next().is_some()) {
@@ -162,7 +167,8 @@ mod tests {
         ] {
             assert!(TraceContext::parse(bad).is_none(), "{bad}");
         }
-        let ok = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let ok =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(ok.sampled());
     }

@@ -53,7 +53,10 @@ impl Urn {
     /// The URN of `Fault<T>` for this message type `T`:
     /// `urn:message:MassTransit:Fault[[Ns:T]]`.
     pub fn fault(&self) -> Urn {
-        let inner = self.as_str().strip_prefix(URN_PREFIX).unwrap_or(self.as_str());
+        let inner = self
+            .as_str()
+            .strip_prefix(URN_PREFIX)
+            .unwrap_or(self.as_str());
         Urn::new(format!("{URN_PREFIX}MassTransit:Fault[[{inner}]]"))
     }
 
@@ -330,16 +333,23 @@ mod tests {
         let nested = Urn::new("urn:message:Ns:Outer+Nested");
         assert_eq!(nested.entity_name(&style), "Ns:Outer-Nested");
         let generic = Urn::new("urn:message:Ns:NameGeneric[[System:String]]");
-        assert_eq!(generic.entity_name(&style), "Ns:NameGeneric--System:String--");
+        assert_eq!(
+            generic.entity_name(&style),
+            "Ns:NameGeneric--System:String--"
+        );
         let double = Urn::new("urn:message:Ns:NameDoubleGeneric[[System:String],[Ns:NameEasy]]");
         assert_eq!(
             double.entity_name(&style),
             "Ns:NameDoubleGeneric--System:String::NameEasy--"
         );
         let fault = Urn::new("urn:message:Acme:ProcessFile").fault();
-        assert_eq!(fault.entity_name(&style), "MassTransit:Fault--Acme:ProcessFile--");
-        let nested_generic =
-            Urn::new("urn:message:Ns:NameDoubleGeneric[[Ns:NameGeneric[[Ns:NameEasyToo]]],[Ns:NameEasy]]");
+        assert_eq!(
+            fault.entity_name(&style),
+            "MassTransit:Fault--Acme:ProcessFile--"
+        );
+        let nested_generic = Urn::new(
+            "urn:message:Ns:NameDoubleGeneric[[Ns:NameGeneric[[Ns:NameEasyToo]]],[Ns:NameEasy]]",
+        );
         assert_eq!(
             nested_generic.entity_name(&style),
             "Ns:NameDoubleGeneric--NameGeneric--NameEasyToo--::NameEasy--"
@@ -349,7 +359,10 @@ mod tests {
     #[test]
     fn service_bus_entity_names_use_slashes() {
         let urn = Urn::new("urn:message:Acme:FileReceived");
-        assert_eq!(urn.entity_name(&EntityNameStyle::SERVICE_BUS), "Acme/FileReceived");
+        assert_eq!(
+            urn.entity_name(&EntityNameStyle::SERVICE_BUS),
+            "Acme/FileReceived"
+        );
     }
 
     #[test]

@@ -26,8 +26,12 @@ pub use busway_core::{
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use busway_macros::Message;
 
-/// Re-exported crates that message contracts use.
+/// Cancellation of consumers and requests (`tokio_util`'s token).
+pub use busway_core::CancellationToken;
+
+/// Re-exported crates that message contracts and transports use.
 pub mod deps {
+    pub use bytes;
     pub use chrono;
     pub use rust_decimal;
     pub use serde;

@@ -28,7 +28,9 @@ pub use redelivery::{RedeliveryLayer, RedeliveryService};
 pub use retry::{ErrorFilter, Retry, RetryLayer, RetryService};
 pub use timeout::{TimeoutLayer, TimeoutService};
 pub use tower::limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
-pub use tracing_layer::{ConsumeTracingLayer, ConsumeTracingService, SendTracingLayer, SendTracingService};
+pub use tracing_layer::{
+    ConsumeTracingLayer, ConsumeTracingService, SendTracingLayer, SendTracingService,
+};
 
 /// The type-erased consume pipeline: a cloneable `tower::Service` from [`ReceiveContext`].
 pub type ConsumeService = BoxCloneSyncService<ReceiveContext, (), ConsumeError>;
@@ -75,11 +77,8 @@ impl SendLayer {
     pub fn new<L>(layer: L) -> Self
     where
         L: Layer<SendService> + Send + Sync + 'static,
-        L::Service: Service<OutgoingMessage, Response = (), Error = Error>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        L::Service:
+            Service<OutgoingMessage, Response = (), Error = Error> + Clone + Send + Sync + 'static,
         <L::Service as Service<OutgoingMessage>>::Future: Send + 'static,
     {
         Self(Arc::new(move |inner| {
@@ -100,6 +99,12 @@ impl std::fmt::Debug for SendLayer {
 }
 
 /// Applies layers so the first in the list is the outermost.
-pub(crate) fn apply_consume_layers(layers: &[ConsumeLayer], inner: ConsumeService) -> ConsumeService {
-    layers.iter().rev().fold(inner, |svc, layer| layer.apply(svc))
+pub(crate) fn apply_consume_layers(
+    layers: &[ConsumeLayer],
+    inner: ConsumeService,
+) -> ConsumeService {
+    layers
+        .iter()
+        .rev()
+        .fold(inner, |svc, layer| layer.apply(svc))
 }

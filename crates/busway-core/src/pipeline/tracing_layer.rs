@@ -74,17 +74,19 @@ where
         );
         let fut = self.inner.call(rc);
         let record_on = span.clone();
-        Box::pin(trace.scope(
-            async move {
-                let result = fut.await;
-                if let Err(err) = &result {
-                    record_on.record("otel.status_code", "ERROR");
-                    record_on.record("error", field::display(err));
+        Box::pin(
+            trace.scope(
+                async move {
+                    let result = fut.await;
+                    if let Err(err) = &result {
+                        record_on.record("otel.status_code", "ERROR");
+                        record_on.record("error", field::display(err));
+                    }
+                    result
                 }
-                result
-            }
-            .instrument(span),
-        ))
+                .instrument(span),
+            ),
+        )
     }
 }
 
@@ -150,7 +152,9 @@ where
             // The caller set a traceparent explicitly: keep it.
             Some(explicit) => explicit,
             None => {
-                let t = parent.map(|p| p.child()).unwrap_or_else(TraceContext::new_root);
+                let t = parent
+                    .map(|p| p.child())
+                    .unwrap_or_else(TraceContext::new_root);
                 t.write_headers(&mut msg.envelope.headers);
                 t
             }

@@ -1,0 +1,139 @@
+//! Helpers for tests: unique names, counters, polling with a deadline.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use busway::TransportMessage;
+
+use crate::TransportFixture;
+
+/// `name-<8 hex digits>`: endpoint names that do not collide between tests or runs.
+pub fn unique(name: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{name}-{}", &id[..8])
+}
+
+/// Installs a test tracing subscriber once (`RUST_LOG` picks the level; default warn).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A shared counter.
+#[derive(Clone, Default, Debug)]
+pub struct Counter(Arc<AtomicUsize>);
+
+impl Counter {
+    /// Adds one and returns the new value.
+    pub fn incr(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Subtracts one.
+    pub fn decr(&self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The value.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Tracks how many things run at once and the most seen.
+#[derive(Clone, Default, Debug)]
+pub struct Gauge {
+    now: Counter,
+    max: Arc<AtomicUsize>,
+}
+
+impl Gauge {
+    /// Enters; returns the current count.
+    pub fn enter(&self) -> usize {
+        let n = self.now.incr();
+        self.max.fetch_max(n, Ordering::SeqCst);
+        n
+    }
+
+    /// Leaves.
+    pub fn exit(&self) {
+        self.now.decr();
+    }
+
+    /// Running now.
+    pub fn current(&self) -> usize {
+        self.now.get()
+    }
+
+    /// The most that ran at once.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+/// Polls `condition` every 10 ms until it is true; panics with `what` after `timeout`.
+pub async fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Like [`wait_until`] with an async condition.
+pub async fn wait_until_async<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes messages from `queue` until `count` have arrived; panics after `timeout`.
+pub async fn take_queue<F: TransportFixture>(
+    fixture: &F,
+    transport: &F::Transport,
+    queue: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<TransportMessage> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        out.extend(fixture.take_messages(transport, queue).await);
+        if out.len() >= count {
+            return out;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "{}: expected {count} message(s) in `{queue}` within {timeout:?}, found {}",
+                fixture.name(),
+                out.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A header as text, or a panic naming the missing header.
+pub fn header(message: &TransportMessage, name: &str) -> String {
+    message
+        .headers
+        .get_str(name)
+        .unwrap_or_else(|| panic!("header `{name}` missing; headers: {:?}", message.headers))
+        .into_owned()
+}
