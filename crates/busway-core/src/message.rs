@@ -61,6 +61,8 @@ pub fn new_id() -> Uuid {
 pub mod private {
     use super::*;
 
+    pub use serde::Serialize;
+    pub use serde::de::DeserializeOwned;
     pub use std::sync::OnceLock;
     pub use uuid::Uuid;
 

@@ -133,11 +133,25 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     }
     let container = container_options(input)?;
     let fields = field_options(input)?;
-    let krate = &container.krate;
+    let krate = container.krate.clone();
+    let krate = &krate;
     let ident = &input.ident;
     let name = ident.to_string();
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let generic = !input.generics.params.is_empty();
+    let mut generics = input.generics.clone();
+    if generic {
+        let where_clause = generics.make_where_clause();
+        for param in input.generics.type_params() {
+            let ident = &param.ident;
+            where_clause
+                .predicates
+                .push(syn::parse_quote!(#ident: ::core::marker::Send + ::core::marker::Sync + 'static));
+        }
+        where_clause.predicates.push(syn::parse_quote!(
+            Self: #krate::__private::Serialize + #krate::__private::DeserializeOwned
+        ));
+    }
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
 
     let urn_body = match (&container.urn, generic) {
         (Some(urn), false) => quote! {
