@@ -69,6 +69,29 @@ async fn build<F: TransportFixture>(t: &F::Transport, builder: BusBuilder) -> Bu
         .expect("the bus builds and deploys its topology")
 }
 
+/// Deletes each endpoint's queue and its `_error` and `_skipped` queues.
+async fn cleanup<F: TransportFixture>(fixture: &F, t: &F::Transport, endpoints: &[&String]) {
+    let mut queues = Vec::new();
+    for e in endpoints {
+        queues.push((*e).clone());
+        queues.push(format!("{e}_error"));
+        queues.push(format!("{e}_skipped"));
+    }
+    fixture.delete_queues(t, &queues).await;
+}
+
+/// A handler that counts the messages it consumes.
+fn counting<M: Message>(
+    counter: &Counter,
+) -> impl Fn(ConsumeContext<M>) -> std::future::Ready<Result<(), ConsumeError>> + Send + Sync + 'static
+{
+    let counter = counter.clone();
+    move |_| {
+        counter.incr();
+        std::future::ready(Ok(()))
+    }
+}
+
 /// Publishing reaches every endpoint that consumes the type, once each.
 pub async fn fan_out_to_every_endpoint<F: TransportFixture>(fixture: &F) {
     init_tracing();
@@ -79,13 +102,7 @@ pub async fn fan_out_to_every_endpoint<F: TransportFixture>(fixture: &F) {
     for (name, counter) in names.iter().zip(&counters) {
         let counter = counter.clone();
         builder = builder.receive_endpoint(name.clone(), move |e| {
-            e.temporary().handler(move |_: ConsumeContext<FanOut>| {
-                let c = counter.clone();
-                async move {
-                    c.incr();
-                    Ok(())
-                }
-            })
+            e.temporary().handler(counting::<FanOut>(&counter))
         });
     }
     let bus = build::<F>(&t, builder).await;
@@ -106,7 +123,7 @@ pub async fn fan_out_to_every_endpoint<F: TransportFixture>(fixture: &F) {
         );
     }
     running.shutdown().await.expect("shutdown");
-    fixture.delete_queues(&t, &names).await;
+    cleanup(fixture, &t, &names.iter().collect::<Vec<_>>()).await;
 }
 
 /// Two buses on one endpoint compete: each message is consumed once, by one of them.
@@ -163,16 +180,7 @@ pub async fn competing_consumers_each_message_once<F: TransportFixture>(fixture:
     for r in running {
         r.shutdown().await.expect("shutdown");
     }
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// An endpoint never holds more than `prefetch` unsettled messages, even when its
@@ -218,16 +226,7 @@ pub async fn prefetch_bound_is_respected<F: TransportFixture>(fixture: &F) {
     }
     assert_eq!(gauge.max(), 4, "the bound held to the end");
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// `Retry::immediate(3)` makes exactly 4 attempts, then the message faults with
@@ -290,19 +289,7 @@ pub async fn retry_counts_are_exact<F: TransportFixture>(fixture: &F) {
         0,
         "a recovered message does not fault"
     );
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                failing.clone(),
-                format!("{failing}_error"),
-                format!("{failing}_skipped"),
-                recovering.clone(),
-                format!("{recovering}_error"),
-                format!("{recovering}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&failing, &recovering]).await;
 }
 
 /// Delayed redelivery sends the message back after each interval with
@@ -373,19 +360,7 @@ pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
     assert_eq!(header(&errors[0], names::FAULT_RETRY_COUNT), "1");
     running.shutdown().await.expect("shutdown");
     assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-                exhausted.clone(),
-                format!("{exhausted}_error"),
-                format!("{exhausted}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name, &exhausted]).await;
 }
 
 #[derive(Debug)]
@@ -447,16 +422,7 @@ pub async fn error_queue_has_fault_headers<F: TransportFixture>(fixture: &F) {
     assert_eq!(original["message"]["n"], 42, "the original body is kept");
     assert_eq!(original["messageId"], id.to_string());
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// A message of a type no consumer at the endpoint handles goes to `<endpoint>_skipped`
@@ -469,15 +435,7 @@ pub async fn unhandled_type_goes_to_skipped<F: TransportFixture>(fixture: &F) {
     let h = handled.clone();
     let bus = build::<F>(
         &t,
-        Bus::builder().receive_endpoint(name.clone(), move |e| {
-            e.handler(move |_: ConsumeContext<Handled>| {
-                let h = h.clone();
-                async move {
-                    h.incr();
-                    Ok(())
-                }
-            })
-        }),
+        Bus::builder().receive_endpoint(name.clone(), move |e| e.handler(counting::<Handled>(&h))),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -498,16 +456,7 @@ pub async fn unhandled_type_goes_to_skipped<F: TransportFixture>(fixture: &F) {
     .await;
     running.shutdown().await.expect("shutdown");
     assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 fn raw(body: &'static [u8], content_type: Option<&str>) -> TransportMessage {
@@ -529,15 +478,7 @@ pub async fn unreadable_messages_go_to_error<F: TransportFixture>(fixture: &F) {
     let h = handled.clone();
     let bus = build::<F>(
         &t,
-        Bus::builder().receive_endpoint(name.clone(), move |e| {
-            e.handler(move |_: ConsumeContext<Handled>| {
-                let h = h.clone();
-                async move {
-                    h.incr();
-                    Ok(())
-                }
-            })
-        }),
+        Bus::builder().receive_endpoint(name.clone(), move |e| e.handler(counting::<Handled>(&h))),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -600,16 +541,7 @@ pub async fn unreadable_messages_go_to_error<F: TransportFixture>(fixture: &F) {
     );
     wait_until(WAIT, "the endpoint still consumes", || handled.get() == 1).await;
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// A body that is a valid envelope but not a valid message of the consumer's type faults
@@ -624,13 +556,7 @@ pub async fn wrong_shape_is_not_retried<F: TransportFixture>(fixture: &F) {
         &t,
         Bus::builder().receive_endpoint(name.clone(), move |e| {
             e.retry(Retry::immediate(5))
-                .handler(move |_: ConsumeContext<Handled>| {
-                    let a = a.clone();
-                    async move {
-                        a.incr();
-                        Ok(())
-                    }
-                })
+                .handler(counting::<Handled>(&a))
         }),
     )
     .await;
@@ -656,16 +582,7 @@ pub async fn wrong_shape_is_not_retried<F: TransportFixture>(fixture: &F) {
         "not retried"
     );
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// A consumer that panics faults the message; the endpoint keeps running.
@@ -705,16 +622,7 @@ pub async fn panicking_consumer_faults_and_endpoint_survives<F: TransportFixture
     assert_eq!(header(&errors[0], names::FAULT_EXCEPTION_TYPE), "panic");
     wait_until(WAIT, "later messages are consumed", || ok.get() == 3).await;
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// A consume attempt past the endpoint timeout faults with a timeout error.
@@ -743,16 +651,7 @@ pub async fn consumer_timeout_faults<F: TransportFixture>(fixture: &F) {
         "busway::Timeout"
     );
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// When a message faults, `Fault<T>` is published with the error and the original message.
@@ -830,16 +729,7 @@ pub async fn fault_event_is_published<F: TransportFixture>(fixture: &F) {
     );
     take_queue(fixture, &t, &format!("{failing}_error"), 1, WAIT).await;
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                failing.clone(),
-                format!("{failing}_error"),
-                format!("{failing}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&failing]).await;
 }
 
 /// Shutdown stops intake and lets in-flight messages finish; none is lost or faulted.
@@ -889,16 +779,7 @@ pub async fn shutdown_drains_in_flight<F: TransportFixture>(fixture: &F) {
         "the two messages not yet taken stay on the queue"
     );
     assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 /// A consumer still running at the shutdown deadline is cancelled and its message goes
@@ -949,16 +830,7 @@ pub async fn shutdown_deadline_requeues<F: TransportFixture>(fixture: &F) {
         0,
         "not faulted"
     );
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                name.clone(),
-                format!("{name}_error"),
-                format!("{name}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&name]).await;
 }
 
 #[derive(Debug, Clone)]
@@ -1269,16 +1141,7 @@ pub async fn request_response<F: TransportFixture>(fixture: &F) {
     assert!(err.is_cancelled(), "{err}");
 
     running.shutdown().await.expect("shutdown");
-    fixture
-        .delete_queues(
-            &t,
-            &[
-                failing.clone(),
-                format!("{failing}_error"),
-                format!("{failing}_skipped"),
-            ],
-        )
-        .await;
+    cleanup(fixture, &t, &[&failing]).await;
 }
 
 /// A scheduled send is delivered after its delay, not before.

@@ -4,7 +4,7 @@
 //! A transport crate's test file implements [`TransportFixture`] and expands
 //! [`conformance_suite!`](crate::conformance_suite) once:
 //!
-//! ```ignore
+//! ```text
 //! struct Fixture;
 //! #[async_trait::async_trait]
 //! impl busway_integration_tests::TransportFixture for Fixture { /* ... */ }

@@ -9,10 +9,7 @@ use std::time::Duration;
 use busway::prelude::*;
 use busway::testing::TestHarness;
 use busway::transport::MoveKind;
-use busway::{
-    ConsumeErrorKind, OutgoingMessage, ReceiveContext, Transport,
-    TransportMessage,
-};
+use busway::{ConsumeErrorKind, OutgoingMessage, ReceiveContext, Transport, TransportMessage};
 use busway_integration_tests::support::{Counter, Gauge, init_tracing, wait_until};
 use futures_util::future::BoxFuture;
 
@@ -52,7 +49,10 @@ struct OrderHistory(Arc<Mutex<Vec<String>>>);
 #[async_trait]
 impl Consumer<OrderPlaced> for OrderHistory {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
-        self.0.lock().expect("lock").push(format!("placed {}", ctx.message().n));
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("placed {}", ctx.message().n));
         Ok(())
     }
 }
@@ -60,7 +60,10 @@ impl Consumer<OrderPlaced> for OrderHistory {
 #[async_trait]
 impl Consumer<OrderCancelled> for OrderHistory {
     async fn consume(&self, ctx: &ConsumeContext<OrderCancelled>) -> Result<(), ConsumeError> {
-        self.0.lock().expect("lock").push(format!("cancelled {}", ctx.message().n));
+        self.0
+            .lock()
+            .expect("lock")
+            .push(format!("cancelled {}", ctx.message().n));
         Ok(())
     }
 }
@@ -77,14 +80,33 @@ async fn consumers_get_kebab_case_endpoints_and_multi_type_consumers_get_both_ty
     )
     .await
     .expect("start");
-    let names: Vec<&str> = h.bus().topology().endpoints.iter().map(|e| e.name.as_str()).collect();
+    let names: Vec<&str> = h
+        .bus()
+        .topology()
+        .endpoints
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
     assert_eq!(names, vec!["submit-order", "order-history"]);
-    let history_endpoint = h.bus().topology().endpoint("order-history").expect("endpoint");
+    let history_endpoint = h
+        .bus()
+        .topology()
+        .endpoint("order-history")
+        .expect("endpoint");
     assert_eq!(history_endpoint.message_types.len(), 2);
 
-    h.bus().publish(OrderPlaced { n: 1 }).await.expect("publish");
-    h.bus().publish(OrderCancelled { n: 1 }).await.expect("publish");
-    wait_until(WAIT, "both types consumed", || history.lock().expect("lock").len() == 2).await;
+    h.bus()
+        .publish(OrderPlaced { n: 1 })
+        .await
+        .expect("publish");
+    h.bus()
+        .publish(OrderCancelled { n: 1 })
+        .await
+        .expect("publish");
+    wait_until(WAIT, "both types consumed", || {
+        history.lock().expect("lock").len() == 2
+    })
+    .await;
     wait_until(WAIT, "submit-order consumed", || placed.get() == 1).await;
     let mut seen = history.lock().expect("lock").clone();
     seen.sort();
@@ -119,11 +141,21 @@ async fn several_consumers_on_one_endpoint_and_retry_does_not_rerun_the_ones_tha
     }))
     .await
     .expect("start");
-    h.bus().publish(OrderPlaced { n: 1 }).await.expect("publish");
-    wait_until(WAIT, "the flaky consumer succeeded", || flaky_runs.get() == 3).await;
+    h.bus()
+        .publish(OrderPlaced { n: 1 })
+        .await
+        .expect("publish");
+    wait_until(WAIT, "the flaky consumer succeeded", || {
+        flaky_runs.get() == 3
+    })
+    .await;
     h.wait_idle(Duration::from_millis(100)).await;
     assert_eq!(ok_runs.get(), 1, "the consumer that succeeded ran once");
-    assert_eq!(h.consumed::<OrderPlaced>().len(), 2, "two successful consumes");
+    assert_eq!(
+        h.consumed::<OrderPlaced>().len(),
+        2,
+        "two successful consumes"
+    );
     assert_eq!(h.faulted::<OrderPlaced>().len(), 2, "two failed attempts");
     assert_eq!(h.transport().queue_len("orders_error"), 0);
     h.stop().await.expect("stop");
@@ -139,7 +171,10 @@ struct Mark {
 impl<S> tower::Layer<S> for Mark {
     type Service = MarkService<S>;
     fn layer(&self, inner: S) -> MarkService<S> {
-        MarkService { inner, mark: self.clone() }
+        MarkService {
+            inner,
+            mark: self.clone(),
+        }
     }
 }
 
@@ -205,13 +240,17 @@ async fn user_layers_run_at_bus_endpoint_and_consumer_level_in_order() {
     init_tracing();
     let log = Arc::new(Mutex::new(Vec::new()));
     let stamped = Arc::new(Mutex::new(None::<String>));
-    let mark = |name| Mark { name, log: log.clone() };
+    let mark = |name| Mark {
+        name,
+        log: log.clone(),
+    };
     let s = stamped.clone();
     struct Stamped(Arc<Mutex<Option<String>>>);
     #[async_trait]
     impl Consumer<Work> for Stamped {
         async fn consume(&self, ctx: &ConsumeContext<Work>) -> Result<(), ConsumeError> {
-            *self.0.lock().expect("lock") = ctx.headers().get_str("X-Stamped").map(|s| s.into_owned());
+            *self.0.lock().expect("lock") =
+                ctx.headers().get_str("X-Stamped").map(|s| s.into_owned());
             Ok(())
         }
     }
@@ -227,10 +266,22 @@ async fn user_layers_run_at_bus_endpoint_and_consumer_level_in_order() {
     )
     .await
     .expect("start");
-    h.bus().send("queue:layered", Work { n: 1 }).await.expect("send");
-    h.wait_consumed::<Work>(|w| w.n == 1).await.expect("consumed");
-    assert_eq!(*log.lock().expect("lock"), vec!["bus", "endpoint-1", "endpoint-2", "consumer"]);
-    assert_eq!(stamped.lock().expect("lock").as_deref(), Some("yes"), "send layers change outgoing messages");
+    h.bus()
+        .send("queue:layered", Work { n: 1 })
+        .await
+        .expect("send");
+    h.wait_consumed::<Work>(|w| w.n == 1)
+        .await
+        .expect("consumed");
+    assert_eq!(
+        *log.lock().expect("lock"),
+        vec!["bus", "endpoint-1", "endpoint-2", "consumer"]
+    );
+    assert_eq!(
+        stamped.lock().expect("lock").as_deref(),
+        Some("yes"),
+        "send layers change outgoing messages"
+    );
     h.stop().await.expect("stop");
 }
 
@@ -240,7 +291,12 @@ async fn concurrency_limits_hold_at_endpoint_and_consumer_level() {
     let endpoint_gauge = Gauge::default();
     let consumer_gauge = Gauge::default();
     let done = Counter::default();
-    let (eg, cg, d1, d2) = (endpoint_gauge.clone(), consumer_gauge.clone(), done.clone(), done.clone());
+    let (eg, cg, d1, d2) = (
+        endpoint_gauge.clone(),
+        consumer_gauge.clone(),
+        done.clone(),
+        done.clone(),
+    );
     struct Slow(Gauge, Counter);
     #[async_trait]
     impl Consumer<OrderCancelled> for Slow {
@@ -255,26 +311,35 @@ async fn concurrency_limits_hold_at_endpoint_and_consumer_level() {
     let h = TestHarness::start(
         Bus::builder()
             .receive_endpoint("limited", move |e| {
-                e.prefetch(16).concurrency_limit(2).handler(move |_: ConsumeContext<Work>| {
-                    let (eg, d1) = (eg.clone(), d1.clone());
-                    async move {
-                        eg.enter();
-                        tokio::time::sleep(Duration::from_millis(30)).await;
-                        eg.exit();
-                        d1.incr();
-                        Ok(())
-                    }
-                })
+                e.prefetch(16)
+                    .concurrency_limit(2)
+                    .handler(move |_: ConsumeContext<Work>| {
+                        let (eg, d1) = (eg.clone(), d1.clone());
+                        async move {
+                            eg.enter();
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            eg.exit();
+                            d1.incr();
+                            Ok(())
+                        }
+                    })
             })
             .receive_endpoint("consumer-limited", move |e| {
-                e.prefetch(16).consumer_with(Slow(cg, d2), |c| c.concurrency_limit(3))
+                e.prefetch(16)
+                    .consumer_with(Slow(cg, d2), |c| c.concurrency_limit(3))
             }),
     )
     .await
     .expect("start");
     for n in 0..12 {
-        h.bus().send("queue:limited", Work { n }).await.expect("send");
-        h.bus().send("queue:consumer-limited", OrderCancelled { n }).await.expect("send");
+        h.bus()
+            .send("queue:limited", Work { n })
+            .await
+            .expect("send");
+        h.bus()
+            .send("queue:consumer-limited", OrderCancelled { n })
+            .await
+            .expect("send");
     }
     wait_until(WAIT, "all consumed", || done.get() == 24).await;
     assert_eq!(endpoint_gauge.max(), 2, "endpoint concurrency limit");
@@ -286,18 +351,37 @@ async fn concurrency_limits_hold_at_endpoint_and_consumer_level() {
 async fn topology_prints_as_text_and_mermaid() {
     let bus = Bus::builder()
         .consumer(SubmitOrderConsumer(Counter::default()))
-        .receive_endpoint("billing", |e| e.prefetch(32).concurrency_limit(8).handler(|_: ConsumeContext<Work>| async { Ok(()) }))
+        .receive_endpoint("billing", |e| {
+            e.prefetch(32)
+                .concurrency_limit(8)
+                .handler(|_: ConsumeContext<Work>| async { Ok(()) })
+        })
         .build()
         .await
         .expect("build");
     let text = bus.topology().to_text();
-    assert!(text.contains("endpoint billing (loopback://localhost/billing)"), "{text}");
+    assert!(
+        text.contains("endpoint billing (loopback://localhost/billing)"),
+        "{text}"
+    );
     assert!(text.contains("prefetch 32, concurrency 8"), "{text}");
-    assert!(text.contains(&format!("exchange {} -> exchange submit-order", OrderPlaced::message_type().entity_name(&busway::urn::EntityNameStyle::RABBITMQ))), "{text}");
-    assert!(text.contains("faults -> billing_error, skipped -> billing_skipped"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "exchange {} -> exchange submit-order",
+            OrderPlaced::message_type().entity_name(&busway::urn::EntityNameStyle::RABBITMQ)
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("faults -> billing_error, skipped -> billing_skipped"),
+        "{text}"
+    );
     let mermaid = bus.topology().to_mermaid();
     assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
-    assert!(mermaid.contains("--> x_billing") && mermaid.contains("q_billing_error"), "{mermaid}");
+    assert!(
+        mermaid.contains("--> x_billing") && mermaid.contains("q_billing_error"),
+        "{mermaid}"
+    );
     assert_eq!(format!("{}", bus.topology()), text);
 }
 
@@ -306,24 +390,49 @@ async fn addresses_short_forms_and_uris() {
     init_tracing();
     let transport = InMemory::new();
     let h = TestHarness::start_on(
-        Bus::builder().receive_endpoint("inbox", |e| e.handler(|_: ConsumeContext<Work>| async { Ok(()) })),
+        Bus::builder().receive_endpoint("inbox", |e| {
+            e.handler(|_: ConsumeContext<Work>| async { Ok(()) })
+        }),
         transport.clone(),
     )
     .await
     .expect("start");
-    h.bus().send("loopback://localhost/inbox", Work { n: 1 }).await.expect("uri send");
-    h.bus().send("exchange:inbox", Work { n: 2 }).await.expect("exchange send");
-    h.bus().send("queue:inbox", Work { n: 3 }).await.expect("queue send");
+    h.bus()
+        .send("loopback://localhost/inbox", Work { n: 1 })
+        .await
+        .expect("uri send");
+    h.bus()
+        .send("exchange:inbox", Work { n: 2 })
+        .await
+        .expect("exchange send");
+    h.bus()
+        .send("queue:inbox", Work { n: 3 })
+        .await
+        .expect("queue send");
     for n in 1..=3 {
-        h.wait_consumed::<Work>(move |w| w.n == n).await.expect("consumed");
+        h.wait_consumed::<Work>(move |w| w.n == n)
+            .await
+            .expect("consumed");
     }
     let sent = h.sent::<Work>();
     assert_eq!(sent.len(), 3);
-    assert!(sent.iter().all(|s| s.envelope.destination_address.as_deref() == Some("loopback://localhost/inbox")));
+    assert!(
+        sent.iter().all(
+            |s| s.envelope.destination_address.as_deref() == Some("loopback://localhost/inbox")
+        )
+    );
 
-    let err = h.bus().send("inbox", Work { n: 4 }).await.expect_err("no kind");
+    let err = h
+        .bus()
+        .send("inbox", Work { n: 4 })
+        .await
+        .expect_err("no kind");
     assert!(err.is_address(), "{err}");
-    let err = h.bus().send("rabbitmq://host/inbox", Work { n: 5 }).await.expect_err("wrong scheme");
+    let err = h
+        .bus()
+        .send("rabbitmq://host/inbox", Work { n: 5 })
+        .await
+        .expect_err("wrong scheme");
     assert!(err.is_address(), "{err}");
     assert!(err.to_string().contains("scheme `rabbitmq`"), "{err}");
     h.stop().await.expect("stop");
@@ -339,7 +448,9 @@ async fn messages_published_before_start_wait_for_the_consumers() {
         .build()
         .await
         .expect("build");
-    bus.publish(OrderPlaced { n: 1 }).await.expect("publish before start");
+    bus.publish(OrderPlaced { n: 1 })
+        .await
+        .expect("publish before start");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(count.get(), 0);
     let running = bus.start().await.expect("start");
@@ -364,13 +475,26 @@ impl Transport for NoDelay {
     async fn deploy(&self, t: &busway::Topology) -> busway::Result<()> {
         self.0.deploy(t).await
     }
-    async fn publish(&self, types: &[busway::Urn], m: TransportMessage, o: &busway::transport::DeliveryOptions) -> busway::Result<()> {
+    async fn publish(
+        &self,
+        types: &[busway::Urn],
+        m: TransportMessage,
+        o: &busway::transport::DeliveryOptions,
+    ) -> busway::Result<()> {
         self.0.publish(types, m, o).await
     }
-    async fn send(&self, a: &busway::Address, m: TransportMessage, o: &busway::transport::DeliveryOptions) -> busway::Result<()> {
+    async fn send(
+        &self,
+        a: &busway::Address,
+        m: TransportMessage,
+        o: &busway::transport::DeliveryOptions,
+    ) -> busway::Result<()> {
         self.0.send(a, m, o).await
     }
-    async fn receive(&self, e: &busway::topology::EndpointTopology) -> busway::Result<Box<dyn busway::transport::Receiver>> {
+    async fn receive(
+        &self,
+        e: &busway::topology::EndpointTopology,
+    ) -> busway::Result<Box<dyn busway::transport::Receiver>> {
         self.0.receive(e).await
     }
     async fn close(&self) -> busway::Result<()> {
@@ -382,12 +506,19 @@ impl Transport for NoDelay {
 async fn configuration_mistakes_are_reported_at_build() {
     let err = Bus::builder()
         .transport(NoDelay(InMemory::new()))
-        .receive_endpoint("x", |e| e.redelivery(Retry::intervals([Duration::from_secs(1)])).handler(|_: ConsumeContext<Work>| async { Ok(()) }))
+        .receive_endpoint("x", |e| {
+            e.redelivery(Retry::intervals([Duration::from_secs(1)]))
+                .handler(|_: ConsumeContext<Work>| async { Ok(()) })
+        })
         .build()
         .await
         .expect_err("redelivery needs delayed delivery");
     assert!(err.is_config());
-    assert!(err.to_string().contains("no-delay transport has no delayed delivery"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no-delay transport has no delayed delivery"),
+        "{err}"
+    );
 
     let err = Bus::builder()
         .receive_endpoint("dup", |e| e)
@@ -418,14 +549,29 @@ async fn harness_waits_for_published_sent_consumed_faulted_and_moved() {
     .await
     .expect("start")
     .with_timeout(Duration::from_secs(5));
-    h.bus().send("queue:picky", Work { n: 2 }).await.expect("send");
-    h.bus().send("queue:picky", Work { n: 3 }).await.expect("send");
+    h.bus()
+        .send("queue:picky", Work { n: 2 })
+        .await
+        .expect("send");
+    h.bus()
+        .send("queue:picky", Work { n: 3 })
+        .await
+        .expect("send");
     let sent = h.wait_sent::<Work>(|w| w.n == 2).await.expect("sent");
     assert!(sent.envelope.message_id.is_some());
-    let consumed = h.wait_consumed::<Work>(|w| w.n == 2).await.expect("consumed");
+    let consumed = h
+        .wait_consumed::<Work>(|w| w.n == 2)
+        .await
+        .expect("consumed");
     assert_eq!(consumed.endpoint.as_deref(), Some("picky"));
-    let published = h.wait_published::<OrderPlaced>(|o| o.n == 2).await.expect("published");
-    assert_eq!(published.envelope.conversation_id, consumed.envelope.conversation_id);
+    let published = h
+        .wait_published::<OrderPlaced>(|o| o.n == 2)
+        .await
+        .expect("published");
+    assert_eq!(
+        published.envelope.conversation_id,
+        consumed.envelope.conversation_id
+    );
     let faulted = h.wait_faulted::<Work>(|w| w.n == 3).await.expect("faulted");
     assert_eq!(faulted.error.as_deref(), Some("odd numbers are refused"));
     let (moved, reason) = h.wait_moved("picky", MoveKind::Error).await.expect("moved");
@@ -433,7 +579,10 @@ async fn harness_waits_for_published_sent_consumed_faulted_and_moved() {
     assert_eq!(moved.headers.get_str("MT-Reason").as_deref(), Some("fault"));
 
     let quick = h.with_timeout(Duration::from_millis(200));
-    let err = quick.wait_consumed::<Work>(|w| w.n == 99).await.expect_err("never consumed");
+    let err = quick
+        .wait_consumed::<Work>(|w| w.n == 99)
+        .await
+        .expect_err("never consumed");
     assert!(err.is_timeout(), "{err}");
     assert!(err.to_string().contains("no matching"), "{err}");
     quick.stop().await.expect("stop");
@@ -468,26 +617,64 @@ async fn retry_filters_pick_errors_by_kind_and_type() {
     }))
     .await
     .expect("start");
-    h.bus().send("queue:filtered", Work { n: 1 }).await.expect("send");
-    h.wait_moved("filtered", MoveKind::Error).await.expect("moved");
+    h.bus()
+        .send("queue:filtered", Work { n: 1 })
+        .await
+        .expect("send");
+    h.wait_moved("filtered", MoveKind::Error)
+        .await
+        .expect("moved");
     assert_eq!(attempts.get(), 1, "an ignored error is not retried");
-    h.bus().send("queue:filtered", Work { n: 2 }).await.expect("send");
-    wait_until(WAIT, "second message faulted", || h.transport().queue_len("filtered_error") == 2).await;
+    h.bus()
+        .send("queue:filtered", Work { n: 2 })
+        .await
+        .expect("send");
+    wait_until(WAIT, "second message faulted", || {
+        h.transport().queue_len("filtered_error") == 2
+    })
+    .await;
     assert_eq!(attempts.get(), 1 + 6, "a handled error is retried 5 times");
     h.stop().await.expect("stop");
 
-    let r = Retry::exponential(4).min_interval(Duration::from_millis(100)).max_interval(Duration::from_millis(250)).jitter(false);
+    let r = Retry::exponential(4)
+        .min_interval(Duration::from_millis(100))
+        .max_interval(Duration::from_millis(250))
+        .jitter(false);
     let delays: Vec<_> = (1..=5).map(|i| r.delay_for(i)).collect();
-    assert_eq!(delays, vec![Some(Duration::from_millis(100)), Some(Duration::from_millis(200)), Some(Duration::from_millis(250)), Some(Duration::from_millis(250)), None]);
+    assert_eq!(
+        delays,
+        vec![
+            Some(Duration::from_millis(100)),
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_millis(250)),
+            Some(Duration::from_millis(250)),
+            None
+        ]
+    );
     let jittered = Retry::exponential(3).min_interval(Duration::from_millis(100));
     for _ in 0..50 {
         let d = jittered.delay_for(2).expect("delay");
-        assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(200), "{d:?}");
+        assert!(
+            d >= Duration::from_millis(100) && d <= Duration::from_millis(200),
+            "{d:?}"
+        );
     }
     let inc = Retry::incremental(3, Duration::from_millis(10), Duration::from_millis(5));
     assert_eq!(inc.delay_for(3), Some(Duration::from_millis(20)));
-    assert!(!Retry::immediate(2).should_retry(&ConsumeError::with_kind(ConsumeErrorKind::Deserialize, "x", "bad body")));
-    assert!(Retry::immediate(2).handle(ConsumeErrorKind::Timeout).should_retry(&ConsumeError::timeout(Duration::from_secs(1))));
-    assert!(!Retry::immediate(2).handle(ConsumeErrorKind::Timeout).should_retry(&ConsumeError::msg("other")));
+    assert!(!Retry::immediate(2).should_retry(&ConsumeError::with_kind(
+        ConsumeErrorKind::Deserialize,
+        "x",
+        "bad body"
+    )));
+    assert!(
+        Retry::immediate(2)
+            .handle(ConsumeErrorKind::Timeout)
+            .should_retry(&ConsumeError::timeout(Duration::from_secs(1)))
+    );
+    assert!(
+        !Retry::immediate(2)
+            .handle(ConsumeErrorKind::Timeout)
+            .should_retry(&ConsumeError::msg("other"))
+    );
     assert_eq!(Retry::none().delay_for(1), None);
 }

@@ -76,17 +76,43 @@ fn reads_the_documented_masstransit_envelope() {
         .deserialize(&transport_message(DOCUMENTED, MASSTRANSIT_JSON))
         .expect("the documented envelope reads");
     let e = &read.envelope;
-    assert_eq!(e.message_id.map(|u| u.to_string()).as_deref(), Some("181c0000-6393-3630-36a4-08daf4e7c6da"));
-    assert_eq!(e.request_id.map(|u| u.to_string()).as_deref(), Some("ef375b18-69ee-4a9e-b5ec-44ee1177a27e"));
-    assert_eq!(e.correlation_id, None);
-    assert_eq!(e.source_address.as_deref(), Some("rabbitmq://localhost/source"));
-    assert_eq!(e.destination_address.as_deref(), Some("rabbitmq://localhost/destination"));
-    assert_eq!(e.response_address.as_deref(), Some("rabbitmq://localhost/response"));
-    assert_eq!(e.fault_address.as_deref(), Some("rabbitmq://localhost/fault"));
-    assert_eq!(e.message_type, vec![Urn::new("urn:message:Company.Project:SubmitOrder")]);
-    assert_eq!(e.headers.get_str("application-header").as_deref(), Some("SomeValue"));
     assert_eq!(
-        e.sent_time.map(|t| busway::envelope::format_time(&t)).as_deref(),
+        e.message_id.map(|u| u.to_string()).as_deref(),
+        Some("181c0000-6393-3630-36a4-08daf4e7c6da")
+    );
+    assert_eq!(
+        e.request_id.map(|u| u.to_string()).as_deref(),
+        Some("ef375b18-69ee-4a9e-b5ec-44ee1177a27e")
+    );
+    assert_eq!(e.correlation_id, None);
+    assert_eq!(
+        e.source_address.as_deref(),
+        Some("rabbitmq://localhost/source")
+    );
+    assert_eq!(
+        e.destination_address.as_deref(),
+        Some("rabbitmq://localhost/destination")
+    );
+    assert_eq!(
+        e.response_address.as_deref(),
+        Some("rabbitmq://localhost/response")
+    );
+    assert_eq!(
+        e.fault_address.as_deref(),
+        Some("rabbitmq://localhost/fault")
+    );
+    assert_eq!(
+        e.message_type,
+        vec![Urn::new("urn:message:Company.Project:SubmitOrder")]
+    );
+    assert_eq!(
+        e.headers.get_str("application-header").as_deref(),
+        Some("SomeValue")
+    );
+    assert_eq!(
+        e.sent_time
+            .map(|t| busway::envelope::format_time(&t))
+            .as_deref(),
         Some("2023-01-12T21:55:53.715882Z")
     );
     let host = e.host.as_ref().expect("host");
@@ -95,7 +121,10 @@ fn reads_the_documented_masstransit_envelope() {
     assert_eq!(host.mass_transit_version.as_deref(), Some("8.0.10.0"));
 
     let message: SubmitOrder = decode_message(&read.message).expect("the message reads");
-    assert_eq!(message.order_id.to_string(), "181c0000-6393-3630-36a4-08daf4e7c6da");
+    assert_eq!(
+        message.order_id.to_string(),
+        "181c0000-6393-3630-36a4-08daf4e7c6da"
+    );
 }
 
 #[test]
@@ -107,24 +136,54 @@ fn writes_every_field_in_masstransit_order_and_reads_it_back() {
         .serialize(&read.envelope, &read.message)
         .expect("writes");
     assert_eq!(written.content_type.as_deref(), Some(MASSTRANSIT_JSON));
-    assert_eq!(written.message_id.as_deref(), Some("181c0000-6393-3630-36a4-08daf4e7c6da"));
-    assert_eq!(written.headers.get_str("Application-Header").as_deref(), Some("SomeValue"), "headers are copied to the transport");
+    assert_eq!(
+        written.message_id.as_deref(),
+        Some("181c0000-6393-3630-36a4-08daf4e7c6da")
+    );
+    assert_eq!(
+        written.headers.get_str("Application-Header").as_deref(),
+        Some("SomeValue"),
+        "headers are copied to the transport"
+    );
 
     let ours: Value = serde_json::from_slice(&written.body).expect("json");
     let theirs: Value = serde_json::from_str(DOCUMENTED).expect("json");
-    assert_eq!(ours, theirs, "the same JSON as MassTransit's example, field for field");
+    assert_eq!(
+        ours, theirs,
+        "the same JSON as MassTransit's example, field for field"
+    );
 
     // Field order and explicit nulls, as MassTransit writes them.
     let text = std::str::from_utf8(&written.body).expect("utf-8");
-    let keys: Vec<&str> = ["messageId", "requestId", "correlationId", "conversationId", "initiatorId",
-        "sourceAddress", "destinationAddress", "responseAddress", "faultAddress", "messageType",
-        "message", "expirationTime", "sentTime", "headers", "host"]
-        .to_vec();
+    let keys: Vec<&str> = [
+        "messageId",
+        "requestId",
+        "correlationId",
+        "conversationId",
+        "initiatorId",
+        "sourceAddress",
+        "destinationAddress",
+        "responseAddress",
+        "faultAddress",
+        "messageType",
+        "message",
+        "expirationTime",
+        "sentTime",
+        "headers",
+        "host",
+    ]
+    .to_vec();
     let positions: Vec<usize> = keys
         .iter()
-        .map(|k| text.find(&format!("\"{k}\":")).unwrap_or_else(|| panic!("{k} missing")))
+        .map(|k| {
+            text.find(&format!("\"{k}\":"))
+                .unwrap_or_else(|| panic!("{k} missing"))
+        })
         .collect();
-    assert!(positions.windows(2).all(|w| w[0] < w[1]), "fields in MassTransit's order: {text}");
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "fields in MassTransit's order: {text}"
+    );
     assert!(text.contains("\"correlationId\":null"), "nulls are written");
 }
 
@@ -141,11 +200,20 @@ fn reading_is_lenient_like_masstransit() {
         "Extra": {"ignored": true}
     }"#;
     let read = MassTransitJson
-        .deserialize(&transport_message(body, "application/vnd.masstransit+json; charset=utf-8"))
+        .deserialize(&transport_message(
+            body,
+            "application/vnd.masstransit+json; charset=utf-8",
+        ))
         .expect("lenient read");
-    assert_eq!(read.envelope.message_id.map(|u| u.to_string()).as_deref(), Some("181c0000-6393-3630-6a44-08daf4e7c6da"));
+    assert_eq!(
+        read.envelope.message_id.map(|u| u.to_string()).as_deref(),
+        Some("181c0000-6393-3630-6a44-08daf4e7c6da")
+    );
     assert!(read.envelope.conversation_id.is_some());
-    assert_eq!(read.envelope.message_type, vec![OrderPlaced::message_type().clone()]);
+    assert_eq!(
+        read.envelope.message_type,
+        vec![OrderPlaced::message_type().clone()]
+    );
     assert!(read.envelope.sent_time.is_some());
     let m: OrderPlaced = decode_message(&read.message).expect("PascalCase body reads");
     assert_eq!(m.total, Decimal::new(125, 1));
@@ -157,7 +225,11 @@ fn reading_is_lenient_like_masstransit() {
     .expect("raw");
     let m: OrderPlaced = decode_message(&raw).expect("decimal as string");
     assert_eq!(m.total.to_string(), "12.50");
-    assert_eq!(serde_json::to_value(&m).expect("json")["total"], "12.50", "decimals are written as strings");
+    assert_eq!(
+        serde_json::to_value(&m).expect("json")["total"],
+        "12.50",
+        "decimals are written as strings"
+    );
 }
 
 #[test]
@@ -165,8 +237,14 @@ fn bad_envelopes_say_why() {
     for (body, why) in [
         ("{not json", "not a valid MassTransit JSON envelope"),
         ("[1,2]", "not a valid MassTransit JSON envelope"),
-        (r#"{"messageId":"not-a-guid","message":{}}"#, "not a valid MassTransit JSON envelope"),
-        (r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6da"}"#, "no `message` field"),
+        (
+            r#"{"messageId":"not-a-guid","message":{}}"#,
+            "not a valid MassTransit JSON envelope",
+        ),
+        (
+            r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6da"}"#,
+            "no `message` field",
+        ),
     ] {
         let err = MassTransitJson
             .deserialize(&transport_message(body, MASSTRANSIT_JSON))
@@ -176,12 +254,27 @@ fn bad_envelopes_say_why() {
     }
     let serializers = Serializers::default();
     let mut m = transport_message("{}", "text/plain");
-    assert!(serializers.deserialize(&m).expect_err("unknown").to_string().contains("no deserializer for content type `text/plain`"));
+    assert!(
+        serializers
+            .deserialize(&m)
+            .expect_err("unknown")
+            .to_string()
+            .contains("no deserializer for content type `text/plain`")
+    );
     m.content_type = None;
-    assert!(serializers.deserialize(&m).expect_err("missing").to_string().contains("no content type"));
+    assert!(
+        serializers
+            .deserialize(&m)
+            .expect_err("missing")
+            .to_string()
+            .contains("no content type")
+    );
     let mut lenient = Serializers::default();
     lenient.set_missing_content_type(Some(RAW_JSON.to_string()));
-    assert!(lenient.deserialize(&m).is_ok(), "a default content type can be configured");
+    assert!(
+        lenient.deserialize(&m).is_ok(),
+        "a default content type can be configured"
+    );
 }
 
 #[test]
@@ -202,51 +295,110 @@ fn raw_json_carries_identity_in_headers() {
     envelope.headers.insert("Tenant", "acme");
     let body = RawValue::from_string(r#"{"n":1}"#.to_string()).expect("raw");
     let written = RawJson::new().serialize(&envelope, &body).expect("writes");
-    assert_eq!(&written.body[..], br#"{"n":1}"#, "the body is the message alone");
+    assert_eq!(
+        &written.body[..],
+        br#"{"n":1}"#,
+        "the body is the message alone"
+    );
     assert_eq!(written.content_type.as_deref(), Some(RAW_JSON));
     let h = &written.headers;
-    assert_eq!(h.get_str(names::MESSAGE_TYPE).as_deref(), Some("urn:message:A:B;urn:message:A:Base"));
-    assert_eq!(h.get_str(names::MESSAGE_ID).map(|s| s.into_owned()), envelope.message_id.map(|u| u.to_string()));
-    assert_eq!(h.get_str(names::INITIATOR_ID).map(|s| s.into_owned()), envelope.initiator_id.map(|u| u.to_string()));
-    assert_eq!(h.get_str(names::RESPONSE_ADDRESS).as_deref(), Some("loopback://localhost/resp"));
-    assert!(h.get_str(names::HOST_INFO).is_some_and(|s| s.contains("machineName")));
+    assert_eq!(
+        h.get_str(names::MESSAGE_TYPE).as_deref(),
+        Some("urn:message:A:B;urn:message:A:Base")
+    );
+    assert_eq!(
+        h.get_str(names::MESSAGE_ID).map(|s| s.into_owned()),
+        envelope.message_id.map(|u| u.to_string())
+    );
+    assert_eq!(
+        h.get_str(names::INITIATOR_ID).map(|s| s.into_owned()),
+        envelope.initiator_id.map(|u| u.to_string())
+    );
+    assert_eq!(
+        h.get_str(names::RESPONSE_ADDRESS).as_deref(),
+        Some("loopback://localhost/resp")
+    );
+    assert!(
+        h.get_str(names::HOST_INFO)
+            .is_some_and(|s| s.contains("machineName"))
+    );
 
     let read = RawJson::new().deserialize(&written).expect("reads back");
     let mut expected = envelope.clone();
     expected.headers = written.headers.clone();
-    assert_eq!(read.envelope, expected, "every field survives the round trip");
+    assert_eq!(
+        read.envelope, expected,
+        "every field survives the round trip"
+    );
     assert_eq!(read.message.get(), r#"{"n":1}"#);
     assert!(!read.any_message_type);
 
     let bare = transport_message(r#"{"n":2}"#, RAW_JSON);
-    assert!(!RawJson::new().deserialize(&bare).expect("reads").any_message_type);
-    assert!(RawJson::new().accept_any_message_type().deserialize(&bare).expect("reads").any_message_type);
-    let err = RawJson::new().deserialize(&transport_message("nope", RAW_JSON)).expect_err("not json");
+    assert!(
+        !RawJson::new()
+            .deserialize(&bare)
+            .expect("reads")
+            .any_message_type
+    );
+    assert!(
+        RawJson::new()
+            .accept_any_message_type()
+            .deserialize(&bare)
+            .expect("reads")
+            .any_message_type
+    );
+    let err = RawJson::new()
+        .deserialize(&transport_message("nope", RAW_JSON))
+        .expect_err("not json");
     assert!(err.to_string().contains("not valid JSON"));
 }
 
 #[test]
 fn derive_sets_urns_keys_and_correlation() {
-    assert_eq!(OrderPlaced::message_type().as_str(), "urn:message:Contracts:OrderPlaced", "prefix added");
-    assert_eq!(SubmitOrder::message_type().as_str(), "urn:message:Company.Project:SubmitOrder");
+    assert_eq!(
+        OrderPlaced::message_type().as_str(),
+        "urn:message:Contracts:OrderPlaced",
+        "prefix added"
+    );
+    assert_eq!(
+        SubmitOrder::message_type().as_str(),
+        "urn:message:Company.Project:SubmitOrder"
+    );
 
     #[derive(Serialize, Deserialize, Message)]
     struct Defaulted {
         n: u8,
     }
-    assert_eq!(Defaulted::message_type().as_str(), "urn:message:envelope:Defaulted", "module path and type name");
+    assert_eq!(
+        Defaulted::message_type().as_str(),
+        "urn:message:envelope:Defaulted",
+        "module path and type name"
+    );
 
     #[derive(Serialize, Deserialize, Message)]
     struct Generic<T> {
         value: T,
     }
     // Every instantiation of a generic contract shares the contract's URN.
-    assert_eq!(Generic::<u8>::message_type().as_str(), "urn:message:envelope:Generic");
-    assert_eq!(Generic::<String>::message_type(), Generic::<u8>::message_type());
-    assert!(std::ptr::eq(Generic::<u8>::message_type(), Generic::<u8>::message_type()), "computed once");
+    assert_eq!(
+        Generic::<u8>::message_type().as_str(),
+        "urn:message:envelope:Generic"
+    );
+    assert_eq!(
+        Generic::<String>::message_type(),
+        Generic::<u8>::message_type()
+    );
+    assert!(
+        std::ptr::eq(Generic::<u8>::message_type(), Generic::<u8>::message_type()),
+        "computed once"
+    );
     let _ = Generic { value: 1u8 }.value;
 
-    let order = OrderPlaced { order_id: Uuid::now_v7(), customer_id: Uuid::now_v7(), total: Decimal::ONE };
+    let order = OrderPlaced {
+        order_id: Uuid::now_v7(),
+        customer_id: Uuid::now_v7(),
+        total: Decimal::ONE,
+    };
     assert_eq!(order.correlation_id(), Some(order.order_id));
     assert_eq!(order.message_key(), Some(order.customer_id.to_string()));
     assert_eq!(Defaulted { n: 1 }.message_key(), None);
@@ -280,10 +432,25 @@ fn fault_body_has_masstransit_fields() {
         message: serde_json::json!({"orderId": "x"}),
     };
     let v = serde_json::to_value(&fault).expect("json");
-    for key in ["faultId", "faultedMessageId", "timestamp", "exceptions", "host", "faultMessageTypes", "message"] {
+    for key in [
+        "faultId",
+        "faultedMessageId",
+        "timestamp",
+        "exceptions",
+        "host",
+        "faultMessageTypes",
+        "message",
+    ] {
         assert!(v.get(key).is_some(), "{key}");
     }
-    for key in ["exceptionType", "innerException", "stackTrace", "message", "source", "data"] {
+    for key in [
+        "exceptionType",
+        "innerException",
+        "stackTrace",
+        "message",
+        "source",
+        "data",
+    ] {
         assert!(v["exceptions"][0].get(key).is_some(), "exceptions[0].{key}");
     }
     let back: Fault<Value> = serde_json::from_value(v).expect("reads back");

@@ -22,7 +22,11 @@ fn run_and_signal(signal: &str) {
     let rest: Vec<String> = lines.map(|l| l.expect("utf-8")).collect();
     let exit = child.wait().expect("the probe exits");
     assert!(exit.success(), "exit status {exit:?}, output {rest:?}");
-    assert_eq!(rest, vec!["tick consumed", "stopped"], "the in-flight message finished before the bus stopped");
+    assert_eq!(
+        rest,
+        vec!["tick consumed", "stopped"],
+        "the in-flight message finished before the bus stopped"
+    );
     assert!(begun.elapsed() < Duration::from_secs(10));
 }
 

@@ -143,9 +143,9 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         let where_clause = generics.make_where_clause();
         for param in input.generics.type_params() {
             let ident = &param.ident;
-            where_clause
-                .predicates
-                .push(syn::parse_quote!(#ident: ::core::marker::Send + ::core::marker::Sync + 'static));
+            where_clause.predicates.push(
+                syn::parse_quote!(#ident: ::core::marker::Send + ::core::marker::Sync + 'static),
+            );
         }
         where_clause.predicates.push(syn::parse_quote!(
             Self: #krate::__private::Serialize + #krate::__private::DeserializeOwned

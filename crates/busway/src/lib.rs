@@ -56,3 +56,8 @@ pub mod prelude {
 
 #[doc(hidden)]
 pub use busway_core::__private;
+
+/// The README's code, compiled as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

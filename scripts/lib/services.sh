@@ -1,0 +1,56 @@
+# Functions that check the services the tests need and start them when they are down.
+# Sourced by scripts/test and scripts/services.
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+port_open() { # host port
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && exec 3>&- 3<&-
+}
+
+wait_port() { # host port seconds name
+  local i
+  for ((i = 0; i < $3 * 4; i++)); do
+    port_open "$1" "$2" && return 0
+    sleep 0.25
+  done
+  log "$4 did not open $1:$2 within $3 s"
+  return 1
+}
+
+ensure_rabbitmq() {
+  if port_open 127.0.0.1 5672; then
+    log "RabbitMQ is up on 127.0.0.1:5672"
+    return 0
+  fi
+  if ! command -v rabbitmq-server >/dev/null 2>&1; then
+    log "RabbitMQ is not running on 127.0.0.1:5672 and rabbitmq-server is not installed."
+    log "Install it (Debian: apt-get install rabbitmq-server) or run: docker compose up -d rabbitmq"
+    return 1
+  fi
+  log "starting RabbitMQ (rabbitmq-server -detached)"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_port 127.0.0.1 5672 90 RabbitMQ
+}
+
+ensure_postgres() {
+  if port_open 127.0.0.1 5432; then
+    log "PostgreSQL is up on 127.0.0.1:5432"
+  else
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+      log "PostgreSQL is not running on 127.0.0.1:5432 and pg_ctlcluster is not installed."
+      log "Install it (Debian: apt-get install postgresql) or run: docker compose up -d postgres"
+      return 1
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    log "starting PostgreSQL $version (pg_ctlcluster $version main start)"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    wait_port 127.0.0.1 5432 60 PostgreSQL || return 1
+  fi
+  if command -v psql >/dev/null 2>&1; then
+    if ! psql -h 127.0.0.1 -U postgres -d postgres -tAc "select 1 from pg_database where datname='test'" 2>/dev/null | grep -q 1; then
+      log "creating database test"
+      psql -h 127.0.0.1 -U postgres -d postgres -c "create database test" >/dev/null 2>&1 || true
+    fi
+  fi
+}
