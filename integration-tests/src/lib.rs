@@ -12,6 +12,7 @@
 //! ```
 
 pub mod conformance;
+pub mod rabbit;
 pub mod support;
 
 use async_trait::async_trait;

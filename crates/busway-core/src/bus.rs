@@ -593,26 +593,30 @@ impl BusBuilder {
         }
 
         let capabilities = transport.capabilities();
+        let mut defaults = self.defaults.clone();
+        if defaults.prefetch.is_none() && defaults.concurrency.is_none() {
+            defaults.prefetch = transport.default_prefetch();
+        }
         let mut plans = Vec::with_capacity(order.len());
         for name in order {
             let Some(config) = by_name.remove(&name) else {
                 continue;
             };
-            if config.has_redelivery(&self.defaults) && !capabilities.delayed_delivery {
+            if config.has_redelivery(&defaults) && !capabilities.delayed_delivery {
                 return Err(Error::config(format!(
                     "endpoint `{name}` uses delayed redelivery, but the {} transport has no delayed delivery",
                     transport.system()
                 )));
             }
             let address = transport.endpoint_address(&name);
-            plans.push(config.into_plan(address, &self.defaults, &self.consume_layers));
+            plans.push(config.into_plan(address, &defaults, &self.consume_layers));
         }
         let topology = Topology {
             endpoints: plans.iter().map(|p| p.topology.clone()).collect(),
         };
 
         let response_name = self.formatter.temporary("bus");
-        let address = transport.endpoint_address(&response_name);
+        let address = transport.temporary_endpoint_address(&response_name);
         let response_topology = EndpointTopology {
             name: response_name,
             address: address.clone(),

@@ -113,6 +113,19 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// (`loopback://localhost/orders`, `rabbitmq://host/vhost/orders`).
     fn endpoint_address(&self, name: &str) -> String;
 
+    /// The address of a temporary endpoint (the bus's response endpoint). Transports that
+    /// must declare temporary entities differently say so in the address (RabbitMQ adds
+    /// `?temporary=true`, as MassTransit does).
+    fn temporary_endpoint_address(&self, name: &str) -> String {
+        self.endpoint_address(name)
+    }
+
+    /// The prefetch for endpoints that set none, when the transport has its own default
+    /// (a `?prefetch=` in a RabbitMQ URL). `None` keeps busway's default.
+    fn default_prefetch(&self) -> Option<u16> {
+        None
+    }
+
     /// What the transport supports beyond publish, send and receive.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()

@@ -26,6 +26,12 @@ pub use busway_core::{
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use busway_macros::Message;
 
+/// The RabbitMQ transport: `busway::rabbitmq::RabbitMq`.
+#[cfg(feature = "rabbitmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
+#[doc(inline)]
+pub use busway_rabbitmq as rabbitmq;
+
 /// Cancellation of consumers and requests (`tokio_util`'s token).
 pub use busway_core::CancellationToken;
 

@@ -1,0 +1,490 @@
+//! The connection and its recovery.
+//!
+//! A supervisor task owns the connection: it connects (retrying with exponential back-off),
+//! declares the deployed topology, publishes the connected [`Link`] to everyone waiting, and
+//! when the connection is lost it starts over. Publishers wait for a link up to the publish
+//! timeout; receivers wait until the bus stops. Each link carries a generation number so
+//! stale channels are never reused.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use busway_core::{Error, ErrorKind, Result, Topology};
+use futures_util::StreamExt;
+use lapin::options::ConfirmSelectOptions;
+use lapin::types::LongString;
+use lapin::{Channel, Connection, ConnectionProperties, Event};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::RabbitMqConfig;
+
+/// What the connection is doing.
+#[derive(Clone)]
+pub(crate) enum State {
+    /// Not connected yet, or reconnecting; the last error if any.
+    Connecting(Option<String>),
+    /// Connected.
+    Connected(Arc<Link>),
+    /// Closed by the application.
+    Closed,
+}
+
+/// One established connection with its shared channels.
+pub(crate) struct Link {
+    pub(crate) connection: Connection,
+    publisher: RwLock<Channel>,
+    topology: tokio::sync::Mutex<Channel>,
+    pub(crate) generation: u64,
+    broken: Token,
+    confirms: bool,
+}
+
+pub(crate) use tokio_util::sync::CancellationToken as Token;
+
+fn lapin_error(what: &str, err: lapin::Error) -> Error {
+    Error::transport(what.to_string(), err)
+}
+
+impl Link {
+    /// True while the connection is up and not marked broken.
+    pub(crate) fn healthy(&self) -> bool {
+        !self.broken.is_cancelled() && self.connection.status().connected()
+    }
+
+    /// Marks the link broken so the supervisor reconnects now.
+    pub(crate) fn mark_broken(&self) {
+        self.broken.cancel();
+    }
+
+    async fn open_channel(&self, confirms: bool) -> Result<Channel> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| lapin_error("could not open a channel", e))?;
+        if confirms {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| lapin_error("could not enable publisher confirms", e))?;
+        }
+        Ok(channel)
+    }
+
+    /// The publishing channel (confirm mode), reopened if the broker closed it.
+    pub(crate) async fn publisher(&self) -> Result<Channel> {
+        let current = self
+            .publisher
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let fresh = self.open_channel(self.confirms).await?;
+        let mut slot = self.publisher.write().unwrap_or_else(|e| e.into_inner());
+        if slot.status().connected() {
+            // Someone else reopened it first.
+            return Ok(slot.clone());
+        }
+        *slot = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// The declaration channel, reopened if the broker closed it (a failed declare closes it).
+    pub(crate) async fn topology_channel(&self) -> Result<tokio::sync::MutexGuard<'_, Channel>> {
+        let mut guard = self.topology.lock().await;
+        if !guard.status().connected() {
+            *guard = self.open_channel(false).await?;
+        }
+        Ok(guard)
+    }
+
+    /// A new channel for a consumer.
+    pub(crate) async fn consumer_channel(&self) -> Result<Channel> {
+        self.open_channel(false).await
+    }
+}
+
+/// Owns the connection and brings it back when it is lost.
+pub(crate) struct Connector {
+    pub(crate) config: RabbitMqConfig,
+    state: watch::Sender<State>,
+    topology: Mutex<Topology>,
+    declared: Mutex<(u64, HashSet<String>)>,
+    closing: Token,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    generation: AtomicU64,
+    declare_topology: DeclareFn,
+}
+
+/// Declares a topology on a link (set by the transport, which knows the topology rules).
+pub(crate) type DeclareFn = Arc<
+    dyn Fn(
+            Arc<Connector>,
+            Arc<Link>,
+            Topology,
+        ) -> futures_util::future::BoxFuture<'static, Result<()>>
+        + Send
+        + Sync,
+>;
+
+impl Connector {
+    pub(crate) fn new(config: RabbitMqConfig, declare_topology: DeclareFn) -> Arc<Self> {
+        let (state, _) = watch::channel(State::Connecting(None));
+        Arc::new(Self {
+            config,
+            state,
+            topology: Mutex::new(Topology::default()),
+            declared: Mutex::new((0, HashSet::new())),
+            closing: Token::default(),
+            supervisor: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            declare_topology,
+        })
+    }
+
+    /// Starts the supervisor once.
+    pub(crate) fn ensure_started(self: &Arc<Self>) {
+        let mut slot = self.supervisor.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() && !self.closing.is_cancelled() {
+            let this = self.clone();
+            *slot = Some(tokio::spawn(async move { this.supervise().await }));
+        }
+    }
+
+    /// Remembers the topology so it is declared again after every reconnect.
+    pub(crate) fn set_topology(&self, topology: &Topology) {
+        let mut t = self.topology.lock().unwrap_or_else(|e| e.into_inner());
+        for e in &topology.endpoints {
+            if !t.endpoints.iter().any(|x| x.name == e.name) {
+                t.endpoints.push(e.clone());
+            }
+        }
+    }
+
+    fn topology(&self) -> Topology {
+        self.topology
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// True if `key` was declared on this link generation.
+    pub(crate) fn is_declared(&self, generation: u64, key: &str) -> bool {
+        let d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        d.0 == generation && d.1.contains(key)
+    }
+
+    /// Records that `key` was declared on this link generation.
+    pub(crate) fn mark_declared(&self, generation: u64, key: String) {
+        let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        if d.0 != generation {
+            *d = (generation, HashSet::new());
+        }
+        d.1.insert(key);
+    }
+
+    /// Forgets declarations (after a channel error that may mean an entity was deleted).
+    pub(crate) fn forget_declarations(&self) {
+        let mut d = self.declared.lock().unwrap_or_else(|e| e.into_inner());
+        d.1.clear();
+    }
+
+    async fn connect(&self) -> Result<Arc<Link>> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.config.connection_name.as_str()));
+        let connect = Connection::connect_uri(self.config.uri.clone(), props);
+        let connection = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(Error::transport(
+                    format!("could not connect to RabbitMQ at {}", self.config.url()),
+                    e,
+                ));
+            }
+            Err(_) => {
+                return Err(Error::timeout(format!(
+                    "connecting to RabbitMQ at {} took longer than {:?}",
+                    self.config.url(),
+                    self.config.connect_timeout
+                )));
+            }
+        };
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let confirms = self.config.publisher_confirms;
+        let open = |confirms: bool| {
+            let connection = &connection;
+            async move {
+                let channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| lapin_error("could not open a channel", e))?;
+                if confirms {
+                    channel
+                        .confirm_select(ConfirmSelectOptions::default())
+                        .await
+                        .map_err(|e| lapin_error("could not enable publisher confirms", e))?;
+                }
+                Ok::<Channel, Error>(channel)
+            }
+        };
+        let publisher = open(confirms).await?;
+        let topology = open(false).await?;
+        Ok(Arc::new(Link {
+            connection,
+            publisher: RwLock::new(publisher),
+            topology: tokio::sync::Mutex::new(topology),
+            generation,
+            broken: Token::default(),
+            confirms,
+        }))
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut delay = self.config.reconnect_min;
+        let mut last_error: Option<String> = None;
+        let mut attempts = 0u32;
+        loop {
+            if self.closing.is_cancelled() {
+                break;
+            }
+            self.state
+                .send_replace(State::Connecting(last_error.clone()));
+            let link = match self.connect().await {
+                Ok(link) => link,
+                Err(err) => {
+                    attempts += 1;
+                    if attempts == 1 || attempts % 10 == 0 {
+                        tracing::warn!(url = %self.config.url(), attempt = attempts, error = %err, "RabbitMQ connection failed; retrying");
+                    }
+                    last_error = Some(error_text(&err));
+                    let jitter = delay.mul_f64(fastrand::f64() * 0.2);
+                    tokio::select! {
+                        _ = self.closing.cancelled() => break,
+                        _ = tokio::time::sleep(delay + jitter) => {}
+                    }
+                    delay = (delay * 2).min(self.config.reconnect_max);
+                    continue;
+                }
+            };
+            if let Err(err) =
+                (self.declare_topology)(self.clone(), link.clone(), self.topology()).await
+            {
+                tracing::warn!(url = %self.config.url(), error = %err, "declaring the topology failed; reconnecting");
+                last_error = Some(error_text(&err));
+                let _ = link
+                    .connection
+                    .close(320, "busway: topology failed".into())
+                    .await;
+                tokio::select! {
+                    _ = self.closing.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(self.config.reconnect_max);
+                continue;
+            }
+            if attempts > 0 || link.generation > 1 {
+                tracing::info!(url = %self.config.url(), generation = link.generation, "reconnected to RabbitMQ");
+            } else {
+                tracing::debug!(url = %self.config.url(), "connected to RabbitMQ");
+            }
+            attempts = 0;
+            delay = self.config.reconnect_min;
+            self.state.send_replace(State::Connected(link.clone()));
+
+            let mut events = link.connection.events_listener();
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let closing = loop {
+                tokio::select! {
+                    _ = self.closing.cancelled() => break true,
+                    _ = link.broken.cancelled() => break false,
+                    _ = tick.tick() => {
+                        if !link.connection.status().connected() {
+                            break false;
+                        }
+                    }
+                    event = events.next() => match event {
+                        Some(Event::Error(err)) => {
+                            if !link.connection.status().connected() {
+                                last_error = Some(err.to_string());
+                                break false;
+                            }
+                        }
+                        Some(_) => {}
+                        None => break false,
+                    },
+                }
+            };
+            link.broken.cancel();
+            if closing {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    link.connection.close(200, "busway: closing".into()),
+                )
+                .await;
+                break;
+            }
+            tracing::warn!(url = %self.config.url(), error = ?last_error, "lost the connection to RabbitMQ; reconnecting");
+            self.state
+                .send_replace(State::Connecting(last_error.clone()));
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                link.connection.close(320, "busway: reconnecting".into()),
+            )
+            .await;
+        }
+        self.state.send_replace(State::Closed);
+    }
+
+    /// The current link, waiting until `deadline` while (re)connecting.
+    pub(crate) async fn link_until(self: &Arc<Self>, deadline: Instant) -> Result<Arc<Link>> {
+        self.ensure_started();
+        let mut rx = self.state.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let last = match state {
+                State::Connected(link) if link.healthy() => return Ok(link),
+                State::Connected(_) => None,
+                State::Closed => {
+                    return Err(Error::closed(format!(
+                        "the RabbitMQ transport for {} is closed",
+                        self.config.url()
+                    )));
+                }
+                State::Connecting(last) => last,
+            };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Error::closed("the RabbitMQ transport is closed")),
+                Err(_) => {
+                    // The state may still say Connected with a link that just broke.
+                    if let State::Connected(link) = &*rx.borrow() {
+                        if link.healthy() {
+                            return Ok(link.clone());
+                        }
+                    }
+                    return Err(Error::new(
+                        ErrorKind::Transport,
+                        format!(
+                            "RabbitMQ at {} is unavailable{}",
+                            self.config.url(),
+                            last.map(|l| format!(" (last error: {l})"))
+                                .unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The current link, waiting as long as it takes (until the transport closes or
+    /// `stop` fires, which return `None`).
+    pub(crate) async fn link_wait(self: &Arc<Self>, stop: &Token) -> Option<Arc<Link>> {
+        self.ensure_started();
+        let mut rx = self.state.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                State::Connected(link) if link.healthy() => return Some(link),
+                State::Closed => return None,
+                _ => {}
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return None },
+                _ = stop.cancelled() => return None,
+                // A link that broke without a state change yet: look again shortly.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Runs `op` on a healthy link, retrying across reconnects and reopened channels until
+    /// the publish timeout. `op` returns `Ok`, a fatal error, or a retryable one.
+    pub(crate) async fn with_link<T, F, Fut>(self: &Arc<Self>, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut(Arc<Link>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Attempt>>,
+    {
+        let deadline = Instant::now() + self.config.publish_timeout;
+        let mut channel_failures = 0u32;
+        loop {
+            let link = self.link_until(deadline).await.map_err(|e| {
+                Error::with_source(ErrorKind::Transport, format!("{what} failed"), e)
+            })?;
+            match op(link.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Fatal(err)) => return Err(err),
+                Err(Attempt::Retry(err)) => {
+                    if !link.connection.status().connected() {
+                        link.mark_broken();
+                    } else {
+                        channel_failures += 1;
+                        self.forget_declarations();
+                        if channel_failures >= 3 {
+                            return Err(err);
+                        }
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(err);
+                    }
+                    tracing::debug!(error = %err, "{what} failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// True once `close` was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closing.is_cancelled()
+    }
+
+    /// Closes the connection and stops reconnecting.
+    pub(crate) async fn close(&self) {
+        self.closing.cancel();
+        let handle = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        } else {
+            self.state.send_replace(State::Closed);
+        }
+    }
+}
+
+/// The outcome of one try of an operation in [`Connector::with_link`].
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// Connection or channel trouble: try again on a fresh channel or link.
+    Retry(Error),
+    /// The broker refused (returned, nacked): report to the caller.
+    Fatal(Error),
+}
+
+impl Attempt {
+    /// Classifies a lapin error: every lapin error is retried (a closed channel is reopened,
+    /// a lost connection is re-established); the retry budget decides when to give up.
+    pub(crate) fn from_lapin(what: &str, err: lapin::Error) -> Self {
+        Attempt::Retry(lapin_error(what, err))
+    }
+}
+
+fn error_text(err: &Error) -> String {
+    let mut text = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}

@@ -1,0 +1,832 @@
+//! The [`Transport`] implementation: publish, send, receive and settle on RabbitMQ.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use busway_core::topology::EndpointTopology;
+use busway_core::transport::{
+    Capabilities, Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, Transport,
+};
+use busway_core::{
+    Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
+    TransportMessage, Urn,
+};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Acker, BasicProperties, Channel, Confirmation};
+use tokio::time::Instant;
+
+use crate::config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
+use crate::connector::{Attempt, Connector, Link, Token};
+use crate::declare::{self, EndpointSpec, RabbitMqEndpointOptions, entity};
+use crate::headers;
+
+/// The RabbitMQ transport. Clone it to share one connection between buses.
+///
+/// ```no_run
+/// # async fn f() -> busway_core::Result<()> {
+/// use busway_rabbitmq::RabbitMq;
+/// let transport = RabbitMq::from_url("amqp://guest:guest@127.0.0.1:5672/%2f")?;
+/// let bus = busway_core::Bus::builder().transport(transport).build().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RabbitMq {
+    connector: Arc<Connector>,
+    prefix: Arc<str>,
+}
+
+impl fmt::Debug for RabbitMq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMq")
+            .field("url", &self.connector.config.url())
+            .finish()
+    }
+}
+
+/// Builds a [`RabbitMq`] transport with options beyond the URL.
+#[derive(Debug, Clone)]
+pub struct RabbitMqBuilder {
+    config: std::result::Result<RabbitMqConfig, String>,
+}
+
+impl RabbitMqBuilder {
+    fn update(mut self, f: impl FnOnce(&mut RabbitMqConfig)) -> Self {
+        if let Ok(c) = &mut self.config {
+            f(c);
+        }
+        self
+    }
+
+    /// The connection name shown in the management UI (default: the process name).
+    pub fn connection_name(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.update(|c| c.connection_name = name)
+    }
+
+    /// The heartbeat interval in seconds (default 10; the URL's `?heartbeat=` also works).
+    pub fn heartbeat(self, seconds: u16) -> Self {
+        self.update(|c| c.uri.query.heartbeat = Some(seconds))
+    }
+
+    /// The prefetch of endpoints that set none (the URL's `?prefetch=` also works).
+    pub fn prefetch(self, prefetch: u16) -> Self {
+        self.update(|c| c.prefetch = Some(prefetch.max(1)))
+    }
+
+    /// Whether `publish`/`send` wait for the broker's confirm (default true). Without
+    /// confirms a message can be lost when the connection drops right after sending.
+    pub fn publisher_confirms(self, on: bool) -> Self {
+        self.update(|c| c.publisher_confirms = on)
+    }
+
+    /// How long the first connection may take before `build` fails (default 10 s).
+    pub fn connect_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.connect_timeout = timeout)
+    }
+
+    /// How long a publish or send waits for the broker (including a reconnect) before it
+    /// fails (default 30 s).
+    pub fn publish_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.publish_timeout = timeout)
+    }
+
+    /// Reconnect back-off: from `min`, doubling, at most `max` (default 100 ms to 5 s).
+    pub fn reconnect_backoff(self, min: Duration, max: Duration) -> Self {
+        self.update(|c| {
+            c.reconnect_min = min;
+            c.reconnect_max = max.max(min);
+        })
+    }
+
+    /// The transport.
+    pub fn build(self) -> Result<RabbitMq> {
+        let config = self.config.map_err(Error::config)?;
+        Ok(RabbitMq::with_config(config))
+    }
+}
+
+impl RabbitMq {
+    /// A transport for `url` (`amqp://user:pass@host:port/vhost`, `amqps://` for TLS;
+    /// `?heartbeat=` and `?prefetch=` are read). Connects when the bus is built.
+    pub fn from_url(url: &str) -> Result<Self> {
+        Self::builder(url).build()
+    }
+
+    /// A transport for the URL in `BUSWAY_RABBITMQ_URL`, or the local broker with the guest
+    /// user when it is not set.
+    pub fn from_env() -> Result<Self> {
+        Self::from_url(&Self::env_url())
+    }
+
+    /// The URL `from_env` uses.
+    pub fn env_url() -> String {
+        std::env::var(URL_ENV).unwrap_or_else(|_| DEFAULT_URL.to_string())
+    }
+
+    /// A builder for `url`.
+    pub fn builder(url: &str) -> RabbitMqBuilder {
+        RabbitMqBuilder {
+            config: RabbitMqConfig::parse(url).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn with_config(config: RabbitMqConfig) -> Self {
+        let prefix = config.address_prefix();
+        let declare: crate::connector::DeclareFn =
+            Arc::new(|c, l, t| Box::pin(declare::topology(c, l, t)));
+        Self {
+            connector: Connector::new(config, declare),
+            prefix: Arc::from(prefix),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RabbitMqConfig {
+        &self.connector.config
+    }
+
+    /// Messages waiting in `queue` (0 if it does not exist). A management helper for tests
+    /// and tools; it works after the bus shut down too.
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        let queue = queue.to_string();
+        self.with_admin_channel(move |channel| async move {
+            Ok(channel
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count())
+                .unwrap_or(0))
+        })
+        .await
+    }
+
+    /// Removes and returns up to `max` messages from `queue` (`basic.get`). A management
+    /// helper for tests and tools; an absent queue yields nothing.
+    pub async fn take(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
+        let queue = queue.to_string();
+        self.with_admin_channel(move |channel| async move {
+            let mut out = Vec::new();
+            while out.len() < max {
+                match channel
+                    .basic_get(
+                        ShortString::from(queue.as_str()),
+                        lapin::options::BasicGetOptions { no_ack: true },
+                    )
+                    .await
+                {
+                    Ok(Some(m)) => {
+                        let d = m.delivery;
+                        out.push(headers::from_delivery(d.data, &d.properties));
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes queues and the exchanges of the same names (missing ones are ignored). A
+    /// management helper for tests and tools.
+    pub async fn delete(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            let n = name.clone();
+            self.with_admin_channel(move |channel| async move {
+                let _ = channel
+                    .queue_delete(ShortString::from(n.as_str()), Default::default())
+                    .await;
+                Ok(())
+            })
+            .await?;
+            let n = name.clone();
+            self.with_admin_channel(move |channel| async move {
+                let _ = channel
+                    .exchange_delete(ShortString::from(n.as_str()), Default::default())
+                    .await;
+                Ok(())
+            })
+            .await?;
+        }
+        self.connector.forget_declarations();
+        Ok(())
+    }
+
+    /// Runs `f` on a fresh channel: on the transport's connection while it is open, else on
+    /// a short-lived connection of its own.
+    async fn with_admin_channel<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let config = &self.connector.config;
+        if !self.connector.is_closed() {
+            let link = self
+                .connector
+                .link_until(Instant::now() + config.connect_timeout)
+                .await?;
+            let channel = link.consumer_channel().await?;
+            let result = f(channel.clone()).await;
+            let _ = channel.close(200, ShortString::from("done")).await;
+            return result;
+        }
+        let connection = lapin::Connection::connect_uri(config.uri.clone(), Default::default())
+            .await
+            .map_err(|e| {
+                Error::transport(
+                    format!("could not connect to RabbitMQ at {}", config.url()),
+                    e,
+                )
+            })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| Error::transport("could not open a channel", e))?;
+        let result = f(channel).await;
+        let _ = connection.close(200, ShortString::from("done")).await;
+        result
+    }
+
+    fn route_for(&self, address: &Address) -> Result<Route> {
+        let name = address.name().to_string();
+        match address.kind() {
+            AddressKind::Queue => Ok(Route::Endpoint(EndpointSpec::plain(&name))),
+            AddressKind::Exchange => Ok(Route::Exchange(name)),
+            AddressKind::Topic => Err(Error::new(
+                ErrorKind::Address,
+                format!(
+                    "RabbitMQ has no topics; send to `exchange:{name}` or `queue:{name}` instead of `{address}`"
+                ),
+            )),
+            _ => {
+                let scheme = address.scheme().unwrap_or_default();
+                if !matches!(scheme, "rabbitmq" | "rabbitmqs" | "amqp" | "amqps") {
+                    return Err(Error::new(
+                        ErrorKind::Address,
+                        format!(
+                            "the RabbitMQ transport cannot send to `{address}` (scheme `{scheme}`)"
+                        ),
+                    ));
+                }
+                let flag = |key: &str| address.query(key).map(|v| v.eq_ignore_ascii_case("true"));
+                if flag("temporary") == Some(true) {
+                    return Ok(Route::Endpoint(EndpointSpec::temporary(&name)));
+                }
+                let mut spec = EndpointSpec::plain(&name);
+                if let Some(durable) = flag("durable") {
+                    spec.durable = durable;
+                }
+                if let Some(auto_delete) = flag("autodelete") {
+                    spec.auto_delete = auto_delete;
+                }
+                if flag("bind") == Some(false) {
+                    return Ok(Route::Exchange(name));
+                }
+                Ok(Route::Endpoint(spec))
+            }
+        }
+    }
+
+    async fn deliver(
+        &self,
+        route: Route,
+        message: &TransportMessage,
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        publish(
+            &self.connector,
+            route,
+            message,
+            delay.filter(|d| !d.is_zero()),
+        )
+        .await
+    }
+}
+
+/// Where a message is published and what must exist first.
+#[derive(Debug, Clone)]
+enum Route {
+    /// An endpoint's exchange (declared with its queue and binding).
+    Endpoint(EndpointSpec),
+    /// An exchange alone.
+    Exchange(String),
+    /// The message type exchanges of a publish.
+    MessageTypes(Vec<String>),
+}
+
+impl Route {
+    fn exchange(&self) -> &str {
+        match self {
+            Route::Endpoint(spec) => &spec.name,
+            Route::Exchange(name) => name,
+            Route::MessageTypes(types) => types.first().map(String::as_str).unwrap_or(""),
+        }
+    }
+
+    /// Sends must reach a queue; publishes may have no subscribers.
+    fn mandatory(&self) -> bool {
+        !matches!(self, Route::MessageTypes(_))
+    }
+
+    async fn ensure(&self, connector: &Arc<Connector>, link: &Link) -> Result<()> {
+        match self {
+            Route::Endpoint(spec) => declare::endpoint(connector, link, spec).await,
+            Route::Exchange(name) => {
+                declare::exchange(
+                    connector,
+                    link,
+                    name,
+                    lapin::ExchangeKind::Fanout,
+                    true,
+                    false,
+                )
+                .await
+            }
+            Route::MessageTypes(types) => declare::message_types(connector, link, types).await,
+        }
+    }
+}
+
+/// Publishes with confirms, declaring what the route needs first; retried across channel
+/// and connection failures until the publish timeout.
+async fn publish(
+    connector: &Arc<Connector>,
+    route: Route,
+    message: &TransportMessage,
+    delay: Option<Duration>,
+) -> Result<()> {
+    let mut props = headers::properties(message, true);
+    if delay.is_some() {
+        // A per-message expiration shorter than the delay would dead-letter the message
+        // out of the wait queue early.
+        props = strip_expiration(props);
+    }
+    let body = message.body.clone();
+    let route = Arc::new(route);
+    connector
+        .with_link("publishing to RabbitMQ", |link| {
+            let props = props.clone();
+            let body = body.clone();
+            let route = route.clone();
+            let connector = connector.clone();
+            async move {
+                route
+                    .ensure(&connector, &link)
+                    .await
+                    .map_err(Attempt::Retry)?;
+                let target = route.exchange().to_string();
+                let (exchange, routing_key) = match delay {
+                    Some(d) => {
+                        let wait = declare::delayed(&connector, &link, &target, d)
+                            .await
+                            .map_err(Attempt::Retry)?;
+                        (wait, target.clone())
+                    }
+                    None => (target.clone(), String::new()),
+                };
+                let mandatory = route.mandatory() || delay.is_some();
+                let channel = link.publisher().await.map_err(Attempt::Retry)?;
+                confirm_publish(
+                    &channel,
+                    &exchange,
+                    &routing_key,
+                    mandatory,
+                    &body,
+                    props,
+                    &target,
+                )
+                .await
+            }
+        })
+        .await
+}
+
+fn strip_expiration(props: BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    out
+}
+
+async fn confirm_publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    body: &[u8],
+    props: BasicProperties,
+    target: &str,
+) -> std::result::Result<(), Attempt> {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(exchange),
+            ShortString::from(routing_key),
+            BasicPublishOptions {
+                mandatory,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await
+        .map_err(|e| Attempt::from_lapin("basic.publish failed", e))?;
+    match confirm.await {
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+            Err(Attempt::Fatal(Error::new(
+                ErrorKind::Transport,
+                format!(
+                    "RabbitMQ returned the message sent to `{target}`: {} {} (no queue is bound to it)",
+                    returned.reply_code,
+                    returned.reply_text.as_str()
+                ),
+            )))
+        }
+        Ok(Confirmation::Nack(None)) => Err(Attempt::Fatal(Error::new(
+            ErrorKind::Transport,
+            format!("RabbitMQ refused (nacked) the message sent to `{target}`"),
+        ))),
+        Err(e) => Err(Attempt::from_lapin(
+            "waiting for the publisher confirm failed",
+            e,
+        )),
+    }
+}
+
+#[async_trait]
+impl Transport for RabbitMq {
+    fn system(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    fn endpoint_address(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn temporary_endpoint_address(&self, name: &str) -> String {
+        format!("{}{name}?temporary=true", self.prefix)
+    }
+
+    fn default_prefetch(&self) -> Option<u16> {
+        self.connector.config.prefetch
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_delayed_delivery(true)
+    }
+
+    fn publish_address(&self, message_type: &Urn) -> String {
+        self.endpoint_address(&entity(message_type))
+    }
+
+    async fn deploy(&self, topology: &Topology) -> Result<()> {
+        self.connector.set_topology(topology);
+        let deadline = Instant::now() + self.connector.config.connect_timeout;
+        let link = self.connector.link_until(deadline).await.map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                format!(
+                    "could not connect to RabbitMQ at {}; is it running? (start it with `rabbitmq-server -detached` or `docker compose up -d rabbitmq`)",
+                    self.connector.config.url()
+                ),
+                e,
+            )
+        })?;
+        declare::topology(self.connector.clone(), link, topology.clone()).await
+    }
+
+    async fn publish(
+        &self,
+        message_types: &[Urn],
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()> {
+        if message_types.is_empty() {
+            return Err(Error::config(
+                "cannot publish a message without a message type",
+            ));
+        }
+        let route = Route::MessageTypes(message_types.iter().map(entity).collect());
+        self.deliver(route, &message, options.delay).await
+    }
+
+    async fn send(
+        &self,
+        address: &Address,
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()> {
+        let route = self.route_for(address)?;
+        self.deliver(route, &message, options.delay).await
+    }
+
+    async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
+        self.connector.ensure_started();
+        Ok(Box::new(RabbitReceiver {
+            connector: self.connector.clone(),
+            spec: EndpointSpec::from_topology(endpoint),
+            prefetch: endpoint.prefetch.max(1),
+            tag: format!("busway-{}", uuid::Uuid::new_v4().simple()),
+            active: None,
+            retired: None,
+            stop: Token::new(),
+            stopped: false,
+            failures: 0,
+        }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.connector.close().await;
+        Ok(())
+    }
+}
+
+struct Active {
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+struct RabbitReceiver {
+    connector: Arc<Connector>,
+    spec: EndpointSpec,
+    prefetch: u16,
+    tag: String,
+    active: Option<Active>,
+    retired: Option<Active>,
+    stop: Token,
+    stopped: bool,
+    failures: u32,
+}
+
+impl RabbitReceiver {
+    async fn start(&self, link: &Link) -> Result<Active> {
+        declare::endpoint(&self.connector, link, &self.spec).await?;
+        let channel = link.consumer_channel().await?;
+        channel
+            .basic_qos(self.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| {
+                Error::transport(format!("basic.qos on `{}` failed", self.spec.name), e)
+            })?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(self.spec.name.as_str()),
+                ShortString::from(self.tag.as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| Error::transport(format!("consuming `{}` failed", self.spec.name), e))?;
+        Ok(Active { channel, consumer })
+    }
+}
+
+#[async_trait]
+impl Receiver for RabbitReceiver {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.stopped {
+                return None;
+            }
+            if self.active.is_none() {
+                let link = self.connector.link_wait(&self.stop).await?;
+                match self.start(&link).await {
+                    Ok(active) => {
+                        if self.failures > 0 {
+                            tracing::info!(endpoint = %self.spec.name, "consuming again");
+                        }
+                        self.failures = 0;
+                        self.active = Some(active);
+                    }
+                    Err(err) => {
+                        self.failures += 1;
+                        if self.failures == 1 || self.failures % 10 == 0 {
+                            tracing::warn!(endpoint = %self.spec.name, attempt = self.failures, error = %err, "could not start consuming; retrying");
+                        }
+                        let backoff = Duration::from_millis(100 * u64::from(self.failures.min(50)));
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return None,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(active) = self.active.as_mut() else {
+                continue;
+            };
+            match active.consumer.next().await {
+                Some(Ok(d)) => {
+                    let message = headers::from_delivery(d.data, &d.properties);
+                    return Some(Ok(Delivery {
+                        message,
+                        redelivered: d.redelivered,
+                        delivery_count: None,
+                        settlement: Box::new(RabbitSettlement {
+                            acker: Some(d.acker),
+                            connector: self.connector.clone(),
+                            spec: self.spec.clone(),
+                        }),
+                    }));
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(endpoint = %self.spec.name, error = %err, "the consumer failed; resuming");
+                    self.active = None;
+                }
+                None => {
+                    self.active = None;
+                    if !self.stopped {
+                        tracing::debug!(endpoint = %self.spec.name, "the consumer was cancelled; resuming");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stopped = true;
+        self.stop.cancel();
+        if let Some(mut active) = self.active.take() {
+            let _ = active
+                .channel
+                .basic_cancel(
+                    ShortString::from(self.tag.as_str()),
+                    BasicCancelOptions::default(),
+                )
+                .await;
+            // Deliveries already buffered in the client go back to the queue.
+            while let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_millis(200), active.consumer.next()).await
+            {
+                let _ = d
+                    .acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            }
+            // Keep the channel open: deliveries already handed out are still to be acked on
+            // it. It closes when the receiver is dropped, after the endpoint settled them.
+            self.retired = Some(active);
+        }
+        Ok(())
+    }
+}
+
+struct RabbitSettlement {
+    acker: Option<Acker>,
+    connector: Arc<Connector>,
+    spec: EndpointSpec,
+}
+
+impl RabbitSettlement {
+    async fn ack_now(&mut self) -> Result<()> {
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
+        };
+        match acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::new(
+                ErrorKind::Transport,
+                "the ack was not sent: its channel is gone; RabbitMQ will redeliver the message",
+            )),
+            Err(e) => Err(Error::transport(
+                "the ack failed; RabbitMQ will redeliver the message",
+                e,
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Settlement for RabbitSettlement {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.ack_now().await
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<()> {
+        let Some(acker) = self.acker.take() else {
+            return Ok(());
+        };
+        acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::transport("requeue failed; RabbitMQ will redeliver the message", e))
+    }
+
+    async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {
+        let spec = self.spec.companion(kind.suffix());
+        publish(&self.connector, Route::Endpoint(spec), &message, None).await?;
+        self.ack_now().await
+    }
+
+    async fn redeliver(
+        mut self: Box<Self>,
+        message: TransportMessage,
+        delay: Duration,
+    ) -> Result<()> {
+        let mut target = self.spec.clone();
+        target.message_types.clear();
+        publish(
+            &self.connector,
+            Route::Endpoint(target),
+            &message,
+            Some(delay.max(Duration::from_millis(1))),
+        )
+        .await?;
+        self.ack_now().await
+    }
+}
+
+impl Drop for RabbitSettlement {
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+/// RabbitMQ options on a receive endpoint.
+pub trait RabbitMqEndpointExt: Sized {
+    /// Declares the endpoint queue as a quorum queue (replicated, at-least-once
+    /// dead-lettering). Its error and skipped queues are quorum queues too.
+    fn quorum_queue(self) -> Self;
+    /// Lets only one consumer at a time receive from the queue.
+    fn single_active_consumer(self) -> Self;
+    /// Deletes the queue after it has been unused this long.
+    fn queue_expires(self, after: Duration) -> Self;
+    /// Adds a queue argument (`x-max-length`, ...).
+    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self;
+}
+
+fn with_options(
+    e: EndpointConfigurator,
+    f: impl FnOnce(&mut RabbitMqEndpointOptions),
+) -> EndpointConfigurator {
+    let mut options = e
+        .extensions()
+        .get::<RabbitMqEndpointOptions>()
+        .cloned()
+        .unwrap_or_default();
+    f(&mut options);
+    e.extension(options)
+}
+
+impl RabbitMqEndpointExt for EndpointConfigurator {
+    fn quorum_queue(self) -> Self {
+        with_options(self, |o| o.quorum = true)
+    }
+
+    fn single_active_consumer(self) -> Self {
+        with_options(self, |o| o.single_active_consumer = true)
+    }
+
+    fn queue_expires(self, after: Duration) -> Self {
+        with_options(self, |o| o.queue_expires = Some(after))
+    }
+
+    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        let (name, value) = (name.into(), value.into());
+        with_options(self, |o| o.arguments.push((name, value)))
+    }
+}
