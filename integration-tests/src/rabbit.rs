@@ -61,3 +61,56 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A virtual host of its own for one test, deleted when dropped.
+#[derive(Debug)]
+pub struct TestVhost {
+    name: String,
+}
+
+impl TestVhost {
+    /// Creates `busway-<tag>-<id>` and gives the guest user all permissions on it.
+    pub fn create(tag: &str) -> Self {
+        require_broker();
+        let name = crate::support::unique(&format!("busway-{tag}"));
+        rabbitmqctl(&["-q", "add_vhost", &name]);
+        rabbitmqctl(&[
+            "-q",
+            "set_permissions",
+            "-p",
+            &name,
+            "guest",
+            ".*",
+            ".*",
+            ".*",
+        ]);
+        Self { name }
+    }
+
+    /// The vhost name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The guest URL of this vhost on the local broker.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.name)
+    }
+
+    /// `rabbitmqctl list_<what> -p <vhost> <columns>` as JSON rows.
+    pub fn list(&self, what: &str, columns: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["-q", "--formatter", "json", what, "-p", &self.name];
+        args.extend_from_slice(columns);
+        let out = rabbitmqctl(&args);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("rabbitmqctl {what} printed no JSON ({e}): {out}"))
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.name])
+            .output();
+    }
+}

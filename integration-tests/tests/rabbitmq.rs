@@ -38,3 +38,627 @@ impl TransportFixture for RabbitFixture {
 }
 
 busway_integration_tests::conformance_suite!(RabbitFixture);
+
+// ---- RabbitMQ-specific tests -------------------------------------------------------------
+
+mod rabbit_specific {
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use busway::headers::names;
+    use busway::prelude::*;
+    use busway::rabbitmq::RabbitMqEndpointExt;
+    use busway::{Address, Transport, TransportMessage};
+    use busway_integration_tests::rabbit::{TestVhost, transport_for};
+    use busway_integration_tests::support::{Counter, header, init_tracing, unique, wait_until};
+    use futures_util::StreamExt;
+    use lapin::options::*;
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+    use serde_json::Value;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:SubmitOrder")]
+    struct SubmitOrder {
+        order_id: Uuid,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:ChargeCard")]
+    struct ChargeCard {
+        amount: Decimal,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:RefundCard")]
+    struct RefundCard {
+        amount: Decimal,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:OrderPlaced")]
+    struct OrderPlaced {
+        order_id: Uuid,
+        customer_id: Uuid,
+        total: Decimal,
+        occurred_at: DateTime<Utc>,
+    }
+
+    struct SubmitOrderConsumer;
+
+    #[async_trait]
+    impl Consumer<SubmitOrder> for SubmitOrderConsumer {
+        async fn consume(&self, _: &ConsumeContext<SubmitOrder>) -> Result<(), ConsumeError> {
+            Err(ConsumeError::msg("rejected"))
+        }
+    }
+
+    fn row_set(rows: &[Value], keys: &[&str]) -> BTreeSet<String> {
+        rows.iter()
+            .map(|r| {
+                keys.iter()
+                    .map(|k| r[*k].to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// After start, the broker holds exactly what MassTransit declares for the same consumers;
+    /// error and skipped queues appear on first use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topology_matches_masstransit() {
+        init_tracing();
+        let vhost = TestVhost::create("topology");
+        let transport = transport_for(&vhost.url());
+        let bus = Bus::builder()
+            .transport(transport.clone())
+            .consumer(SubmitOrderConsumer)
+            .receive_endpoint("billing", |e| {
+                e.handler(|_: ConsumeContext<ChargeCard>| async { Ok(()) })
+                    .handler(|_: ConsumeContext<RefundCard>| async { Ok(()) })
+            })
+            .receive_endpoint("ledger", |e| {
+                e.quorum_queue()
+                    .handler(|_: ConsumeContext<ChargeCard>| async { Ok(()) })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+
+        let exchanges = vhost.list(
+            "list_exchanges",
+            &["name", "type", "durable", "auto_delete"],
+        );
+        let exchanges: Vec<Value> = exchanges
+            .into_iter()
+            .filter(|e| {
+                let n = e["name"].as_str().unwrap_or_default();
+                !n.is_empty() && !n.starts_with("amq.")
+            })
+            .collect();
+        assert_eq!(
+            row_set(&exchanges, &["name", "type", "durable", "auto_delete"]),
+            set(&[
+                r#""Contracts:ChargeCard" "fanout" true false"#,
+                r#""Contracts:RefundCard" "fanout" true false"#,
+                r#""Contracts:SubmitOrder" "fanout" true false"#,
+                r#""billing" "fanout" true false"#,
+                r#""ledger" "fanout" true false"#,
+                r#""submit-order" "fanout" true false"#,
+            ])
+        );
+        let queues = vhost.list("list_queues", &["name", "durable", "auto_delete", "type"]);
+        assert_eq!(
+            row_set(&queues, &["name", "durable", "auto_delete", "type"]),
+            set(&[
+                r#""billing" true false "classic""#,
+                r#""ledger" true false "quorum""#,
+                r#""submit-order" true false "classic""#,
+            ])
+        );
+        let bindings: Vec<Value> = vhost
+            .list(
+                "list_bindings",
+                &[
+                    "source_name",
+                    "destination_name",
+                    "destination_kind",
+                    "routing_key",
+                ],
+            )
+            .into_iter()
+            .filter(|b| b["source_name"] != "")
+            .collect();
+        assert_eq!(
+            row_set(
+                &bindings,
+                &["source_name", "destination_name", "destination_kind"]
+            ),
+            set(&[
+                r#""Contracts:ChargeCard" "billing" "exchange""#,
+                r#""Contracts:ChargeCard" "ledger" "exchange""#,
+                r#""Contracts:RefundCard" "billing" "exchange""#,
+                r#""Contracts:SubmitOrder" "submit-order" "exchange""#,
+                r#""billing" "billing" "queue""#,
+                r#""ledger" "ledger" "queue""#,
+                r#""submit-order" "submit-order" "queue""#,
+            ])
+        );
+
+        // A fault declares submit-order_error and publishes Fault<SubmitOrder>.
+        bus.publish(SubmitOrder {
+            order_id: Uuid::now_v7(),
+        })
+        .await
+        .expect("publish");
+        let errors = busway_integration_tests::support::take_queue(
+            &RabbitProbe(transport.clone()),
+            &transport,
+            "submit-order_error",
+            1,
+            WAIT,
+        )
+        .await;
+        assert_eq!(header(&errors[0], names::REASON), "fault");
+        let queues = vhost.list("list_queues", &["name"]);
+        assert!(row_set(&queues, &["name"]).contains(r#""submit-order_error""#));
+        let exchanges = vhost.list("list_exchanges", &["name"]);
+        let names_now = row_set(&exchanges, &["name"]);
+        assert!(names_now.contains(r#""submit-order_error""#));
+        assert!(
+            names_now.contains(r#""MassTransit:Fault--Contracts:SubmitOrder--""#),
+            "{names_now:?}"
+        );
+        assert!(names_now.contains(r#""MassTransit:Fault""#));
+        running.shutdown().await.expect("shutdown");
+    }
+
+    /// A [`busway_integration_tests::TransportFixture`] for the vhost-scoped tests.
+    struct RabbitProbe(busway::rabbitmq::RabbitMq);
+
+    #[async_trait]
+    impl busway_integration_tests::TransportFixture for RabbitProbe {
+        type Transport = busway::rabbitmq::RabbitMq;
+        fn name(&self) -> &'static str {
+            "RabbitMQ"
+        }
+        async fn transport(&self) -> Self::Transport {
+            self.0.clone()
+        }
+        async fn take_messages(&self, t: &Self::Transport, queue: &str) -> Vec<TransportMessage> {
+            t.take(queue, 1000).await.expect("take")
+        }
+        async fn queue_depth(&self, t: &Self::Transport, queue: &str) -> usize {
+            t.queue_depth(queue).await.expect("depth") as usize
+        }
+    }
+
+    async fn raw_connection(url: &str) -> Connection {
+        Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("a raw AMQP connection")
+    }
+
+    /// What a MassTransit service publishes for `Contracts.OrderPlaced` (System.Text.Json
+    /// envelope, camelCase, decimals as strings) reaches a busway consumer of
+    /// `urn:message:Contracts:OrderPlaced`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_masstransit_publish_reaches_a_busway_consumer() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-in");
+        let got = Arc::new(Mutex::new(Vec::<(
+            OrderPlaced,
+            Option<Uuid>,
+            Option<String>,
+            Option<String>,
+        )>::new()));
+        let g = got.clone();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("order-confirmation", move |e| {
+                e.handler(move |ctx: ConsumeContext<OrderPlaced>| {
+                    let g = g.clone();
+                    async move {
+                        g.lock().expect("lock").push((
+                            ctx.message().clone(),
+                            ctx.conversation_id(),
+                            ctx.source_address().map(str::to_string),
+                            ctx.headers().get_str("Tenant").map(|s| s.into_owned()),
+                        ));
+                        Ok(())
+                    }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+
+        let envelope = r#"{
+  "messageId": "181c0000-6393-3630-36a4-08daf4e7c6da",
+  "requestId": null,
+  "correlationId": null,
+  "conversationId": "181c0000-6393-3630-7cc2-08daf4e7c6db",
+  "initiatorId": null,
+  "sourceAddress": "rabbitmq://localhost/DESKTOP_OrderService_bus_abc",
+  "destinationAddress": "rabbitmq://localhost/Contracts:OrderPlaced",
+  "responseAddress": null,
+  "faultAddress": null,
+  "messageType": [
+    "urn:message:Contracts:OrderPlaced"
+  ],
+  "message": {
+    "orderId": "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4",
+    "customerId": "8a7f4c3a-14a9-4a4e-b1d3-8f3e2c1b0a99",
+    "total": "12.50",
+    "occurredAt": "2026-11-28T10:00:00.1234567Z"
+  },
+  "expirationTime": null,
+  "sentTime": "2026-11-28T10:00:00.2345678Z",
+  "headers": { "Tenant": "acme" },
+  "host": {
+    "machineName": "DESKTOP", "processName": "OrderService", "processId": 4242,
+    "assembly": "OrderService", "assemblyVersion": "1.0.0.0", "frameworkVersion": "8.0.1",
+    "massTransitVersion": "8.5.8.0", "operatingSystemVersion": "Unix 6.1.0"
+  }
+}"#;
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("Tenant"),
+            AMQPValue::LongString("acme".into()),
+        );
+        channel
+            .basic_publish(
+                ShortString::from("Contracts:OrderPlaced"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6da"))
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        wait_until(WAIT, "the busway consumer got it", || {
+            !got.lock().expect("lock").is_empty()
+        })
+        .await;
+        let (message, conversation, source, tenant) = got.lock().expect("lock")[0].clone();
+        assert_eq!(
+            message.order_id.to_string(),
+            "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"
+        );
+        assert_eq!(message.total.to_string(), "12.50");
+        assert_eq!(message.occurred_at.timestamp(), 1_795_860_000);
+        assert_eq!(
+            conversation.map(|c| c.to_string()).as_deref(),
+            Some("181c0000-6393-3630-7cc2-08daf4e7c6db")
+        );
+        assert_eq!(
+            source.as_deref(),
+            Some("rabbitmq://localhost/DESKTOP_OrderService_bus_abc")
+        );
+        assert_eq!(tenant.as_deref(), Some("acme"));
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
+    /// A busway publish reaches a MassTransit-style endpoint bound to the same message type
+    /// exchange, with MassTransit's properties and envelope.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busway_publish_reaches_a_masstransit_endpoint() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-out");
+        let conn = raw_connection(&vhost.url()).await;
+        let ch = conn.create_channel().await.expect("channel");
+        // What MassTransit declares for a receive endpoint `mt-orders` consuming OrderPlaced.
+        for (name, kind) in [
+            ("mt-orders", ExchangeKind::Fanout),
+            ("Contracts:OrderPlaced", ExchangeKind::Fanout),
+        ] {
+            ch.exchange_declare(
+                ShortString::from(name),
+                kind,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+        }
+        ch.queue_declare(
+            ShortString::from("mt-orders"),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+        ch.queue_bind(
+            ShortString::from("mt-orders"),
+            ShortString::from("mt-orders"),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        ch.exchange_bind(
+            ShortString::from("mt-orders"),
+            ShortString::from("Contracts:OrderPlaced"),
+            ShortString::from(""),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("e2e bind");
+
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .build()
+            .await
+            .expect("build");
+        let order = OrderPlaced {
+            order_id: Uuid::now_v7(),
+            customer_id: Uuid::now_v7(),
+            total: Decimal::new(1250, 2),
+            occurred_at: Utc::now(),
+        };
+        let correlation = Uuid::now_v7();
+        bus.publish(order.clone())
+            .correlation_id(correlation)
+            .header("Tenant", "acme")
+            .await
+            .expect("publish");
+
+        let mut consumer = ch
+            .basic_consume(
+                ShortString::from("mt-orders"),
+                ShortString::from("mt"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery in time")
+            .expect("a delivery")
+            .expect("no error");
+        delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+        let props = &delivery.properties;
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/vnd.masstransit+json")
+        );
+        assert_eq!(props.delivery_mode(), &Some(2), "persistent");
+        assert_eq!(
+            props
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.as_str().to_string()),
+            Some(correlation.to_string())
+        );
+        let amqp_headers = props.headers().as_ref().expect("a headers table");
+        assert_eq!(
+            amqp_headers.inner().get("Tenant"),
+            Some(&AMQPValue::LongString("acme".into()))
+        );
+        assert!(
+            amqp_headers.inner().contains_key("MT-Activity-Id"),
+            "trace context for MassTransit"
+        );
+        assert_eq!(delivery.exchange.as_str(), "Contracts:OrderPlaced");
+
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON envelope");
+        for key in [
+            "messageId",
+            "requestId",
+            "correlationId",
+            "conversationId",
+            "initiatorId",
+            "sourceAddress",
+            "destinationAddress",
+            "responseAddress",
+            "faultAddress",
+            "messageType",
+            "message",
+            "expirationTime",
+            "sentTime",
+            "headers",
+            "host",
+        ] {
+            assert!(body.get(key).is_some(), "envelope field {key}");
+        }
+        assert_eq!(
+            body["messageId"].as_str(),
+            props.message_id().as_ref().map(|s| s.as_str())
+        );
+        assert_eq!(
+            body["messageType"],
+            serde_json::json!(["urn:message:Contracts:OrderPlaced"])
+        );
+        assert_eq!(body["message"]["orderId"], order.order_id.to_string());
+        assert_eq!(
+            body["message"]["total"], "12.50",
+            "decimals as strings, like System.Text.Json in MassTransit"
+        );
+        assert_eq!(
+            body["destinationAddress"],
+            format!(
+                "rabbitmq://127.0.0.1/{}/Contracts:OrderPlaced",
+                vhost.name()
+            )
+        );
+        assert_eq!(body["sourceAddress"].as_str(), Some(bus.address()));
+        assert!(bus.address().ends_with("?temporary=true"));
+        assert_eq!(body["headers"]["Tenant"], "acme");
+        assert!(body["host"]["machineName"].is_string());
+        assert!(body["host"]["processId"].is_number());
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
+    /// Invalid JSON, a wrong content type, invalid UTF-8 and a 10 MB body each end in
+    /// `_error`; the endpoint keeps consuming.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_bodies_end_in_the_error_queue() {
+        init_tracing();
+        let t = transport_for(&busway_integration_tests::rabbit::url());
+        let name = unique("malformed");
+        let ok = Counter::default();
+        let o = ok.clone();
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(name.clone(), move |e| {
+                e.handler(move |_: ConsumeContext<SubmitOrder>| {
+                    let o = o.clone();
+                    async move {
+                        o.incr();
+                        Ok(())
+                    }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let address = Address::queue(name.clone());
+        let raw = |body: Vec<u8>, ct: &str| TransportMessage {
+            body: body.into(),
+            content_type: Some(ct.to_string()),
+            message_id: Some(Uuid::now_v7().to_string()),
+            ..TransportMessage::default()
+        };
+        let big = vec![b'x'; 10 * 1024 * 1024];
+        let bodies = vec![
+            raw(
+                b"{\"message\": ".to_vec(),
+                "application/vnd.masstransit+json",
+            ),
+            raw(b"{}".to_vec(), "text/csv"),
+            raw(
+                vec![0xff, 0xfe, 0x00, 0x80],
+                "application/vnd.masstransit+json",
+            ),
+            raw(big.clone(), "application/vnd.masstransit+json"),
+        ];
+        for m in bodies {
+            t.send(&address, m, &Default::default())
+                .await
+                .expect("raw send");
+        }
+        bus.send(
+            format!("queue:{name}"),
+            SubmitOrder {
+                order_id: Uuid::now_v7(),
+            },
+        )
+        .await
+        .expect("send");
+        let errors = busway_integration_tests::support::take_queue(
+            &RabbitProbe(t.clone()),
+            &t,
+            &format!("{name}_error"),
+            4,
+            WAIT,
+        )
+        .await;
+        assert_eq!(errors.len(), 4);
+        for m in &errors {
+            assert_eq!(header(m, names::REASON), "fault");
+            assert_eq!(
+                header(m, names::FAULT_EXCEPTION_TYPE),
+                "busway::DeserializeError"
+            );
+            assert!(!header(m, names::FAULT_MESSAGE).is_empty());
+        }
+        assert!(
+            errors.iter().any(|m| m.body.len() == big.len()),
+            "the 10 MB body is kept whole"
+        );
+        assert!(
+            errors
+                .iter()
+                .any(|m| header(m, names::FAULT_MESSAGE).contains("text/csv"))
+        );
+        wait_until(WAIT, "the endpoint still consumes", || ok.get() == 1).await;
+        running.shutdown().await.expect("shutdown");
+        t.delete(&[
+            name.clone(),
+            format!("{name}_error"),
+            format!("{name}_skipped"),
+        ])
+        .await
+        .expect("cleanup");
+    }
+
+    /// A send to `exchange:` with nothing bound is returned by the broker: an error to the
+    /// caller, not a silent loss. A bad URL fails at build with the URL in the message and
+    /// without the password.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unroutable_sends_and_unreachable_brokers_are_errors() {
+        init_tracing();
+        let t = transport_for(&busway_integration_tests::rabbit::url());
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .build()
+            .await
+            .expect("build");
+        let lonely = unique("nobody-bound");
+        let err = bus
+            .send(
+                format!("exchange:{lonely}"),
+                SubmitOrder {
+                    order_id: Uuid::now_v7(),
+                },
+            )
+            .await
+            .expect_err("returned");
+        assert!(err.is_transport(), "{err}");
+        assert!(err.to_string().contains("returned"), "{err}");
+        t.delete(&[lonely]).await.expect("cleanup");
+
+        let unreachable =
+            busway::rabbitmq::RabbitMq::builder("amqp://guest:s3cret@127.0.0.1:1/%2f")
+                .connect_timeout(Duration::from_millis(500))
+                .build()
+                .expect("valid url");
+        let err = Bus::builder()
+            .transport(unreachable)
+            .build()
+            .await
+            .expect_err("no broker there");
+        let text = format!("{err} {:?}", std::error::Error::source(&err));
+        assert!(err.is_transport(), "{text}");
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("rabbitmq-server -detached"), "{text}");
+    }
+}

@@ -381,6 +381,9 @@ pub(crate) async fn run_endpoint(
             tracing::error!(endpoint = %runtime.info.name, error = %err, "a delivery task failed");
         }
     }
+    if let Err(err) = receiver.close().await {
+        tracing::debug!(endpoint = %runtime.info.name, error = %err, "closing the receiver failed");
+    }
     tracing::debug!(endpoint = %runtime.info.name, "endpoint stopped");
 }
 

@@ -118,6 +118,9 @@ pub(crate) async fn run_response_endpoint(
     if let Err(err) = receiver.stop().await {
         tracing::debug!(error = %err, "stopping the response receiver failed");
     }
+    if let Err(err) = receiver.close().await {
+        tracing::debug!(error = %err, "closing the response receiver failed");
+    }
 }
 
 /// Sends requests of type `Req` and awaits typed responses.

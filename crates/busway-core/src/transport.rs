@@ -176,6 +176,12 @@ pub trait Receiver: Send + 'static {
     /// Stops taking new deliveries from the broker. Deliveries already handed out stay valid
     /// and must still be settled; buffered ones not yet handed out go back to the broker.
     async fn stop(&mut self) -> Result<()>;
+
+    /// Releases the receiver's resources. Called once every delivery it handed out has been
+    /// settled (after [`Receiver::stop`]).
+    async fn close(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One message handed to the bus by a [`Receiver`], to be settled exactly once.

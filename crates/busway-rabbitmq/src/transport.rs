@@ -698,6 +698,21 @@ impl Receiver for RabbitReceiver {
         }
         Ok(())
     }
+
+    async fn close(&mut self) -> Result<()> {
+        for active in [self.retired.take(), self.active.take()]
+            .into_iter()
+            .flatten()
+        {
+            if active.channel.status().connected() {
+                let _ = active
+                    .channel
+                    .close(200, ShortString::from("busway: endpoint stopped"))
+                    .await;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct RabbitSettlement {
