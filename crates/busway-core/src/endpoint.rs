@@ -400,7 +400,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
             let details = FaultDetails {
                 exception_type: "busway::DeserializeError".to_string(),
                 message: err.to_string(),
-                stack_trace: error_chain(&err),
+                stack_trace: crate::error::chain_text(&err),
                 input_address: rt.info.address.clone(),
                 consumer_type: None,
                 message_type: None,
@@ -481,17 +481,6 @@ fn settle(rt: &EndpointRuntime, result: crate::error::Result<()>, what: &str) {
     if let Err(err) = result {
         tracing::warn!(endpoint = %rt.info.name, error = %err, "{what} failed; the broker will redeliver the message");
     }
-}
-
-fn error_chain(err: &Error) -> String {
-    let mut out = err.to_string();
-    let mut next = std::error::Error::source(err);
-    while let Some(e) = next {
-        out.push_str("\ncaused by: ");
-        out.push_str(&e.to_string());
-        next = e.source();
-    }
-    out
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -50,6 +50,21 @@ fn lapin_error(what: &str, err: lapin::Error) -> Error {
     Error::transport(what.to_string(), err)
 }
 
+/// Opens a channel, in confirm mode if asked.
+async fn open_channel(connection: &Connection, confirms: bool) -> Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| lapin_error("could not open a channel", e))?;
+    if confirms {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| lapin_error("could not enable publisher confirms", e))?;
+    }
+    Ok(channel)
+}
+
 impl Link {
     /// True while the connection is up and not marked broken.
     pub(crate) fn healthy(&self) -> bool {
@@ -62,18 +77,7 @@ impl Link {
     }
 
     async fn open_channel(&self, confirms: bool) -> Result<Channel> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| lapin_error("could not open a channel", e))?;
-        if confirms {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| lapin_error("could not enable publisher confirms", e))?;
-        }
-        Ok(channel)
+        open_channel(&self.connection, confirms).await
     }
 
     /// The publishing channel (confirm mode), reopened if the broker closed it.
@@ -218,24 +222,8 @@ impl Connector {
         };
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let confirms = self.config.publisher_confirms;
-        let open = |confirms: bool| {
-            let connection = &connection;
-            async move {
-                let channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| lapin_error("could not open a channel", e))?;
-                if confirms {
-                    channel
-                        .confirm_select(ConfirmSelectOptions::default())
-                        .await
-                        .map_err(|e| lapin_error("could not enable publisher confirms", e))?;
-                }
-                Ok::<Channel, Error>(channel)
-            }
-        };
-        let publisher = open(confirms).await?;
-        let topology = open(false).await?;
+        let publisher = open_channel(&connection, confirms).await?;
+        let topology = open_channel(&connection, false).await?;
         Ok(Arc::new(Link {
             connection,
             publisher: RwLock::new(publisher),
@@ -263,7 +251,7 @@ impl Connector {
                     if attempts == 1 || attempts % 10 == 0 {
                         tracing::warn!(url = %self.config.url(), attempt = attempts, error = %err, "RabbitMQ connection failed; retrying");
                     }
-                    last_error = Some(error_text(&err));
+                    last_error = Some(busway_core::error::chain_text(&err));
                     let jitter = delay.mul_f64(fastrand::f64() * 0.2);
                     tokio::select! {
                         _ = self.closing.cancelled() => break,
@@ -277,7 +265,7 @@ impl Connector {
                 (self.declare_topology)(self.clone(), link.clone(), self.topology()).await
             {
                 tracing::warn!(url = %self.config.url(), error = %err, "declaring the topology failed; reconnecting");
-                last_error = Some(error_text(&err));
+                last_error = Some(busway_core::error::chain_text(&err));
                 let _ = link
                     .connection
                     .close(320, "busway: topology failed".into())
@@ -478,13 +466,3 @@ impl Attempt {
     }
 }
 
-fn error_text(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut next = std::error::Error::source(err);
-    while let Some(e) = next {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        next = e.source();
-    }
-    text
-}
