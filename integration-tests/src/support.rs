@@ -137,3 +137,94 @@ pub fn header(message: &TransportMessage, name: &str) -> String {
         .unwrap_or_else(|| panic!("header `{name}` missing; headers: {:?}", message.headers))
         .into_owned()
 }
+
+/// A TCP proxy on 127.0.0.1 in front of a service, that a test can switch off (dropping
+/// every open connection and refusing new ones) and on again: a broker outage for this
+/// client only, without stopping the shared broker.
+#[derive(Debug, Clone)]
+pub struct ToggleProxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+#[derive(Debug)]
+struct ProxyState {
+    up: std::sync::atomic::AtomicBool,
+    generation: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl ToggleProxy {
+    /// Starts a proxy to `target` (`host:port`) on a free local port.
+    pub async fn start(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let port = listener.local_addr().expect("local address").port();
+        let state = Arc::new(ProxyState {
+            up: std::sync::atomic::AtomicBool::new(true),
+            generation: AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
+        });
+        let target = target.to_string();
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !s.up.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let target = target.clone();
+                let s = s.clone();
+                let generation = s.generation.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let pipe = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                            _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        }
+                    };
+                    let cut = async {
+                        loop {
+                            let notified = s.changed.notified();
+                            if s.generation.load(Ordering::SeqCst) != generation {
+                                return;
+                            }
+                            notified.await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = pipe => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Self { port, state }
+    }
+
+    /// The local port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn down(&self) {
+        self.state.up.store(false, Ordering::SeqCst);
+        self.state.generation.fetch_add(1, Ordering::SeqCst);
+        self.state.changed.notify_waiters();
+    }
+
+    /// Accepts connections again.
+    pub fn up(&self) {
+        self.state.up.store(true, Ordering::SeqCst);
+    }
+}

@@ -678,3 +678,108 @@ async fn retry_filters_pick_errors_by_kind_and_type() {
     );
     assert_eq!(Retry::none().delay_for(1), None);
 }
+
+/// Records every span's name and fields.
+#[derive(Clone, Default)]
+struct SpanRecorder(Arc<Mutex<Vec<(String, std::collections::HashMap<String, String>)>>>);
+
+struct FieldVisitor<'a>(&'a mut std::collections::HashMap<String, String>);
+
+impl tracing::field::Visit for FieldVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(
+            field.name().to_string(),
+            format!("{value:?}").trim_matches('"').to_string(),
+        );
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SpanRecorder {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = std::collections::HashMap::new();
+        attrs.record(&mut FieldVisitor(&mut fields));
+        self.0
+            .lock()
+            .expect("lock")
+            .push((attrs.metadata().name().to_string(), fields));
+    }
+}
+
+#[test]
+fn spans_carry_opentelemetry_messaging_attributes() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let recorder = SpanRecorder::default();
+    let subscriber = tracing_subscriber::registry().with(recorder.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let h = TestHarness::start(Bus::builder().receive_endpoint("traced", |e| {
+            e.handler(|ctx: ConsumeContext<Work>| async move {
+                ctx.publish(OrderPlaced { n: ctx.message().n }).await?;
+                Ok(())
+            })
+        }))
+        .await
+        .expect("start");
+        h.bus()
+            .send("queue:traced", Work { n: 1 })
+            .await
+            .expect("send");
+        h.wait_published::<OrderPlaced>(|o| o.n == 1)
+            .await
+            .expect("published");
+        h.stop().await.expect("stop");
+    });
+    let spans = recorder.0.lock().expect("lock").clone();
+    let find = |name: &str, op: &str| {
+        spans
+            .iter()
+            .find(|(n, f)| {
+                n == name && f.get("messaging.operation").map(String::as_str) == Some(op)
+            })
+            .map(|(_, f)| f.clone())
+            .unwrap_or_else(|| panic!("no {name} span with operation {op}: {spans:?}"))
+    };
+    let send = find("send", "send");
+    let consume = find("consume", "process");
+    let publish = find("send", "publish");
+    assert_eq!(send["messaging.system"], "loopback");
+    assert_eq!(send["messaging.destination.name"], "queue:traced");
+    assert_eq!(send["otel.kind"], "producer");
+    assert!(!send["messaging.message.id"].is_empty());
+    assert_eq!(consume["messaging.system"], "loopback");
+    assert_eq!(consume["messaging.destination.name"], "traced");
+    assert_eq!(consume["otel.kind"], "consumer");
+    assert_eq!(
+        consume["messaging.message.id"], send["messaging.message.id"],
+        "the consume span names the sent message"
+    );
+    assert_eq!(
+        consume["trace_id"], send["trace_id"],
+        "one trace from send to consume"
+    );
+    assert_eq!(
+        consume["parent_span_id"], send["span_id"],
+        "the consume span's parent is the producer span"
+    );
+    assert_eq!(
+        publish["trace_id"], send["trace_id"],
+        "a publish inside the consumer stays in the trace"
+    );
+    assert_eq!(publish["parent_span_id"], consume["span_id"]);
+    assert_eq!(
+        publish["messaging.destination.name"],
+        OrderPlaced::message_type().as_str()
+    );
+}

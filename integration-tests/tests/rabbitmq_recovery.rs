@@ -130,3 +130,91 @@ async fn survives_all_connections_closed_three_times() {
     );
     running.shutdown().await.expect("shutdown");
 }
+
+/// While the broker is unreachable, a publish waits for it up to the publish timeout and then
+/// fails with an error that names the broker; once it is back, publishing and consuming
+/// resume on their own and the messages sent during the outage arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_wait_for_the_broker_then_fail_clearly() {
+    use busway_integration_tests::support::{ToggleProxy, wait_until};
+    init_tracing();
+    let vhost = TestVhost::create("outage");
+    let proxy = ToggleProxy::start("127.0.0.1:5672").await;
+    let url = format!(
+        "amqp://guest:guest@127.0.0.1:{}/{}",
+        proxy.port(),
+        vhost.name()
+    );
+    let transport = busway::rabbitmq::RabbitMq::builder(&url)
+        .publish_timeout(Duration::from_secs(2))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .build()
+        .expect("url");
+    let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let s = seen.clone();
+    let bus = Bus::builder()
+        .transport(transport)
+        .receive_endpoint("outage", move |e| {
+            e.handler(move |ctx: ConsumeContext<Numbered>| {
+                let s = s.clone();
+                async move {
+                    *s.lock().expect("lock").entry(ctx.message().n).or_default() += 1;
+                    Ok(())
+                }
+            })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    bus.send("queue:outage", Numbered { n: 1 })
+        .await
+        .expect("send while up");
+    wait_until(Duration::from_secs(10), "the first message arrives", || {
+        seen.lock().expect("lock").contains_key(&1)
+    })
+    .await;
+
+    proxy.down();
+    let begun = Instant::now();
+    let err = bus
+        .send("queue:outage", Numbered { n: 2 })
+        .await
+        .expect_err("no broker");
+    let waited = begun.elapsed();
+    assert!(err.is_transport(), "{err}");
+    let text = busway::error::chain_text(&err);
+    assert!(text.contains("unavailable"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}", proxy.port())),
+        "{text}"
+    );
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "failed after {waited:?}"
+    );
+
+    // A publish that starts during the outage succeeds when the broker returns in time.
+    let late = {
+        let bus = bus.clone();
+        tokio::spawn(async move { bus.send("queue:outage", Numbered { n: 3 }).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.up();
+    late.await
+        .expect("joined")
+        .expect("sent once the broker is back");
+    bus.send("queue:outage", Numbered { n: 4 })
+        .await
+        .expect("send after recovery");
+    wait_until(
+        Duration::from_secs(20),
+        "messages sent around the outage arrive",
+        || {
+            let seen = seen.lock().expect("lock");
+            seen.contains_key(&3) && seen.contains_key(&4)
+        },
+    )
+    .await;
+    running.shutdown().await.expect("shutdown");
+}

@@ -465,4 +465,3 @@ impl Attempt {
         Attempt::Retry(lapin_error(what, err))
     }
 }
-
