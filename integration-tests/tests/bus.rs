@@ -680,8 +680,10 @@ async fn retry_filters_pick_errors_by_kind_and_type() {
 }
 
 /// Records every span's name and fields.
+type SpanFields = std::collections::HashMap<String, String>;
+
 #[derive(Clone, Default)]
-struct SpanRecorder(Arc<Mutex<Vec<(String, std::collections::HashMap<String, String>)>>>);
+struct SpanRecorder(Arc<Mutex<Vec<(String, SpanFields)>>>);
 
 struct FieldVisitor<'a>(&'a mut std::collections::HashMap<String, String>);
 
