@@ -12,6 +12,7 @@
 //! ```
 
 pub mod conformance;
+pub mod db;
 pub mod rabbit;
 pub mod support;
 

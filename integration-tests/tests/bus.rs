@@ -785,3 +785,47 @@ fn spans_carry_opentelemetry_messaging_attributes() {
         OrderPlaced::message_type().as_str()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_outbox_publishes_only_what_the_successful_attempt_published() {
+    init_tracing();
+    let attempts = Counter::default();
+    let a = attempts.clone();
+    let h = TestHarness::start(Bus::builder().receive_endpoint("held", move |e| {
+        e.retry(Retry::immediate(2))
+            .attempt_layer(busway::pipeline::InMemoryOutboxLayer)
+            .handler(move |ctx: ConsumeContext<Work>| {
+                let a = a.clone();
+                async move {
+                    let attempt = a.incr() as u32;
+                    ctx.publish(OrderPlaced { n: attempt }).await?;
+                    if attempt < 3 {
+                        return Err(ConsumeError::msg("not yet"));
+                    }
+                    Ok(())
+                }
+            })
+    }))
+    .await
+    .expect("start");
+    h.bus()
+        .send("queue:held", Work { n: 1 })
+        .await
+        .expect("send");
+    h.wait_published::<OrderPlaced>(|o| o.n == 3)
+        .await
+        .expect("the last attempt's message");
+    h.wait_idle(Duration::from_millis(200)).await;
+    let published: Vec<u32> = h
+        .published::<OrderPlaced>()
+        .iter()
+        .map(|o| o.message.n)
+        .collect();
+    assert_eq!(
+        published,
+        vec![3],
+        "messages of failed attempts were discarded"
+    );
+    assert_eq!(attempts.get(), 3);
+    h.stop().await.expect("stop");
+}

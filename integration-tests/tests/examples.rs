@@ -93,3 +93,42 @@ fn rabbitmq_orders_publishes_and_consumes() {
         assert!(l["total"].is_string(), "decimal as string: {l}");
     }
 }
+
+fn run_outbox_orders(database_url: Option<&str>) {
+    let mut command = Command::new(example("outbox-orders"));
+    match database_url {
+        Some(url) => command.env("DATABASE_URL", url),
+        None => command.env_remove("DATABASE_URL"),
+    };
+    let out = command.output().expect("outbox-orders runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "the dispatcher delivered OrderPlaced",
+        "nothing was published for it",
+        "orders stored by this run: 1",
+        "done",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn outbox_orders_on_sqlite() {
+    run_outbox_orders(None);
+}
+
+#[test]
+fn outbox_orders_on_postgres() {
+    let url = busway_integration_tests::db::postgres_url();
+    busway_integration_tests::db::require_postgres();
+    run_outbox_orders(Some(&url));
+}

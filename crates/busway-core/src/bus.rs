@@ -126,6 +126,12 @@ impl Bus {
         SendBuilder::send(&self.inner, None, address.into_address(), message)
     }
 
+    /// Delivers a message built earlier (with [`SendBuilder::into_outgoing`], or read back
+    /// from an outbox) through the send pipeline and the transport.
+    pub async fn dispatch(&self, outgoing: OutgoingMessage) -> Result<()> {
+        self.inner.dispatch(outgoing).await
+    }
+
     /// A request client that publishes requests of type `Req`.
     pub fn request_client<Req: Message>(&self) -> RequestClient<Req> {
         RequestClient::new(self.clone(), None, self.inner.request_timeout)

@@ -20,6 +20,7 @@ use crate::host::HostInfo;
 use crate::message::Message;
 use crate::send::SendBuilder;
 use crate::serializer::ReceivedMessage;
+use crate::topology::Extensions;
 use crate::trace::TraceContext;
 use crate::transport::{Settlement, TransportMessage};
 use crate::urn::Urn;
@@ -55,6 +56,7 @@ struct ReceiveInner {
     parent_trace: Option<TraceContext>,
     completed: Mutex<HashSet<usize>>,
     fault_source: Mutex<Option<(String, Urn)>>,
+    payloads: Mutex<Extensions>,
 }
 
 impl ReceiveContext {
@@ -95,6 +97,7 @@ impl ReceiveContext {
                 parent_trace,
                 completed: Mutex::new(HashSet::new()),
                 fault_source: Mutex::new(None),
+                payloads: Mutex::new(Extensions::default()),
             }),
         }
     }
@@ -229,6 +232,26 @@ impl ReceiveContext {
             i64::from(self.inner.redelivery_count) + 1,
         );
         settlement.redeliver(message, delay).await
+    }
+
+    /// Attaches a value for layers further in and for the consumer (for example the database
+    /// transaction of the transactional outbox). One value per type; a later one replaces it.
+    pub fn set_payload<T: std::any::Any + Send + Sync>(&self, value: T) {
+        self.inner
+            .payloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(value);
+    }
+
+    /// A copy of the value of type `T` a layer attached, if any.
+    pub fn payload<T: std::any::Any + Send + Sync + Clone>(&self) -> Option<T> {
+        self.inner
+            .payloads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get::<T>()
+            .cloned()
     }
 
     pub(crate) fn is_completed(&self, consumer_index: usize) -> bool {
@@ -397,6 +420,12 @@ impl<M> ConsumeContext<M> {
     /// Cancelled when the consumer should stop (timeout, shutdown deadline).
     pub fn cancellation(&self) -> &CancellationToken {
         self.receive.cancellation()
+    }
+
+    /// A copy of the value of type `T` a layer attached to this delivery (see
+    /// [`ReceiveContext::set_payload`]).
+    pub fn payload<T: std::any::Any + Send + Sync + Clone>(&self) -> Option<T> {
+        self.receive.payload::<T>()
     }
 
     /// The bus, for anything the context does not offer directly.

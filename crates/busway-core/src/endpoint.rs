@@ -58,6 +58,7 @@ pub struct EndpointConfigurator {
     pub(crate) redelivery: Option<Retry>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) layers: Vec<ConsumeLayer>,
+    pub(crate) attempt_layers: Vec<ConsumeLayer>,
     pub(crate) temporary: bool,
     pub(crate) bind_message_types: bool,
     pub(crate) publish_faults: Option<bool>,
@@ -75,6 +76,7 @@ impl EndpointConfigurator {
             redelivery: None,
             timeout: None,
             layers: Vec::new(),
+            attempt_layers: Vec::new(),
             temporary: false,
             bind_message_types: true,
             publish_faults: None,
@@ -187,6 +189,24 @@ impl EndpointConfigurator {
         self
     }
 
+    /// Adds a `tower::Layer` that runs once per consume attempt: inside retry and delayed
+    /// redelivery, around the timeout and the consumers. Transactional layers belong here
+    /// (the transactional outbox opens one database transaction per attempt, so a retry
+    /// starts from a clean slate).
+    pub fn attempt_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<ConsumeService> + Send + Sync + 'static,
+        L::Service: Service<ReceiveContext, Response = (), Error = ConsumeError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as Service<ReceiveContext>>::Future: Send + 'static,
+    {
+        self.attempt_layers.push(ConsumeLayer::new(layer));
+        self
+    }
+
     /// Makes the endpoint temporary: its queue is deleted when the bus stops.
     pub fn temporary(mut self) -> Self {
         self.temporary = true;
@@ -283,6 +303,7 @@ impl EndpointConfigurator {
         if let Some(t) = self.timeout.or(defaults.timeout) {
             svc = BoxCloneSyncService::new(TimeoutLayer::new(t).layer(svc));
         }
+        svc = apply_consume_layers(&self.attempt_layers, svc);
         if let Some(r) = self.retry.or_else(|| defaults.retry.clone()) {
             svc = BoxCloneSyncService::new(RetryLayer::new(r).layer(svc));
         }

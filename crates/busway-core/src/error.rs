@@ -31,6 +31,9 @@ pub enum ErrorKind {
     Config,
     /// The transport (broker connection, channel, client) failed.
     Transport,
+    /// The broker cannot be reached right now (connection down, reconnecting); trying again
+    /// later may succeed.
+    Unavailable,
     /// A message could not be serialized.
     Serialize,
     /// A message could not be deserialized.
@@ -47,6 +50,8 @@ pub enum ErrorKind {
     Closed,
     /// The transport does not support what was asked (for example delayed delivery).
     Unsupported,
+    /// A database used by the bus (the outbox and inbox) failed.
+    Database,
 }
 
 impl ErrorKind {
@@ -54,6 +59,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Config => "configuration error",
             ErrorKind::Transport => "transport error",
+            ErrorKind::Unavailable => "broker unavailable",
             ErrorKind::Serialize => "serialization error",
             ErrorKind::Deserialize => "deserialization error",
             ErrorKind::Address => "invalid address",
@@ -62,6 +68,7 @@ impl ErrorKind {
             ErrorKind::RequestFault => "request faulted",
             ErrorKind::Closed => "closed",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Database => "database error",
         }
     }
 }
@@ -140,9 +147,19 @@ impl Error {
         self.inner.kind
     }
 
-    /// True when the transport failed (connection, channel, broker refusal).
+    /// True when the transport failed (connection, channel, broker refusal, or the broker
+    /// is unavailable).
     pub fn is_transport(&self) -> bool {
-        self.inner.kind == ErrorKind::Transport
+        matches!(
+            self.inner.kind,
+            ErrorKind::Transport | ErrorKind::Unavailable
+        )
+    }
+
+    /// True when the broker cannot be reached right now; the same operation may succeed
+    /// later (an outbox keeps retrying these without counting attempts).
+    pub fn is_unavailable(&self) -> bool {
+        self.inner.kind == ErrorKind::Unavailable
     }
 
     /// True when an operation ran out of time.
@@ -186,6 +203,11 @@ impl Error {
     /// True when the transport cannot do what was asked.
     pub fn is_unsupported(&self) -> bool {
         self.inner.kind == ErrorKind::Unsupported
+    }
+
+    /// True when the outbox or inbox database failed.
+    pub fn is_database(&self) -> bool {
+        self.inner.kind == ErrorKind::Database
     }
 
     /// The fault that answered a request, when [`Error::is_request_fault`].

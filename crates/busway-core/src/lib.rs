@@ -55,7 +55,7 @@ pub use naming::{
 pub use observer::BusObserver;
 pub use pipeline::{ConsumeService, Retry};
 pub use request::{RequestClient, Response};
-pub use send::{OutgoingMessage, SendBuilder, SendTarget};
+pub use send::{OutgoingCapture, OutgoingMessage, SendBuilder, SendTarget};
 pub use serializer::{MassTransitJson, RawJson, Serializer};
 pub use tokio_util::sync::CancellationToken;
 pub use topology::Topology;

@@ -247,6 +247,7 @@ impl<Req: Message> Request<'_, Req> {
             None => SendBuilder::publish(&bus, None, self.request),
         };
         builder
+            .uncaptured()
             .request_id(request_id)
             .response_address(bus.address.clone())
             .header(

@@ -183,6 +183,7 @@ pub struct SendBuilder<'a, M> {
     message: M,
     target: Result<SendTarget>,
     options: SendOptions,
+    capturable: bool,
 }
 
 impl<M> fmt::Debug for SendBuilder<'_, M> {
@@ -205,6 +206,7 @@ impl<'a, M: Message> SendBuilder<'a, M> {
             message,
             target: Ok(SendTarget::Publish),
             options: SendOptions::default(),
+            capturable: true,
         }
     }
 
@@ -220,7 +222,15 @@ impl<'a, M: Message> SendBuilder<'a, M> {
             message,
             target: address.map(SendTarget::Send),
             options: SendOptions::default(),
+            capturable: true,
         }
+    }
+
+    /// Never captured by an [`OutgoingCapture`] (requests must go out while their caller
+    /// waits for the response).
+    pub(crate) fn uncaptured(mut self) -> Self {
+        self.capturable = false;
+        self
     }
 
     /// Adds a header.
@@ -308,6 +318,15 @@ impl<'a, M: Message> SendBuilder<'a, M> {
         self
     }
 
+    /// Builds the message without delivering it: the envelope filled in (ids, addresses,
+    /// headers, host) and its producer `traceparent` written. Deliver it later with
+    /// [`crate::Bus::dispatch`] (the transactional outbox stores it in between).
+    pub fn into_outgoing(self) -> Result<OutgoingMessage> {
+        let mut outgoing = self.build()?;
+        let (_, _) = TraceContext::stamp(&mut outgoing.envelope.headers, outgoing.trace_parent);
+        Ok(outgoing)
+    }
+
     fn build(self) -> Result<OutgoingMessage> {
         let SendBuilder {
             bus,
@@ -315,6 +334,7 @@ impl<'a, M: Message> SendBuilder<'a, M> {
             message,
             target,
             options,
+            capturable: _,
         } = self;
         let target = target?;
         let body = serde_json::value::to_raw_value(&message).map_err(|e| {
@@ -407,8 +427,87 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
 
     fn into_future(self) -> Self::IntoFuture {
         let bus = self.bus;
-        let outgoing = self.build();
-        Box::pin(async move { bus.dispatch(outgoing?).await })
+        let capture = if self.capturable {
+            OutgoingCapture::current()
+        } else {
+            None
+        };
+        let outgoing = match &capture {
+            Some(_) => self.into_outgoing(),
+            None => self.build(),
+        };
+        Box::pin(async move {
+            let outgoing = outgoing?;
+            match capture {
+                Some(capture) => {
+                    capture.push(outgoing);
+                    Ok(())
+                }
+                None => bus.dispatch(outgoing).await,
+            }
+        })
+    }
+}
+
+tokio::task_local! {
+    static CAPTURE: OutgoingCapture;
+}
+
+/// Collects the messages published and sent in a scope instead of delivering them.
+///
+/// Inside [`OutgoingCapture::scope`], awaiting a `bus.publish(..)`, `bus.send(..)`,
+/// `ctx.publish(..)` or `ctx.respond(..)` on the same task stores the built message here and
+/// returns at once. Layers use it to hold messages until a consumer succeeded (the in-memory
+/// outbox) or to write them into a database transaction (the transactional outbox). Requests
+/// made with a request client are never captured (they wait for their response).
+#[derive(Clone, Default)]
+pub struct OutgoingCapture {
+    messages: Arc<std::sync::Mutex<Vec<OutgoingMessage>>>,
+}
+
+impl OutgoingCapture {
+    /// An empty capture.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `fut` with this capture active on the task.
+    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
+        CAPTURE.scope(self.clone(), fut).await
+    }
+
+    /// Takes the captured messages, in the order they were produced.
+    pub fn take(&self) -> Vec<OutgoingMessage> {
+        std::mem::take(&mut *self.messages.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Number of captured messages.
+    pub fn len(&self) -> usize {
+        self.messages.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// True if nothing was captured.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&self, message: OutgoingMessage) {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(message);
+    }
+
+    fn current() -> Option<OutgoingCapture> {
+        CAPTURE.try_with(|c| c.clone()).ok()
+    }
+}
+
+impl fmt::Debug for OutgoingCapture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutgoingCapture")
+            .field("len", &self.len())
+            .finish()
     }
 }
 

@@ -126,6 +126,26 @@ impl TraceContext {
         headers.insert(names::TRACEPARENT, value);
     }
 
+    /// Gives outgoing `headers` their producer trace context and returns it with its parent:
+    /// an explicit `traceparent` already in the headers is kept; otherwise a child of
+    /// `parent` (or of the consume in progress on this task) is written, or a new trace.
+    pub fn stamp(
+        headers: &mut Headers,
+        parent: Option<TraceContext>,
+    ) -> (TraceContext, Option<TraceContext>) {
+        let parent = parent.or_else(TraceContext::current);
+        match TraceContext::from_headers(headers) {
+            Some(explicit) => (explicit, parent),
+            None => {
+                let t = parent
+                    .map(|p| p.child())
+                    .unwrap_or_else(TraceContext::new_root);
+                t.write_headers(headers);
+                (t, parent)
+            }
+        }
+    }
+
     /// The trace context of the consume in progress on this task, if any.
     pub fn current() -> Option<Self> {
         CURRENT.try_with(|c| *c).ok()

@@ -358,7 +358,7 @@ impl Connector {
                         }
                     }
                     return Err(Error::new(
-                        ErrorKind::Transport,
+                        ErrorKind::Unavailable,
                         format!(
                             "RabbitMQ at {} is unavailable{}",
                             self.config.url(),
@@ -403,14 +403,46 @@ impl Connector {
         let mut channel_failures = 0u32;
         loop {
             let link = self.link_until(deadline).await.map_err(|e| {
-                Error::with_source(ErrorKind::Transport, format!("{what} failed"), e)
+                let kind = if e.is_unavailable() {
+                    ErrorKind::Unavailable
+                } else {
+                    e.kind()
+                };
+                Error::with_source(kind, format!("{what} failed"), e)
             })?;
-            match op(link.clone()).await {
+            // An operation on a connection that just died can wait forever in the client;
+            // the deadline bounds every attempt.
+            let attempt = match tokio::time::timeout_at(deadline, op(link.clone())).await {
+                Ok(result) => result,
+                Err(_) => {
+                    link.mark_broken();
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "{what} did not finish within {:?}: RabbitMQ at {} is not responding",
+                            self.config.publish_timeout,
+                            self.config.url()
+                        ),
+                    ));
+                }
+            };
+            match attempt {
                 Ok(value) => return Ok(value),
                 Err(Attempt::Fatal(err)) => return Err(err),
                 Err(Attempt::Retry(err)) => {
-                    if !link.connection.status().connected() {
+                    let connection_lost = !link.connection.status().connected();
+                    if connection_lost {
                         link.mark_broken();
+                        if Instant::now() >= deadline {
+                            return Err(Error::with_source(
+                                ErrorKind::Unavailable,
+                                format!(
+                                    "{what} failed: the connection to RabbitMQ at {} was lost",
+                                    self.config.url()
+                                ),
+                                err,
+                            ));
+                        }
                     } else {
                         channel_failures += 1;
                         self.forget_declarations();

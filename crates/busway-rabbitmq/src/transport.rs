@@ -517,7 +517,20 @@ impl Transport for RabbitMq {
                 e,
             )
         })?;
-        declare::topology(self.connector.clone(), link, topology.clone()).await
+        let declare = declare::topology(self.connector.clone(), link.clone(), topology.clone());
+        match tokio::time::timeout(self.connector.config.connect_timeout, declare).await {
+            Ok(result) => result,
+            Err(_) => {
+                link.mark_broken();
+                Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "declaring the topology on RabbitMQ at {} timed out",
+                        self.connector.config.url()
+                    ),
+                ))
+            }
+        }
     }
 
     async fn publish(
@@ -615,8 +628,21 @@ impl Receiver for RabbitReceiver {
             }
             if self.active.is_none() {
                 let link = self.connector.link_wait(&self.stop).await?;
-                match self.start(&link).await {
+                tracing::debug!(endpoint = %self.spec.name, generation = link.generation, "starting the consumer");
+                let started =
+                    tokio::time::timeout(self.connector.config.connect_timeout, self.start(&link))
+                        .await
+                        .unwrap_or_else(|_| {
+                            // The connection died under us; a new one comes from the supervisor.
+                            link.mark_broken();
+                            Err(Error::new(
+                                ErrorKind::Unavailable,
+                                "RabbitMQ did not answer while the consumer was starting",
+                            ))
+                        });
+                match started {
                     Ok(active) => {
+                        tracing::debug!(endpoint = %self.spec.name, generation = link.generation, "consumer started");
                         if self.failures > 0 {
                             tracing::info!(endpoint = %self.spec.name, "consuming again");
                         }
@@ -715,6 +741,10 @@ impl Receiver for RabbitReceiver {
     }
 }
 
+/// How long an ack or nack may take before the channel is presumed dead (the broker then
+/// redelivers the message when it notices).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 struct RabbitSettlement {
     acker: Option<Acker>,
     connector: Arc<Connector>,
@@ -726,7 +756,10 @@ impl RabbitSettlement {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        match acker.ack(BasicAckOptions::default()).await {
+        let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()))
+            .await
+            .unwrap_or(Ok(false));
+        match acked {
             Ok(true) => Ok(()),
             Ok(false) => Err(Error::new(
                 ErrorKind::Transport,
@@ -750,14 +783,19 @@ impl Settlement for RabbitSettlement {
         let Some(acker) = self.acker.take() else {
             return Ok(());
         };
-        acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::transport("requeue failed; RabbitMQ will redeliver the message", e))
+        let nack = acker.nack(BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        });
+        match tokio::time::timeout(SETTLE_TIMEOUT, nack).await {
+            Ok(result) => result.map(|_| ()).map_err(|e| {
+                Error::transport("requeue failed; RabbitMQ will redeliver the message", e)
+            }),
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                "requeue timed out; RabbitMQ will redeliver the message when the channel closes",
+            )),
+        }
     }
 
     async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {

@@ -8,8 +8,8 @@ pub use busway_core::{
     ConsumerRegistration, DefaultEndpointNameFormatter, DomainEventHandler, DomainEvents,
     EndpointConfigurator, EndpointNameFormatter, Envelope, Error, ErrorKind, ExceptionInfo, Fault,
     Headers, HostInfo, InMemory, IntoAddress, KebabCaseEndpointNameFormatter, MassTransitJson,
-    Mediator, Message, OutgoingMessage, RawJson, ReceiveContext, RequestClient, RequestFault,
-    Response, Result, Retry, RunningBus, SendBuilder, SendTarget, Serializer,
+    Mediator, Message, OutgoingCapture, OutgoingMessage, RawJson, ReceiveContext, RequestClient,
+    RequestFault, Response, Result, Retry, RunningBus, SendBuilder, SendTarget, Serializer,
     SnakeCaseEndpointNameFormatter, Topology, TraceContext, Transport, TransportMessage, Urn,
     async_trait, new_id,
 };
@@ -31,6 +31,12 @@ pub use busway_macros::Message;
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]
 #[doc(inline)]
 pub use busway_rabbitmq as rabbitmq;
+
+/// The transactional outbox and inbox: `busway::outbox::{Outbox, PostgresStore, SqliteStore}`.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "sqlite"))))]
+#[doc(inline)]
+pub use busway_outbox as outbox;
 
 /// Cancellation of consumers and requests (`tokio_util`'s token).
 pub use busway_core::CancellationToken;

@@ -3,8 +3,9 @@
 //!
 //! Consume side: every stage is a `tower::Service<ReceiveContext, Response = (), Error =
 //! ConsumeError>`. An endpoint's stack, outermost first, is: tracing, bus layers, endpoint
-//! layers, delayed redelivery, retry, timeout, then the dispatcher, which calls each matching
-//! consumer's own stack (consumer layers, retry, timeout, concurrency limit, consumer).
+//! layers, delayed redelivery, retry, per-attempt layers, timeout, then the dispatcher, which
+//! calls each matching consumer's own stack (consumer layers, concurrency limit, retry,
+//! timeout, consumer).
 //!
 //! Send side: `tower::Service<OutgoingMessage, Response = (), Error = Error>`: tracing, user
 //! send layers, then serialization and the transport.
@@ -19,11 +20,13 @@ use crate::context::ReceiveContext;
 use crate::error::{ConsumeError, Error};
 use crate::send::{OutgoingMessage, SendService};
 
+mod in_memory_outbox;
 mod redelivery;
 mod retry;
 mod timeout;
 mod tracing_layer;
 
+pub use in_memory_outbox::{InMemoryOutbox, InMemoryOutboxLayer};
 pub use redelivery::{RedeliveryLayer, RedeliveryService};
 pub use retry::{ErrorFilter, Retry, RetryLayer, RetryService};
 pub use timeout::{TimeoutLayer, TimeoutService};

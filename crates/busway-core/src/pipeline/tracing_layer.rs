@@ -147,18 +147,7 @@ where
     }
 
     fn call(&mut self, mut msg: OutgoingMessage) -> Self::Future {
-        let parent = msg.trace_parent.or_else(TraceContext::current);
-        let trace = match TraceContext::from_headers(&msg.envelope.headers) {
-            // The caller set a traceparent explicitly: keep it.
-            Some(explicit) => explicit,
-            None => {
-                let t = parent
-                    .map(|p| p.child())
-                    .unwrap_or_else(TraceContext::new_root);
-                t.write_headers(&mut msg.envelope.headers);
-                t
-            }
-        };
+        let (trace, parent) = TraceContext::stamp(&mut msg.envelope.headers, msg.trace_parent);
         let (operation, destination) = match &msg.target {
             SendTarget::Publish => (
                 "publish",
