@@ -718,6 +718,108 @@ async fn undeliverable_messages_are_parked<D: TestDb>() {
     db.close().await;
 }
 
+/// PostgreSQL wakes dispatchers with LISTEN/NOTIFY at commit; SQLite dispatchers wake on
+/// `notify()`. With a one-minute poll interval, delivery within seconds proves the wake-up.
+async fn stored_messages_wake_the_dispatcher<D: TestDb>() {
+    init_tracing();
+    let db = D::open().await;
+    let (bus, running, seen) = counting_bus().await;
+    let options = OutboxOptions {
+        poll_interval: Duration::from_secs(60),
+        ..fast_options()
+    };
+    let outbox = Outbox::with_options(db.store(), &bus, options)
+        .await
+        .expect("migrate");
+    let dispatcher = outbox.start_dispatcher();
+    // Let the dispatcher go idle (and start listening) first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let begun = std::time::Instant::now();
+    let mut tx = db.begin().await;
+    outbox
+        .publish(&mut tx, OrderPlaced { n: 5 })
+        .await
+        .expect("store");
+    tx.commit().await.expect("commit");
+    if std::any::type_name::<D>().ends_with("Lite") {
+        outbox.notify();
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "delivered without waiting for the poll",
+        || seen.lock().expect("lock").contains_key(&5),
+    )
+    .await;
+    assert!(begun.elapsed() < Duration::from_secs(10));
+    dispatcher.stop().await;
+    running.shutdown().await.expect("shutdown");
+    db.close().await;
+}
+
+/// Delivered rows are removed after the retention period and inbox rows after the window;
+/// undelivered and parked rows stay.
+async fn old_rows_are_cleaned_up<D: TestDb>() {
+    init_tracing();
+    let db = D::open().await;
+    let (bus, running, seen) = counting_bus().await;
+    let options = OutboxOptions {
+        retention: Duration::ZERO,
+        inbox_window: Duration::ZERO,
+        cleanup_interval: Duration::from_millis(100),
+        ..fast_options()
+    };
+    let outbox = Outbox::with_options(db.store(), &bus, options)
+        .await
+        .expect("migrate");
+    let mut tx = db.begin().await;
+    outbox
+        .publish(&mut tx, OrderPlaced { n: 1 })
+        .await
+        .expect("store");
+    db.execute(
+        &mut tx,
+        &format!(
+            "INSERT INTO {} (endpoint, message_id, received_at) VALUES ('x', '{}', {})",
+            db.table("inbox"),
+            busway::new_id(),
+            if std::any::type_name::<D>().ends_with("Lite") {
+                "0"
+            } else {
+                "now() - interval '1 day'"
+            }
+        ),
+    )
+    .await;
+    tx.commit().await.expect("commit");
+    let dispatcher = outbox.start_dispatcher();
+    wait_until(WAIT, "delivered", || {
+        seen.lock().expect("lock").contains_key(&1)
+    })
+    .await;
+    let outbox_table = db.table("outbox");
+    let inbox_table = db.table("inbox");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let rows = db
+            .scalar(&format!("SELECT COUNT(*) FROM {outbox_table}"))
+            .await;
+        let inbox = db
+            .scalar(&format!("SELECT COUNT(*) FROM {inbox_table}"))
+            .await;
+        if rows == 0 && inbox == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{rows} outbox and {inbox} inbox rows were not cleaned up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dispatcher.stop().await;
+    running.shutdown().await.expect("shutdown");
+    db.close().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -748,4 +850,6 @@ on_both!(
     inbox_applies_a_message_once,
     failed_attempts_leave_a_clean_slate,
     undeliverable_messages_are_parked,
+    stored_messages_wake_the_dispatcher,
+    old_rows_are_cleaned_up,
 );
