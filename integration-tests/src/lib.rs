@@ -13,6 +13,7 @@
 
 pub mod conformance;
 pub mod db;
+pub mod kafka;
 pub mod rabbit;
 pub mod support;
 

@@ -94,6 +94,43 @@ fn rabbitmq_orders_publishes_and_consumes() {
     }
 }
 
+#[test]
+fn kafka_orders_publishes_and_consumes() {
+    busway_integration_tests::kafka::require_broker();
+    let consumer = Command::new(example("kafka-orders"))
+        .args(["consume", "--count", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("consume starts");
+    std::thread::sleep(Duration::from_secs(2));
+    let publish = Command::new(example("kafka-orders"))
+        .args(["publish", "--count", "3"])
+        .output()
+        .expect("publish runs");
+    assert!(
+        publish.status.success(),
+        "{}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    let out = consumer.wait_with_output().expect("consume exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["orderId"].is_string() && l["total"].is_string())
+    );
+}
+
 fn run_outbox_orders(database_url: Option<&str>) {
     let mut command = Command::new(example("outbox-orders"));
     match database_url {

@@ -54,3 +54,24 @@ ensure_postgres() {
     fi
   fi
 }
+
+TANSU_VERSION=0.6.0
+
+ensure_tansu() {
+  if port_open 127.0.0.1 9092; then
+    log "a Kafka-protocol broker is up on 127.0.0.1:9092"
+    return 0
+  fi
+  if ! command -v tansu >/dev/null 2>&1; then
+    log "installing tansu $TANSU_VERSION (cargo install; about 10 minutes on 2 cores)"
+    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  fi
+  local dir="${TMPDIR:-/tmp}/busway-tansu"
+  mkdir -p "$dir"
+  log "starting tansu on 127.0.0.1:9092 (memory storage; log in $dir/broker.log)"
+  nohup tansu broker \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ >"$dir/broker.log" 2>&1 &
+  wait_port 127.0.0.1 9092 30 tansu
+}

@@ -344,6 +344,7 @@ pub struct BusBuilder {
     endpoints: Vec<EndpointConfigurator>,
     formatter: Arc<dyn EndpointNameFormatter>,
     serializers: Serializers,
+    serializer_chosen: bool,
     defaults: EndpointDefaults,
     consume_layers: Vec<ConsumeLayer>,
     send_layers: Vec<SendLayer>,
@@ -360,6 +361,7 @@ impl Default for BusBuilder {
             endpoints: Vec::new(),
             formatter: Arc::new(KebabCaseEndpointNameFormatter::new()),
             serializers: Serializers::default(),
+            serializer_chosen: false,
             defaults: EndpointDefaults::default(),
             consume_layers: Vec::new(),
             send_layers: Vec::new(),
@@ -452,6 +454,7 @@ impl BusBuilder {
     /// serializers are always available for reading.
     pub fn serializer(mut self, serializer: impl Serializer) -> Self {
         self.serializers.set_default(Arc::new(serializer));
+        self.serializer_chosen = true;
         self
     }
 
@@ -598,6 +601,12 @@ impl BusBuilder {
             entry.registrations.extend(auto.registrations);
         }
 
+        let mut serializers = self.serializers;
+        if !self.serializer_chosen
+            && let Some(preferred) = transport.default_serializer()
+        {
+            serializers.set_default(preferred);
+        }
         let capabilities = transport.capabilities();
         let mut defaults = self.defaults.clone();
         if defaults.prefetch.is_none() && defaults.concurrency.is_none() {
@@ -640,7 +649,7 @@ impl BusBuilder {
         let observers = Observers::new(self.observers);
         let mut send: SendService = BoxCloneSyncService::new(TransportSender::new(
             transport.clone(),
-            self.serializers.clone(),
+            serializers.clone(),
             observers.clone(),
         ));
         for layer in self.send_layers.iter().rev() {
@@ -654,7 +663,7 @@ impl BusBuilder {
         };
         let inner = BusInner {
             transport,
-            serializers: self.serializers,
+            serializers,
             send_pipeline: send,
             host,
             address,

@@ -120,6 +120,7 @@ impl Serializer for MassTransitJson {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RawJson {
     accept_any_message_type: bool,
+    rider_names: bool,
 }
 
 impl RawJson {
@@ -134,6 +135,16 @@ impl RawJson {
     pub fn accept_any_message_type(mut self) -> Self {
         self.accept_any_message_type = true;
         self
+    }
+
+    /// Raw JSON with the header names MassTransit's Kafka and Event Hub riders write
+    /// (`MessageId`, `CorrelationId`, `ConversationId`, `InitiatorId`, `SourceAddress`,
+    /// `DestinationAddress`, plus `MT-MessageType`). Reading accepts both namings.
+    pub fn rider() -> Self {
+        Self {
+            accept_any_message_type: false,
+            rider_names: true,
+        }
     }
 }
 
@@ -169,18 +180,35 @@ impl Serializer for RawJson {
         set_id(names::MESSAGE_ID, envelope.message_id);
         set_id(names::CORRELATION_ID, envelope.correlation_id);
         set_id(names::CONVERSATION_ID, envelope.conversation_id);
-        set_id(names::INITIATOR_ID, envelope.initiator_id);
+        set_id(
+            if self.rider_names {
+                "InitiatorId"
+            } else {
+                names::INITIATOR_ID
+            },
+            envelope.initiator_id,
+        );
         set_id(names::REQUEST_ID, envelope.request_id);
         let types: Vec<&str> = envelope.message_type.iter().map(Urn::as_str).collect();
         headers.insert(names::MESSAGE_TYPE, types.join(";"));
+        let source = if self.rider_names {
+            "SourceAddress"
+        } else {
+            names::SOURCE_ADDRESS
+        };
         for (name, value) in [
             (names::RESPONSE_ADDRESS, &envelope.response_address),
             (names::FAULT_ADDRESS, &envelope.fault_address),
-            (names::SOURCE_ADDRESS, &envelope.source_address),
+            (source, &envelope.source_address),
         ] {
             if let Some(v) = value {
                 headers.insert(name, v.as_str());
             }
+        }
+        if self.rider_names
+            && let Some(v) = &envelope.destination_address
+        {
+            headers.insert("DestinationAddress", v.as_str());
         }
         if let Some(host) = &envelope.host {
             let json = serde_json::to_string(host).map_err(|e| {

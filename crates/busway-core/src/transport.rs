@@ -126,6 +126,13 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
         None
     }
 
+    /// The serializer this transport writes with when the application chose none (Kafka
+    /// writes raw JSON with identity in headers, as MassTransit's rider does). `None` keeps
+    /// MassTransit's JSON envelope.
+    fn default_serializer(&self) -> Option<std::sync::Arc<dyn crate::serializer::Serializer>> {
+        None
+    }
+
     /// What the transport supports beyond publish, send and receive.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()

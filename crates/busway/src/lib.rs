@@ -26,6 +26,12 @@ pub use busway_core::{
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use busway_macros::Message;
 
+/// The Kafka transport: `busway::kafka::Kafka`.
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+#[doc(inline)]
+pub use busway_kafka as kafka;
+
 /// The RabbitMQ transport: `busway::rabbitmq::RabbitMq`.
 #[cfg(feature = "rabbitmq")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbitmq")))]

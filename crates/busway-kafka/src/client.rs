@@ -1,0 +1,290 @@
+//! The producer and admin client shared by a transport: producing with delivery reports,
+//! creating (or verifying) topics, and converting records.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use busway_core::headers::names;
+use busway_core::{Error, ErrorKind, Headers, Result, TransportMessage};
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers as _, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+
+/// The producer, the admin client and what is known about topics.
+pub(crate) struct Client {
+    pub(crate) config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    known: Mutex<HashSet<String>>,
+}
+
+fn config_error(err: KafkaError) -> Error {
+    Error::with_source(
+        ErrorKind::Config,
+        "the Kafka client configuration is not valid",
+        err,
+    )
+}
+
+/// A Kafka error as a busway error: timeouts and unreachable brokers are `Unavailable`.
+pub(crate) fn kafka_error(what: String, err: KafkaError) -> Error {
+    let unavailable = matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+        )
+    );
+    let kind = if unavailable {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Transport
+    };
+    Error::with_source(kind, what, err)
+}
+
+impl Client {
+    /// The base librdkafka configuration: brokers and the user's properties.
+    pub(crate) fn base_config(config: &KafkaConfig) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.brokers);
+        for (k, v) in &config.properties {
+            c.set(k, v);
+        }
+        c
+    }
+
+    pub(crate) fn new(config: KafkaConfig) -> Result<Self> {
+        let mut producer_config = Self::base_config(&config);
+        for (k, v) in [
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "1"),
+        ] {
+            if !config.properties.contains_key(k) && !config.producer_properties.contains_key(k) {
+                producer_config.set(k, v);
+            }
+        }
+        for (k, v) in &config.producer_properties {
+            producer_config.set(k, v);
+        }
+        let timeout_ms = config.publish_timeout.as_millis().max(1).to_string();
+        producer_config.set("message.timeout.ms", &timeout_ms);
+        let producer: FutureProducer = producer_config.create().map_err(config_error)?;
+        let admin: AdminClient<DefaultClientContext> =
+            Self::base_config(&config).create().map_err(config_error)?;
+        Ok(Self {
+            config,
+            producer,
+            admin,
+            known: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Checks that the brokers answer (fetches metadata), with a clear error if not.
+    pub(crate) async fn check_connection(&self, timeout: Duration) -> Result<()> {
+        let producer = self.producer.clone();
+        let brokers = self.config.brokers.clone();
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| Error::transport("the metadata request did not finish", e))?
+            .map(|_| ())
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "could not reach Kafka at {brokers}; is it running? (tests use tansu: `scripts/services` starts it)"
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// Makes sure `topic` exists: creates it (with the configured partitions and replication)
+    /// or, when creating is off or not allowed, checks that it is there.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        if self
+            .known
+            .lock()
+            .map(|k| k.contains(topic))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let mut created = false;
+        let mut last_error = None;
+        if self.config.create_topics {
+            let new = NewTopic::new(
+                topic,
+                self.config.partitions,
+                TopicReplication::Fixed(self.config.replication),
+            );
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+            match self.admin.create_topics([&new], &options).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) | None => created = true,
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => created = true,
+                    Some(Err((_, code))) => last_error = Some(format!("{code}")),
+                },
+                Err(e) => last_error = Some(e.to_string()),
+            }
+        }
+        if !created {
+            let producer = self.producer.clone();
+            let name = topic.to_string();
+            let exists = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&name), Duration::from_secs(10))
+                    .map(|m| {
+                        m.topics().iter().any(|t| {
+                            t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                        })
+                    })
+            })
+            .await
+            .map_err(|e| Error::transport("the metadata request did not finish", e))?
+            .unwrap_or(false);
+            if !exists {
+                return Err(Error::new(
+                    ErrorKind::Transport,
+                    format!(
+                        "the Kafka topic `{topic}` does not exist and could not be created{}",
+                        last_error.map(|e| format!(" ({e})")).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(topic.to_string());
+        }
+        Ok(())
+    }
+
+    /// Deletes topics (temporary endpoints' topics at shutdown).
+    pub(crate) async fn delete_topics(&self, topics: &[String]) {
+        if topics.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        if let Err(e) = self.admin.delete_topics(&names, &options).await {
+            tracing::debug!(error = %e, "could not delete temporary topics");
+        }
+        if let Ok(mut k) = self.known.lock() {
+            for t in topics {
+                k.remove(t);
+            }
+        }
+    }
+
+    /// Produces `message` to `topic` and waits for the delivery report.
+    pub(crate) async fn produce(&self, topic: &str, message: &TransportMessage) -> Result<()> {
+        self.ensure_topic(topic).await?;
+        let headers = to_kafka_headers(message);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&message.body[..])
+            .headers(headers);
+        if let Some(key) = &message.partition_key {
+            record = record.key(key.as_bytes());
+        }
+        self.producer
+            .send(record, Timeout::After(self.config.publish_timeout))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| kafka_error(format!("producing to Kafka topic `{topic}` failed"), e))
+    }
+}
+
+/// Headers of a message as Kafka headers: strings as UTF-8, other values as JSON; the
+/// content type as `Content-Type`.
+pub(crate) fn to_kafka_headers(message: &TransportMessage) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 1);
+    if let Some(ct) = &message.content_type {
+        headers = headers.insert(Header {
+            key: names::CONTENT_TYPE,
+            value: Some(ct.as_bytes()),
+        });
+    }
+    for (k, v) in message.headers.iter() {
+        if k.eq_ignore_ascii_case(names::CONTENT_TYPE) {
+            continue;
+        }
+        let text = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => continue,
+            other => other.to_string(),
+        };
+        headers = headers.insert(Header {
+            key: k,
+            value: Some(text.as_bytes()),
+        });
+    }
+    headers
+}
+
+/// A Kafka record as a transport message. Header values are read as text.
+pub(crate) fn from_record<M: Message>(record: &M) -> TransportMessage {
+    let mut headers = Headers::new();
+    let mut content_type = None;
+    if let Some(h) = record.headers() {
+        for header in h.iter() {
+            let value = header
+                .value
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            if header.key.eq_ignore_ascii_case(names::CONTENT_TYPE) {
+                content_type = Some(value);
+                continue;
+            }
+            headers.insert(header.key, value);
+        }
+    }
+    let body = Bytes::copy_from_slice(record.payload().unwrap_or_default());
+    // MassTransit's Kafka rider labels raw JSON bodies `application/vnd.masstransit+json`;
+    // read such bodies as the raw JSON they are.
+    if content_type.as_deref() == Some(busway_core::serializer::MASSTRANSIT_JSON)
+        && !looks_like_envelope(&body)
+    {
+        content_type = Some(busway_core::serializer::RAW_JSON.to_string());
+    }
+    TransportMessage {
+        message_id: headers.get_str(names::MESSAGE_ID).map(|s| s.into_owned()),
+        correlation_id: headers
+            .get_str(names::CORRELATION_ID)
+            .map(|s| s.into_owned()),
+        content_type,
+        headers,
+        body,
+        time_to_live: None,
+        partition_key: record
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+    }
+}
+
+/// False only for a JSON object without the envelope's `message` and `messageType` (a body
+/// that is not JSON at all is left to the envelope reader, which says what is wrong).
+fn looks_like_envelope(body: &[u8]) -> bool {
+    let Ok(map) =
+        serde_json::from_slice::<std::collections::HashMap<String, serde::de::IgnoredAny>>(body)
+    else {
+        return true;
+    };
+    let has = |k: &str| map.keys().any(|key| key.eq_ignore_ascii_case(k));
+    has("message") && has("messageType")
+}

@@ -1,0 +1,147 @@
+//! Configuration: brokers, librdkafka properties, topics, commits and the in-flight window.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use busway_core::Urn;
+use busway_core::urn::EntityNameStyle;
+
+/// The environment variable [`crate::Kafka::from_env`] reads.
+pub const BROKERS_ENV: &str = "BUSWAY_KAFKA_BROKERS";
+
+/// The brokers used when [`BROKERS_ENV`] is not set.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+
+/// Kafka client options. Build them with [`crate::Kafka::builder`].
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub(crate) brokers: String,
+    pub(crate) properties: BTreeMap<String, String>,
+    pub(crate) producer_properties: BTreeMap<String, String>,
+    pub(crate) consumer_properties: BTreeMap<String, String>,
+    pub(crate) partitions: i32,
+    pub(crate) replication: i32,
+    pub(crate) create_topics: bool,
+    pub(crate) topics: BTreeMap<String, String>,
+    pub(crate) publish_timeout: Duration,
+    pub(crate) max_in_flight: usize,
+    pub(crate) commit_interval: Duration,
+    pub(crate) commit_every: i64,
+    pub(crate) dead_letter: String,
+    pub(crate) skipped: String,
+    pub(crate) prefix: String,
+}
+
+impl KafkaConfig {
+    pub(crate) fn new(brokers: &str) -> Self {
+        Self {
+            brokers: brokers.trim().to_string(),
+            properties: BTreeMap::new(),
+            producer_properties: BTreeMap::new(),
+            consumer_properties: BTreeMap::new(),
+            partitions: 3,
+            replication: 1,
+            create_topics: true,
+            topics: BTreeMap::new(),
+            publish_timeout: Duration::from_secs(30),
+            max_in_flight: 1000,
+            commit_interval: Duration::from_secs(1),
+            commit_every: 100,
+            dead_letter: "{topic}.{group}.error".to_string(),
+            skipped: "{topic}.{group}.skipped".to_string(),
+            prefix: String::new(),
+        }
+    }
+
+    /// `name` with the topic prefix, made a valid topic name.
+    pub fn prefixed(&self, name: &str) -> String {
+        sanitize(&format!("{}{name}", self.prefix))
+    }
+
+    /// The bootstrap servers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The prefix of derived topic names (empty by default).
+    pub fn topic_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The topic a message type is published to: the configured one, else its MassTransit
+    /// name with `:` as `.` (`urn:message:Contracts:OrderPlaced` → `Contracts.OrderPlaced`).
+    pub fn topic_for(&self, message_type: &Urn) -> String {
+        if let Some(t) = self.topics.get(message_type.as_str()) {
+            return t.clone();
+        }
+        self.prefixed(
+            &message_type
+                .entity_name(&EntityNameStyle::RABBITMQ)
+                .replace(':', "."),
+        )
+    }
+
+    /// The dead-letter topic of `topic` for consumer group `group`.
+    pub fn dead_letter_topic(&self, topic: &str, group: &str) -> String {
+        sanitize(
+            &self
+                .dead_letter
+                .replace("{topic}", topic)
+                .replace("{group}", group),
+        )
+    }
+
+    /// The skipped topic of `topic` for consumer group `group`.
+    pub fn skipped_topic(&self, topic: &str, group: &str) -> String {
+        sanitize(
+            &self
+                .skipped
+                .replace("{topic}", topic)
+                .replace("{group}", group),
+        )
+    }
+}
+
+/// A valid Kafka topic name: `[a-zA-Z0-9._-]`, at most 249 characters.
+pub fn sanitize(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    out.truncate(249);
+    if out.is_empty() || out == "." || out == ".." {
+        out = format!("_{out}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        let c = KafkaConfig::new(" 127.0.0.1:9092 ");
+        assert_eq!(c.brokers(), "127.0.0.1:9092");
+        assert_eq!(
+            c.topic_for(&Urn::new("urn:message:Contracts:OrderPlaced")),
+            "Contracts.OrderPlaced"
+        );
+        assert_eq!(
+            c.topic_for(&Urn::new("urn:message:Contracts:OrderPlaced").fault()),
+            "MassTransit.Fault--Contracts.OrderPlaced--"
+        );
+        assert_eq!(
+            c.dead_letter_topic("orders", "billing"),
+            "orders.billing.error"
+        );
+        assert_eq!(sanitize("a b/c"), "a_b_c");
+        assert_eq!(sanitize(".."), "_..");
+    }
+}

@@ -1,0 +1,616 @@
+//! Consuming: per-key lanes, a bounded in-flight window per partition, and commits that
+//! never pass an unfinished message.
+//!
+//! A pump task reads records and files them:
+//! - each partition keeps the offsets it handed out and whether each is finished; its commit
+//!   position is the lowest unfinished offset (or one past the highest finished);
+//! - a record with a key waits in its key's lane while an earlier record with the same key is
+//!   in flight, so one key is processed in order while different keys run in parallel (up to
+//!   the endpoint's concurrency); records without a key are not ordered;
+//! - when a partition holds `max_in_flight` unfinished records it is paused, and resumed when
+//!   half of them are done.
+//!
+//! Offsets are committed when a partition's position moved by `commit_every`, every
+//! `commit_interval`, when partitions are revoked, and when the endpoint closes.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use busway_core::headers::names;
+use busway_core::transport::{Delivery, MoveKind, Receiver, Settlement};
+use busway_core::{Error, ErrorKind, Result, TransportMessage};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Client, from_record, kafka_error};
+
+type PartitionKey = (String, i32);
+
+struct Part {
+    /// Offsets handed out and not yet committed past: offset → finished.
+    offsets: BTreeMap<i64, bool>,
+    /// Where the next commit would put the group (lowest unfinished, or one past the last).
+    position: Option<i64>,
+    /// The last position committed.
+    committed: Option<i64>,
+    last_commit: Instant,
+    paused: bool,
+    generation: u64,
+}
+
+struct Lane {
+    partition: PartitionKey,
+    waiting: VecDeque<Record>,
+}
+
+struct Record {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    message: TransportMessage,
+    redelivered: bool,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct State {
+    parts: HashMap<PartitionKey, Part>,
+    lanes: HashMap<(String, String), Lane>,
+    ready: VecDeque<Record>,
+    generation: u64,
+    stopped: bool,
+    handed_out: usize,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    fn file(&mut self, record: Record, window: usize) -> Option<PartitionKey> {
+        let pk = (record.topic.clone(), record.partition);
+        let generation = {
+            self.generation += 1;
+            self.generation
+        };
+        let part = self.parts.entry(pk.clone()).or_insert_with(|| Part {
+            offsets: BTreeMap::new(),
+            position: None,
+            committed: None,
+            last_commit: Instant::now(),
+            paused: false,
+            generation,
+        });
+        let record = Record {
+            generation: part.generation,
+            ..record
+        };
+        part.offsets.insert(record.offset, false);
+        let pause = part.offsets.len() >= window && !part.paused;
+        if pause {
+            part.paused = true;
+        }
+        match record.key.clone() {
+            None => self.ready.push_back(record),
+            Some(key) => {
+                let lane_key = (record.topic.clone(), key);
+                match self.lanes.get_mut(&lane_key) {
+                    Some(lane) => lane.waiting.push_back(record),
+                    None => {
+                        self.lanes.insert(
+                            lane_key,
+                            Lane {
+                                partition: pk.clone(),
+                                waiting: VecDeque::new(),
+                            },
+                        );
+                        self.ready.push_back(record);
+                    }
+                }
+            }
+        }
+        pause.then_some(pk)
+    }
+
+    /// Drops what belongs to revoked partitions; returns their commit positions.
+    fn revoke(&mut self, revoked: &[PartitionKey]) -> Vec<(PartitionKey, i64)> {
+        let mut commits = Vec::new();
+        for pk in revoked {
+            if let Some(part) = self.parts.remove(pk) {
+                if let Some(position) = part.position.filter(|p| Some(*p) != part.committed) {
+                    commits.push((pk.clone(), position));
+                }
+            }
+        }
+        self.ready
+            .retain(|r| !revoked.contains(&(r.topic.clone(), r.partition)));
+        self.lanes
+            .retain(|_, lane| !revoked.contains(&lane.partition));
+        commits
+    }
+
+    /// Positions that moved since their last commit (all, or only those due).
+    fn due_commits(
+        &mut self,
+        every: i64,
+        interval: Duration,
+        force: bool,
+    ) -> Vec<(PartitionKey, i64)> {
+        let mut out = Vec::new();
+        for (pk, part) in self.parts.iter_mut() {
+            let Some(position) = part.position else {
+                continue;
+            };
+            if part.committed == Some(position) {
+                continue;
+            }
+            let moved = position - part.committed.unwrap_or(position - every.max(1));
+            if force || moved >= every || part.last_commit.elapsed() >= interval {
+                part.committed = Some(position);
+                part.last_commit = Instant::now();
+                out.push((pk.clone(), position));
+            }
+        }
+        out
+    }
+}
+
+/// Consumer callbacks: commit what is finished before partitions are taken away.
+pub(crate) struct Ctx {
+    state: Arc<Mutex<State>>,
+    group: String,
+    assigned: Arc<Notify>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<PartitionKey> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let commits = lock(&self.state).revoke(&revoked);
+            if !commits.is_empty() {
+                let list = to_list(&commits);
+                if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                    tracing::warn!(group = %self.group, error = %e, "committing before a rebalance failed; those messages will be consumed again");
+                }
+            }
+            tracing::debug!(group = %self.group, partitions = revoked.len(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::debug!(group = %self.group, partitions = tpl.count(), "partitions assigned");
+            self.assigned.notify_waiters();
+        }
+    }
+}
+
+fn to_list(commits: &[(PartitionKey, i64)]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in commits {
+        let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    list
+}
+
+fn one_partition(pk: &PartitionKey) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&pk.0, pk.1);
+    list
+}
+
+/// One endpoint's consumer, shared by its receiver and the settlements it hands out.
+pub(crate) struct Shared {
+    consumer: StreamConsumer<Ctx>,
+    state: Arc<Mutex<State>>,
+    ready: Notify,
+    client: Arc<Client>,
+    group: String,
+    window: usize,
+    stop: CancellationToken,
+    /// Records without `MT-MessageType` are taken as this type (the endpoint's only one).
+    default_type: Option<String>,
+    /// Deliveries handed out and not settled, at most (the endpoint's prefetch).
+    prefetch: usize,
+}
+
+impl Shared {
+    fn commit(&self, commits: &[(PartitionKey, i64)], mode: CommitMode) {
+        if commits.is_empty() {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&to_list(commits), mode) {
+            tracing::warn!(group = %self.group, error = %e, "offset commit failed; it is retried with the next one");
+        }
+    }
+
+    fn finish(&self, record: &RecordRef) {
+        let config = &self.client.config;
+        let (resume, commits) = {
+            let mut state = lock(&self.state);
+            state.handed_out = state.handed_out.saturating_sub(1);
+            let pk = (record.topic.clone(), record.partition);
+            let mut resume = None;
+            if let Some(part) = state
+                .parts
+                .get_mut(&pk)
+                .filter(|p| p.generation == record.generation)
+            {
+                if let Some(done) = part.offsets.get_mut(&record.offset) {
+                    *done = true;
+                }
+                while let Some((&offset, &done)) = part.offsets.iter().next() {
+                    if !done {
+                        break;
+                    }
+                    part.offsets.remove(&offset);
+                    part.position = Some(offset + 1);
+                }
+                if part.paused && part.offsets.len() <= self.window / 2 {
+                    part.paused = false;
+                    resume = Some(pk.clone());
+                }
+            }
+            if let Some(key) = &record.key {
+                let lane_key = (record.topic.clone(), key.clone());
+                let next = state
+                    .lanes
+                    .get_mut(&lane_key)
+                    .and_then(|l| l.waiting.pop_front());
+                match next {
+                    Some(next) => {
+                        state.ready.push_back(next);
+                        self.ready.notify_one();
+                    }
+                    None => {
+                        state.lanes.remove(&lane_key);
+                    }
+                }
+            }
+            let commits = state.due_commits(config.commit_every, config.commit_interval, false);
+            (resume, commits)
+        };
+        self.ready.notify_one();
+        if let Some(pk) = resume {
+            match self.consumer.resume(&one_partition(&pk)) {
+                Ok(()) => {
+                    tracing::debug!(group = %self.group, topic = %pk.0, partition = pk.1, "partition resumed")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %self.group, error = %e, "could not resume a partition")
+                }
+            }
+        }
+        self.commit(&commits, CommitMode::Async);
+    }
+
+    fn requeue(&self, record: Record) {
+        let mut state = lock(&self.state);
+        state.handed_out = state.handed_out.saturating_sub(1);
+        let alive = state
+            .parts
+            .get(&(record.topic.clone(), record.partition))
+            .is_some_and(|p| p.generation == record.generation);
+        if alive {
+            state.ready.push_front(Record {
+                redelivered: true,
+                ..record
+            });
+            drop(state);
+            self.ready.notify_one();
+        }
+    }
+}
+
+/// Starts consuming `topics` as consumer group `group`.
+pub(crate) async fn start(
+    client: Arc<Client>,
+    group: &str,
+    topics: &[String],
+    window: usize,
+    prefetch: usize,
+    default_type: Option<String>,
+) -> Result<KafkaReceiver> {
+    for t in topics {
+        client.ensure_topic(t).await?;
+    }
+    let mut config = Client::base_config(&client.config);
+    config.set("group.id", group);
+    for (k, v) in [
+        ("auto.offset.reset", "earliest"),
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "2000"),
+        ("enable.partition.eof", "false"),
+    ] {
+        if !client.config.properties.contains_key(k)
+            && !client.config.consumer_properties.contains_key(k)
+        {
+            config.set(k, v);
+        }
+    }
+    for (k, v) in &client.config.consumer_properties {
+        config.set(k, v);
+    }
+    config.set("enable.auto.commit", "false");
+    config.set("enable.auto.offset.store", "false");
+    let state = Arc::new(Mutex::new(State::default()));
+    let assigned = Arc::new(Notify::new());
+    let consumer: StreamConsumer<Ctx> = config
+        .create_with_context(Ctx {
+            state: state.clone(),
+            group: group.to_string(),
+            assigned: assigned.clone(),
+        })
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                "the Kafka consumer configuration is not valid",
+                e,
+            )
+        })?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names).map_err(|e| {
+        kafka_error(
+            format!("subscribing group `{group}` to {topics:?} failed"),
+            e,
+        )
+    })?;
+    let shared = Arc::new(Shared {
+        consumer,
+        state,
+        ready: Notify::new(),
+        client,
+        group: group.to_string(),
+        window: window.max(1),
+        stop: CancellationToken::new(),
+        default_type,
+        prefetch: prefetch.max(1),
+    });
+    // Join the group before returning, so messages sent right after `start` are consumed by
+    // a settled group (a member that joins later takes partitions away mid-stream).
+    let joined = assigned.notified();
+    tokio::pin!(joined);
+    joined.as_mut().enable();
+    let pump = tokio::spawn(pump(shared.clone()));
+    if tokio::time::timeout(Duration::from_secs(30), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!(group = %group, "no partitions were assigned within 30 s; consuming will start when they are");
+    }
+    Ok(KafkaReceiver {
+        shared,
+        pump: Some(pump),
+    })
+}
+
+async fn pump(shared: Arc<Shared>) {
+    let config = &shared.client.config;
+    let mut tick = tokio::time::interval(config.commit_interval);
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            _ = tick.tick() => {
+                let commits = lock(&shared.state).due_commits(config.commit_every, config.commit_interval, false);
+                shared.commit(&commits, CommitMode::Async);
+            }
+            received = shared.consumer.recv() => match received {
+                Ok(m) => {
+                    failures = 0;
+                    let mut message = from_record(&m);
+                    if let Some(t) = &shared.default_type {
+                        message.headers.insert_if_absent(names::MESSAGE_TYPE, t.as_str());
+                    }
+                    let record = Record {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        message,
+                        redelivered: false,
+                        generation: 0,
+                    };
+                    drop(m);
+                    let pause = lock(&shared.state).file(record, shared.window);
+                    if let Some(pk) = pause {
+                        if let Err(e) = shared.consumer.pause(&one_partition(&pk)) {
+                            tracing::warn!(group = %shared.group, error = %e, "could not pause a full partition");
+                        } else {
+                            tracing::debug!(group = %shared.group, topic = %pk.0, partition = pk.1, "partition paused: in-flight window full");
+                        }
+                    }
+                    shared.ready.notify_one();
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 50 == 0 {
+                        tracing::warn!(group = %shared.group, error = %e, "Kafka consume error");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// The receiver the bus drives for one endpoint.
+pub(crate) struct KafkaReceiver {
+    shared: Arc<Shared>,
+    pump: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[async_trait]
+impl Receiver for KafkaReceiver {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            let notified = self.shared.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = lock(&self.shared.state);
+                if state.stopped {
+                    return None;
+                }
+                let room = state.handed_out < self.shared.prefetch;
+                if let Some(record) = if room { state.ready.pop_front() } else { None } {
+                    state.handed_out += 1;
+                    drop(state);
+                    let message = record.message.clone();
+                    let redelivered = record.redelivered;
+                    return Some(Ok(Delivery {
+                        message,
+                        redelivered,
+                        delivery_count: None,
+                        settlement: Box::new(KafkaSettlement {
+                            shared: self.shared.clone(),
+                            record: Some(record),
+                        }),
+                    }));
+                }
+                tracing::trace!(
+                    group = %self.shared.group,
+                    ready = state.ready.len(),
+                    handed_out = state.handed_out,
+                    lanes = state.lanes.len(),
+                    "waiting for records"
+                );
+            }
+            notified.await;
+        }
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        lock(&self.shared.state).stopped = true;
+        self.shared.stop.cancel();
+        self.shared.ready.notify_waiters();
+        if let Some(pump) = self.pump.take() {
+            let _ = pump.await;
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        let commits = lock(&self.shared.state).due_commits(0, Duration::ZERO, true);
+        if !commits.is_empty() {
+            let shared = self.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || shared.commit(&commits, CommitMode::Sync))
+                .await;
+        }
+        self.shared.consumer.unsubscribe();
+        Ok(())
+    }
+}
+
+/// What a settlement needs to know about its record after handing the message out.
+struct RecordRef {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    generation: u64,
+}
+
+impl From<&Record> for RecordRef {
+    fn from(r: &Record) -> Self {
+        Self {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            key: r.key.clone(),
+            generation: r.generation,
+        }
+    }
+}
+
+struct KafkaSettlement {
+    shared: Arc<Shared>,
+    record: Option<Record>,
+}
+
+impl KafkaSettlement {
+    fn complete(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.shared.finish(&RecordRef::from(&record));
+        }
+    }
+}
+
+#[async_trait]
+impl Settlement for KafkaSettlement {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.complete();
+        Ok(())
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<()> {
+        if let Some(record) = self.record.take() {
+            self.shared.requeue(record);
+        }
+        Ok(())
+    }
+
+    async fn move_to(
+        mut self: Box<Self>,
+        kind: MoveKind,
+        mut message: TransportMessage,
+    ) -> Result<()> {
+        let Some(record) = self.record.as_ref() else {
+            return Ok(());
+        };
+        let config = &self.shared.client.config;
+        let topic = match kind {
+            MoveKind::Skipped => config.skipped_topic(&record.topic, &self.shared.group),
+            _ => config.dead_letter_topic(&record.topic, &self.shared.group),
+        };
+        message
+            .headers
+            .insert("MT-Fault-Topic", record.topic.as_str());
+        message
+            .headers
+            .insert("MT-Fault-Partition", i64::from(record.partition));
+        message.headers.insert("MT-Fault-Offset", record.offset);
+        if message.partition_key.is_none() {
+            message.partition_key = record.key.clone();
+        }
+        if message.content_type.is_none() {
+            message.content_type = record.message.content_type.clone();
+        }
+        message.headers.remove(names::CONTENT_TYPE);
+        self.shared.client.produce(&topic, &message).await?;
+        self.complete();
+        Ok(())
+    }
+
+    async fn redeliver(
+        self: Box<Self>,
+        _message: TransportMessage,
+        _delay: std::time::Duration,
+    ) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "Kafka has no delayed delivery; use in-process retry",
+        ))
+    }
+}
+
+impl Drop for KafkaSettlement {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            self.shared.requeue(record);
+        }
+    }
+}

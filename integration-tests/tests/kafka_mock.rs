@@ -1,0 +1,162 @@
+//! Kafka behaviour a tansu broker cannot show, on librdkafka's own mock cluster
+//! (`rdkafka::mocking::MockCluster`, in-process): heavy back-pressure (pause/resume) with
+//! multi-record batches, and a broker that goes down and comes back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use busway::kafka::{Kafka, KafkaEndpointExt};
+use busway::prelude::*;
+use busway_integration_tests::support::{init_tracing, wait_until};
+use futures_util::StreamExt;
+use rdkafka::mocking::MockCluster;
+
+#[derive(Debug, Clone, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+struct Keyed {
+    #[message(key)]
+    key: u32,
+    seq: u32,
+}
+
+fn transport(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    timeout: Duration,
+) -> Kafka {
+    Kafka::builder(&cluster.bootstrap_servers())
+        .partitions(4)
+        .create_topics(false)
+        .publish_timeout(timeout)
+        .build()
+        .expect("config")
+}
+
+/// A window of 20 records per partition forces constant pausing and resuming while 5,000
+/// keyed messages flow: nothing is lost and every key stays in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_keeps_every_message_and_the_order() {
+    init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = transport(&cluster, Duration::from_secs(10));
+    cluster
+        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
+        .expect("topic");
+    cluster.create_topic("pressed", 4, 1).expect("topic");
+    let seen: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let s = seen.clone();
+    let bus = Bus::builder()
+        .transport(kafka.clone())
+        .receive_endpoint("pressed", move |e| {
+            e.prefetch(8)
+                .max_in_flight(20)
+                .handler(move |ctx: ConsumeContext<Keyed>| {
+                    let s = s.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        s.lock()
+                            .expect("lock")
+                            .entry(ctx.message().key)
+                            .or_default()
+                            .push(ctx.message().seq);
+                        Ok(())
+                    }
+                })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    futures_util::stream::iter(0..50u32)
+        .for_each_concurrent(50, |key| {
+            let bus = bus.clone();
+            async move {
+                for seq in 0..100u32 {
+                    bus.publish(Keyed { key, seq }).await.expect("publish");
+                }
+            }
+        })
+        .await;
+    wait_until(Duration::from_secs(60), "5,000 consumed", || {
+        seen.lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= 5000
+    })
+    .await;
+    for (key, seqs) in seen.lock().expect("lock").iter() {
+        assert_eq!(seqs.len(), 100, "key {key}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order"
+        );
+    }
+    running.shutdown().await.expect("shutdown");
+}
+
+/// While the broker is down a publish fails within its timeout as unavailable; when the
+/// broker is back, publishing and consuming resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
+    init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = transport(&cluster, Duration::from_secs(2));
+    cluster
+        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
+        .expect("topic");
+    cluster.create_topic("outage", 4, 1).expect("topic");
+    let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let s = seen.clone();
+    let bus = Bus::builder()
+        .transport(kafka.clone())
+        .receive_endpoint("outage", move |e| {
+            e.handler(move |ctx: ConsumeContext<Keyed>| {
+                let s = s.clone();
+                async move {
+                    s.lock().expect("lock").push(ctx.message().seq);
+                    Ok(())
+                }
+            })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    bus.publish(Keyed { key: 1, seq: 1 })
+        .await
+        .expect("publish while up");
+    wait_until(Duration::from_secs(30), "the first message", || {
+        seen.lock().expect("lock").contains(&1)
+    })
+    .await;
+
+    cluster.broker_down(1).expect("broker down");
+    let begun = Instant::now();
+    let err = bus
+        .publish(Keyed { key: 1, seq: 2 })
+        .await
+        .expect_err("no broker");
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        begun.elapsed() < Duration::from_secs(10),
+        "failed within its timeout: {:?}",
+        begun.elapsed()
+    );
+
+    cluster.broker_up(1).expect("broker up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match bus.publish(Keyed { key: 1, seq: 3 }).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => tracing::debug!(error = %e, "not yet"),
+            Err(e) => panic!("publishing did not recover: {e}"),
+        }
+    }
+    wait_until(Duration::from_secs(30), "consumption resumes", || {
+        seen.lock().expect("lock").contains(&3)
+    })
+    .await;
+    running.shutdown().await.expect("shutdown");
+}
