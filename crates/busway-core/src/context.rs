@@ -417,6 +417,12 @@ impl<M> ConsumeContext<M> {
         self.receive.redelivered()
     }
 
+    /// The broker's delivery count (1 on the first delivery), where the broker keeps one
+    /// (Azure Service Bus); `None` elsewhere.
+    pub fn delivery_count(&self) -> Option<u32> {
+        self.receive.delivery_count()
+    }
+
     /// Cancelled when the consumer should stop (timeout, shutdown deadline).
     pub fn cancellation(&self) -> &CancellationToken {
         self.receive.cancellation()
