@@ -26,6 +26,12 @@ pub use busway_core::{
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use busway_macros::Message;
 
+/// The Azure Service Bus transport: `busway::servicebus::ServiceBus`.
+#[cfg(feature = "azure-servicebus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "azure-servicebus")))]
+#[doc(inline)]
+pub use busway_azure_servicebus as servicebus;
+
 /// The Kafka transport: `busway::kafka::Kafka`.
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]

@@ -1,0 +1,976 @@
+//! The [`Transport`] implementation on Azure Service Bus (REST data plane).
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use azure_core::HttpClient;
+use azure_messaging_servicebus::prelude::{QueueClient, TopicClient};
+use azure_messaging_servicebus::service_bus::{
+    PeekLockResponse, SendMessageOptions, SettableBrokerProperties,
+};
+use busway_core::topology::EndpointTopology;
+use busway_core::transport::{
+    Capabilities, Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, Transport,
+};
+use busway_core::urn::EntityNameStyle;
+use busway_core::{
+    Address, AddressKind, Error, ErrorKind, Headers, Result, Topology, TransportMessage, Urn,
+};
+use bytes::Bytes;
+use serde::Deserialize;
+use sha1::{Digest, Sha1};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::{ConnectionString, Rebased};
+use crate::management::{Management, QueueSettings};
+
+/// The environment variable with a connection string for tests against a real namespace.
+pub const CONNECTION_STRING_ENV: &str = "BUSWAY_ASB_CONNECTION_STRING";
+
+/// The environment variable with a base URL to use instead of the namespace's (optional).
+pub const BASE_URL_ENV: &str = "BUSWAY_ASB_BASE_URL";
+
+/// MassTransit's Service Bus entity name for a message type: `Namespace/TypeName`, with
+/// `[]` replaced by `__`.
+pub fn topic_name(message_type: &Urn) -> String {
+    message_type
+        .entity_name(&EntityNameStyle::SERVICE_BUS)
+        .replace(['[', ']'], "_")
+}
+
+/// A subscription name for an endpoint: its last path segment, shortened past 50 characters
+/// to the first 43, `-`, and 6 characters of a SHA-1 of the whole name (as MassTransit does).
+pub fn subscription_name(endpoint: &str) -> String {
+    let last = endpoint.rsplit('/').next().unwrap_or(endpoint);
+    if last.chars().count() <= 50 {
+        return last.to_string();
+    }
+    let hash = Sha1::digest(last.as_bytes());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let head: String = last.chars().take(43).collect();
+    format!("{head}-{}", &hex[..6])
+}
+
+/// The Azure Service Bus transport.
+#[derive(Clone)]
+pub struct ServiceBus {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    http: Arc<dyn HttpClient>,
+    connection: ConnectionString,
+    management: Management,
+    settings: QueueSettings,
+    provision: bool,
+    base_url: Option<String>,
+    receive_wait: Duration,
+    temporaries: Mutex<Vec<String>>,
+}
+
+impl fmt::Debug for ServiceBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceBus")
+            .field("namespace", &self.shared.connection.namespace)
+            .field("key_name", &self.shared.connection.key_name)
+            .field("base_url", &self.shared.base_url)
+            .finish()
+    }
+}
+
+/// Builds a [`ServiceBus`] transport.
+pub struct ServiceBusBuilder {
+    connection: Result<ConnectionString>,
+    http: Option<Arc<dyn HttpClient>>,
+    base_url: Option<String>,
+    settings: QueueSettings,
+    provision: bool,
+    receive_wait: Duration,
+}
+
+impl fmt::Debug for ServiceBusBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceBusBuilder")
+            .field("connection", &self.connection.as_ref().ok())
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceBusBuilder {
+    /// Sends every request to `base_url` (`http://127.0.0.1:8080`) instead of
+    /// `https://<namespace>.servicebus.windows.net` (a local stand-in, a proxy).
+    pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
+        self.base_url = Some(base_url.into());
+        self
+    }
+
+    /// The HTTP client requests go through (default: azure_core's reqwest client).
+    pub fn http_client(mut self, client: Arc<dyn HttpClient>) -> Self {
+        self.http = Some(client);
+        self
+    }
+
+    /// Lock duration of queues and subscriptions busway creates (default 5 minutes).
+    pub fn lock_duration(mut self, duration: Duration) -> Self {
+        self.settings.lock_duration = duration;
+        self
+    }
+
+    /// Delivery attempts before Service Bus dead-letters a message (default 5).
+    pub fn max_delivery_count(mut self, count: u32) -> Self {
+        self.settings.max_delivery_count = count.max(1);
+        self
+    }
+
+    /// Whether busway creates queues, topics and subscriptions (default true). Turn it off
+    /// for keys without Manage rights; the entities must then exist.
+    pub fn provision(mut self, on: bool) -> Self {
+        self.provision = on;
+        self
+    }
+
+    /// How long one receive request waits for a message (default 1 s; whole seconds).
+    pub fn receive_wait(mut self, wait: Duration) -> Self {
+        self.receive_wait = wait;
+        self
+    }
+
+    /// The transport.
+    pub fn build(self) -> Result<ServiceBus> {
+        let connection = self.connection?;
+        let inner = self.http.unwrap_or_else(azure_core::new_http_client);
+        let http: Arc<dyn HttpClient> = match &self.base_url {
+            Some(base) => Arc::new(Rebased {
+                inner,
+                service: connection.service_url(),
+                base: base.clone(),
+            }),
+            None => inner,
+        };
+        Ok(ServiceBus {
+            shared: Arc::new(Shared {
+                management: Management::new(http.clone(), connection.clone()),
+                http,
+                connection,
+                settings: self.settings,
+                provision: self.provision,
+                base_url: self.base_url,
+                receive_wait: self.receive_wait,
+                temporaries: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+impl ServiceBus {
+    /// A builder for a connection string
+    /// (`Endpoint=sb://<ns>.servicebus.windows.net/;SharedAccessKeyName=..;SharedAccessKey=..`).
+    pub fn builder(connection_string: &str) -> ServiceBusBuilder {
+        ServiceBusBuilder {
+            connection: ConnectionString::parse(connection_string),
+            http: None,
+            base_url: None,
+            settings: QueueSettings {
+                lock_duration: Duration::from_secs(300),
+                max_delivery_count: 5,
+                auto_delete_on_idle: None,
+            },
+            provision: true,
+            receive_wait: Duration::from_secs(1),
+        }
+    }
+
+    /// A transport for a connection string with default options.
+    pub fn from_connection_string(connection_string: &str) -> Result<Self> {
+        Self::builder(connection_string).build()
+    }
+
+    /// A transport from `BUSWAY_ASB_CONNECTION_STRING` (and `BUSWAY_ASB_BASE_URL` if set).
+    pub fn from_env() -> Result<Self> {
+        let connection = std::env::var(CONNECTION_STRING_ENV).map_err(|_| {
+            Error::config(format!(
+                "set {CONNECTION_STRING_ENV} to a Service Bus connection string \
+                 (Endpoint=sb://<namespace>.servicebus.windows.net/;SharedAccessKeyName=..;SharedAccessKey=..)"
+            ))
+        })?;
+        let mut builder = Self::builder(&connection);
+        if let Ok(base) = std::env::var(BASE_URL_ENV) {
+            if !base.trim().is_empty() {
+                builder = builder.base_url(base.trim());
+            }
+        }
+        builder.build()
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.shared.connection.namespace
+    }
+
+    fn queue_client(&self, queue: &str) -> Result<QueueClient> {
+        let c = &self.shared.connection;
+        QueueClient::new(
+            self.shared.http.clone(),
+            c.namespace.clone(),
+            queue.to_string(),
+            c.key_name.clone(),
+            c.key.clone(),
+        )
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                "could not create a Service Bus queue client",
+                e,
+            )
+        })
+    }
+
+    /// Removes and returns up to `max` messages from a queue (receive-and-delete; a missing
+    /// queue yields nothing). A management helper for tests and tools.
+    pub async fn take(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
+        let mut out = Vec::new();
+        let client = self.queue_client(queue)?;
+        while out.len() < max {
+            let response = client
+                .peek_lock_message2(Some(Duration::ZERO))
+                .await
+                .map_err(|e| {
+                    Error::with_source(ErrorKind::Unavailable, "Service Bus did not answer", e)
+                })?;
+            if matches!(u16::from(*response.status()), 404 | 410) {
+                break;
+            }
+            let Some(received) = Received::read(&response)? else {
+                break;
+            };
+            out.push(received.message);
+            let _ = response.delete_message().await;
+        }
+        Ok(out)
+    }
+
+    /// The number of active (ready, not locked, not scheduled) messages in a queue, from its
+    /// management description (`CountDetails/ActiveMessageCount`); 0 for a missing queue.
+    pub async fn active_message_count(&self, queue: &str) -> Result<u64> {
+        let Some(entry) = self.shared.management.get(queue).await? else {
+            return Ok(0);
+        };
+        let count = entry
+            .split("ActiveMessageCount>")
+            .nth(1)
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            })
+            .and_then(|digits| digits.parse().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Transport,
+                    format!("the description of `{queue}` has no ActiveMessageCount"),
+                )
+            })?;
+        Ok(count)
+    }
+
+    /// Deletes queues (and their subscriptions' topics are left alone). A management helper.
+    pub async fn delete_queues(&self, queues: &[String]) -> Result<()> {
+        for q in queues {
+            self.shared.management.delete(q).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_queue(&self, name: &str, temporary: bool) -> Result<()> {
+        if !self.shared.provision {
+            return Ok(());
+        }
+        let mut settings = self.shared.settings.clone();
+        if temporary {
+            settings.auto_delete_on_idle = Some(Duration::from_secs(300));
+        }
+        self.shared.management.queue(name, &settings).await
+    }
+
+    async fn ensure_topic(&self, name: &str) -> Result<()> {
+        if !self.shared.provision {
+            return Ok(());
+        }
+        self.shared.management.topic(name).await
+    }
+
+    fn send_error(&self, entity: &str, e: azure_core::Error) -> Error {
+        let status = match e.kind() {
+            azure_core::error::ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
+            _ => None,
+        };
+        let c = &self.shared.connection;
+        match status {
+            Some(401 | 403) => Error::with_source(
+                ErrorKind::Config,
+                format!(
+                    "Service Bus namespace `{}` refused the shared access key `{}` when sending to `{entity}`; check the connection string and the key's Send rights",
+                    c.namespace, c.key_name
+                ),
+                e,
+            ),
+            Some(404 | 410) => Error::with_source(
+                ErrorKind::Transport,
+                format!(
+                    "Service Bus entity `{entity}` does not exist in namespace `{}`",
+                    c.namespace
+                ),
+                e,
+            ),
+            Some(400 | 413) => Error::with_source(
+                ErrorKind::Transport,
+                format!("Service Bus refused the message for `{entity}`"),
+                e,
+            ),
+            _ => Error::with_source(
+                ErrorKind::Unavailable,
+                format!("sending to Service Bus entity `{entity}` failed"),
+                e,
+            ),
+        }
+    }
+
+    async fn send_to_queue(
+        &self,
+        queue: &str,
+        message: &TransportMessage,
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        let body = utf8(message)?;
+        let options = send_options(message, delay);
+        self.queue_client(queue)?
+            .send_message(body, Some(options))
+            .await
+            .map_err(|e| self.send_error(queue, e))
+    }
+
+    async fn send_to_topic(
+        &self,
+        topic: &str,
+        message: &TransportMessage,
+        delay: Option<Duration>,
+    ) -> Result<()> {
+        let body = utf8(message)?;
+        let options = send_options(message, delay);
+        let c = &self.shared.connection;
+        let client = TopicClient::new(
+            self.shared.http.clone(),
+            c.namespace.clone(),
+            topic.to_string(),
+            c.key_name.clone(),
+            c.key.clone(),
+        )
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                "could not create a Service Bus topic client",
+                e,
+            )
+        })?;
+        client
+            .topic_sender()
+            .send_message(body, Some(options))
+            .await
+            .map_err(|e| self.send_error(topic, e))
+    }
+}
+
+fn utf8(message: &TransportMessage) -> Result<&str> {
+    std::str::from_utf8(&message.body).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Serialize,
+            "the Service Bus REST API carries text bodies; this body is not UTF-8",
+            e,
+        )
+    })
+}
+
+/// The "N" form of a GUID (32 hex digits), as MassTransit writes Service Bus ids.
+fn n_form(id: &str) -> String {
+    match uuid::Uuid::parse_str(id.trim()) {
+        Ok(u) => u.simple().to_string(),
+        Err(_) => id.to_string(),
+    }
+}
+
+/// A JSON header value as the REST API wants custom properties: JSON text, ASCII only.
+fn property_value(value: &serde_json::Value) -> String {
+    let json = serde_json::to_string(value).unwrap_or_default();
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0u16; 2];
+            for unit in c.encode_utf16(&mut buf) {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out
+}
+
+fn send_options(message: &TransportMessage, delay: Option<Duration>) -> SendMessageOptions {
+    let scheduled = delay.filter(|d| !d.is_zero()).map(|d| {
+        // The REST API takes whole seconds (RFC 2822); round up so a delay is never shortened.
+        let at = time::OffsetDateTime::now_utc() + d;
+        let rounded = at.replace_nanosecond(0).unwrap_or(at);
+        if rounded < at {
+            rounded + time::Duration::SECOND
+        } else {
+            rounded
+        }
+    });
+    let reply_to = message
+        .headers
+        .get_str(busway_core::headers::names::RESPONSE_ADDRESS)
+        .map(|s| s.into_owned());
+    let mut custom = std::collections::HashMap::new();
+    for (k, v) in message.headers.iter() {
+        if v.is_null() {
+            continue;
+        }
+        custom.insert(k.to_string(), property_value(v));
+    }
+    SendMessageOptions {
+        content_type: message.content_type.clone(),
+        broker_properties: Some(SettableBrokerProperties {
+            message_id: message.message_id.as_deref().map(n_form),
+            correlation_id: message.correlation_id.as_deref().map(n_form),
+            time_to_live: message.time_to_live,
+            scheduled_enqueue_time_utc: scheduled,
+            reply_to,
+            ..SettableBrokerProperties::default()
+        }),
+        custom_properties: Some(custom),
+    }
+}
+
+/// The broker properties busway reads from a received message.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ReceivedProperties {
+    delivery_count: u32,
+    #[serde(default)]
+    lock_token: String,
+    #[serde(default)]
+    locked_until_utc: Option<String>,
+    #[serde(default)]
+    message_id: Option<String>,
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    time_to_live: Option<f64>,
+}
+
+const STANDARD_HEADERS: [&str; 12] = [
+    "brokerproperties",
+    "content-type",
+    "content-length",
+    "location",
+    "date",
+    "server",
+    "transfer-encoding",
+    "strict-transport-security",
+    "connection",
+    "keep-alive",
+    "x-ms-request-id",
+    "vary",
+];
+
+struct Received {
+    message: TransportMessage,
+    delivery_count: u32,
+    lock_left: Option<Duration>,
+}
+
+impl Received {
+    fn read(response: &PeekLockResponse) -> Result<Option<Received>> {
+        let status = u16::from(*response.status());
+        match status {
+            204 => return Ok(None),
+            200 | 201 => {}
+            401 | 403 => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!("Service Bus refused the key ({status})"),
+                ));
+            }
+            404 | 410 => {
+                return Err(Error::new(
+                    ErrorKind::Transport,
+                    "the entity does not exist (it was deleted, or was never created with provisioning off)",
+                ));
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("Service Bus answered {status} to a receive"),
+                ));
+            }
+        }
+        let headers: azure_core::headers::Headers = match response.custom_properties() {
+            Ok(h) => h,
+            Err(never) => match never {},
+        };
+        let mut props: Option<ReceivedProperties> = None;
+        let mut content_type = None;
+        let mut out = Headers::new();
+        for (name, value) in headers.iter() {
+            let name = name.as_str();
+            let value = value.as_str();
+            match name {
+                "brokerproperties" => props = serde_json::from_str(value).ok(),
+                "content-type" => content_type = Some(value.to_string()),
+                _ if STANDARD_HEADERS.contains(&name) => {}
+                _ => {
+                    let parsed = serde_json::from_str::<serde_json::Value>(value)
+                        .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+                    out.insert(name, parsed);
+                }
+            }
+        }
+        let Some(props) = props else {
+            return Ok(None);
+        };
+        if let Some(label) = &props.label {
+            out.insert_if_absent("Label", label.as_str());
+        }
+        if let Some(reply_to) = &props.reply_to {
+            out.insert_if_absent("ReplyTo", reply_to.as_str());
+        }
+        let lock_left = props
+            .locked_until_utc
+            .as_deref()
+            .and_then(|t| {
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc2822).ok()
+            })
+            .map(|until| until - time::OffsetDateTime::now_utc())
+            .and_then(|d| Duration::try_from(d).ok());
+        let _ = &props.lock_token;
+        Ok(Some(Received {
+            message: TransportMessage {
+                body: Bytes::from(response.body()),
+                content_type,
+                message_id: props.message_id.clone(),
+                correlation_id: props.correlation_id.clone(),
+                headers: out,
+                time_to_live: props
+                    .time_to_live
+                    .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
+                    .map(Duration::from_secs_f64),
+                partition_key: None,
+            },
+            delivery_count: props.delivery_count,
+            lock_left,
+        }))
+    }
+}
+
+#[async_trait]
+impl Transport for ServiceBus {
+    fn system(&self) -> &'static str {
+        "servicebus"
+    }
+
+    fn endpoint_address(&self, name: &str) -> String {
+        format!(
+            "sb://{}.servicebus.windows.net/{name}",
+            self.shared.connection.namespace
+        )
+    }
+
+    fn temporary_endpoint_address(&self, name: &str) -> String {
+        format!("{}?autodelete=300", self.endpoint_address(name))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new().with_delayed_delivery(true)
+    }
+
+    fn publish_address(&self, message_type: &Urn) -> String {
+        format!(
+            "{}?type=topic",
+            self.endpoint_address(&topic_name(message_type))
+        )
+    }
+
+    async fn deploy(&self, topology: &Topology) -> Result<()> {
+        for e in &topology.endpoints {
+            self.ensure_queue(&e.name, e.temporary).await?;
+            if e.bind_message_types {
+                for t in &e.message_types {
+                    let topic = topic_name(t);
+                    self.ensure_topic(&topic).await?;
+                    if self.shared.provision {
+                        self.shared
+                            .management
+                            .subscription(
+                                &topic,
+                                &subscription_name(&e.name),
+                                &e.name,
+                                &self.shared.settings,
+                            )
+                            .await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        message_types: &[Urn],
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()> {
+        let first = message_types
+            .first()
+            .ok_or_else(|| Error::config("cannot publish a message without a message type"))?;
+        let topic = topic_name(first);
+        self.ensure_topic(&topic).await?;
+        self.send_to_topic(&topic, &message, options.delay).await
+    }
+
+    async fn send(
+        &self,
+        address: &Address,
+        message: TransportMessage,
+        options: &DeliveryOptions,
+    ) -> Result<()> {
+        match address.kind() {
+            AddressKind::Topic | AddressKind::Exchange => {
+                self.ensure_topic(address.name()).await?;
+                self.send_to_topic(address.name(), &message, options.delay)
+                    .await
+            }
+            AddressKind::Uri => {
+                let scheme = address.scheme().unwrap_or_default();
+                if scheme != "sb" {
+                    return Err(Error::new(
+                        ErrorKind::Address,
+                        format!(
+                            "the Service Bus transport cannot send to `{address}` (scheme `{scheme}`)"
+                        ),
+                    ));
+                }
+                let mut path = address.path().to_vec();
+                path.push(address.name().to_string());
+                let entity = path.join("/");
+                if address.query("type") == Some("topic") {
+                    self.ensure_topic(&entity).await?;
+                    self.send_to_topic(&entity, &message, options.delay).await
+                } else {
+                    self.ensure_queue(&entity, address.query("autodelete").is_some())
+                        .await?;
+                    self.send_to_queue(&entity, &message, options.delay).await
+                }
+            }
+            _ => {
+                self.ensure_queue(address.name(), false).await?;
+                self.send_to_queue(address.name(), &message, options.delay)
+                    .await
+            }
+        }
+    }
+
+    async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
+        self.ensure_queue(&endpoint.name, endpoint.temporary)
+            .await?;
+        if endpoint.temporary {
+            if let Ok(mut t) = self.shared.temporaries.lock() {
+                t.push(endpoint.name.clone());
+            }
+        }
+        let prefetch = usize::from(endpoint.prefetch.max(1));
+        let pollers = prefetch.clamp(1, 8);
+        let permits = Arc::new(Semaphore::new(prefetch));
+        let (tx, rx) = mpsc::channel(prefetch);
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for _ in 0..pollers {
+            tasks.push(tokio::spawn(poll(
+                self.clone(),
+                endpoint.name.clone(),
+                permits.clone(),
+                tx.clone(),
+                stop.clone(),
+            )));
+        }
+        Ok(Box::new(SbReceiver { rx, stop, tasks }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let temporaries = self
+            .shared
+            .temporaries
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for q in temporaries {
+            if let Err(e) = self.shared.management.delete(&q).await {
+                tracing::debug!(queue = %q, error = %e, "could not delete a temporary queue");
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn poll(
+    bus: ServiceBus,
+    queue: String,
+    permits: Arc<Semaphore>,
+    tx: mpsc::Sender<Result<Delivery>>,
+    stop: CancellationToken,
+) {
+    let client = match bus.queue_client(&queue) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+    };
+    let wait = bus.shared.receive_wait;
+    let mut failures = 0u32;
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let response = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.peek_lock_message2(Some(wait)) => r,
+        };
+        let outcome = match response {
+            Ok(response) => Received::read(&response).map(|r| r.map(|r| (r, response))),
+            Err(e) => Err(Error::with_source(
+                ErrorKind::Unavailable,
+                format!("Service Bus did not answer a receive on `{queue}`"),
+                e,
+            )),
+        };
+        let received = match outcome {
+            Ok(received) => received,
+            Err(e) => {
+                drop(permit);
+                failures += 1;
+                if failures == 1 || failures % 20 == 0 {
+                    tracing::warn!(queue = %queue, error = %e, failures, "Service Bus receive failed");
+                }
+                if e.is_config() && failures == 1 {
+                    // The endpoint reports it (a key without Listen rights, a revoked key).
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = tx.send(Err(e)) => if r.is_err() { return },
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(50)))) => {}
+                }
+                continue;
+            }
+        };
+        let Some((received, lock)) = received else {
+            drop(permit);
+            continue;
+        };
+        failures = 0;
+        let renew = CancellationToken::new();
+        let lock = Arc::new(lock);
+        tokio::spawn(renew_lock(
+            lock.clone(),
+            received.lock_left,
+            renew.clone(),
+            queue.clone(),
+        ));
+        let delivery = Delivery {
+            message: received.message,
+            redelivered: received.delivery_count > 1,
+            delivery_count: Some(received.delivery_count),
+            settlement: Box::new(SbSettlement {
+                bus: bus.clone(),
+                queue: queue.clone(),
+                lock: Some(lock),
+                renew,
+                _permit: permit,
+            }),
+        };
+        // Cannot block for long: a delivery holds one of `prefetch` permits and the channel
+        // holds `prefetch`. A send refused after `stop` drops the delivery, which unlocks it.
+        if tx.send(Ok(delivery)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Renews the lock at half its remaining time until the delivery is settled.
+async fn renew_lock(
+    lock: Arc<PeekLockResponse>,
+    first: Option<Duration>,
+    settled: CancellationToken,
+    queue: String,
+) {
+    let period = first
+        .unwrap_or(Duration::from_secs(30))
+        .max(Duration::from_millis(400));
+    let mut wait = period / 2;
+    loop {
+        tokio::select! {
+            _ = settled.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match lock.renew_message_lock().await {
+            Ok(()) => wait = period / 2,
+            Err(e) => {
+                tracing::warn!(queue = %queue, error = %e, "renewing a message lock failed; Service Bus may deliver it again");
+                wait = (period / 4).max(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+struct SbReceiver {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[async_trait]
+impl Receiver for SbReceiver {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        // Closed first, so no poller can wait on a full channel; deliveries locked but not
+        // handed out go back (their settlements unlock on drop).
+        self.rx.close();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        while let Ok(d) = self.rx.try_recv() {
+            drop(d);
+        }
+        Ok(())
+    }
+}
+
+struct SbSettlement {
+    bus: ServiceBus,
+    queue: String,
+    lock: Option<Arc<PeekLockResponse>>,
+    renew: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl SbSettlement {
+    async fn complete(&mut self) -> Result<()> {
+        self.renew.cancel();
+        let Some(lock) = self.lock.take() else {
+            return Ok(());
+        };
+        lock.delete_message().await.map(|_| ()).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transport,
+                "completing the message failed (its lock was lost); Service Bus delivers it again",
+                e,
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl Settlement for SbSettlement {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        self.complete().await
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<()> {
+        self.renew.cancel();
+        if let Some(lock) = self.lock.take() {
+            lock.unlock_message().await.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Transport,
+                    "unlocking the message failed; it returns when its lock expires",
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {
+        let target = kind.queue_name(&self.queue);
+        self.bus.ensure_queue(&target, false).await?;
+        self.bus.send_to_queue(&target, &message, None).await?;
+        self.complete().await
+    }
+
+    async fn redeliver(
+        mut self: Box<Self>,
+        message: TransportMessage,
+        delay: Duration,
+    ) -> Result<()> {
+        let queue = self.queue.clone();
+        self.bus
+            .send_to_queue(&queue, &message, Some(delay))
+            .await?;
+        self.complete().await
+    }
+}
+
+impl Drop for SbSettlement {
+    fn drop(&mut self) {
+        self.renew.cancel();
+        if let Some(lock) = self.lock.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _ = lock.unlock_message().await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_like_masstransit() {
+        assert_eq!(
+            topic_name(&Urn::new("urn:message:Acme:FileReceived")),
+            "Acme/FileReceived"
+        );
+        assert_eq!(
+            topic_name(&Urn::new("urn:message:Acme:FileReceived").fault()),
+            "MassTransit/Fault--Acme/FileReceived--"
+        );
+        assert_eq!(subscription_name("orders/billing"), "billing");
+        let long = "a-very-long-endpoint-name-that-goes-on-and-on-past-fifty-characters";
+        let short = subscription_name(long);
+        assert_eq!(short.len(), 50);
+        assert!(short.starts_with(&long[..43]));
+        assert_eq!(
+            n_form("181c0000-6393-3630-36a4-08daf4e7c6da"),
+            "181c00006393363036a408daf4e7c6da"
+        );
+        assert_eq!(property_value(&serde_json::json!("é\n")), "\"\\u00e9\\n\"");
+    }
+}
