@@ -1228,11 +1228,18 @@ pub async fn scheduled_send_waits<F: TransportFixture>(fixture: &F) {
     running.shutdown().await.expect("shutdown");
 }
 
-/// Expands the conformance suite into `#[tokio::test]`s for one fixture.
+/// Expands the conformance suite into `#[tokio::test]`s for one fixture;
+/// `conformance_suite!(ignore = "reason", fixture)` marks every test `#[ignore]` with the reason.
 #[macro_export]
 macro_rules! conformance_suite {
     ($fixture:expr) => {
-        $crate::conformance_suite!(@tests $fixture;
+        $crate::conformance_suite!(@all []; $fixture);
+    };
+    (ignore = $reason:literal, $fixture:expr) => {
+        $crate::conformance_suite!(@all [ignore = $reason]; $fixture);
+    };
+    (@all $attrs:tt; $fixture:expr) => {
+        $crate::conformance_suite!(@tests $attrs; $fixture;
             fan_out_to_every_endpoint,
             competing_consumers_each_message_once,
             prefetch_bound_is_respected,
@@ -1253,10 +1260,14 @@ macro_rules! conformance_suite {
             scheduled_send_waits,
         );
     };
-    (@tests $fixture:expr; $($name:ident),* $(,)?) => {$(
+    (@tests $attrs:tt; $fixture:expr; $($name:ident),* $(,)?) => {$(
+        $crate::conformance_suite!(@one $attrs; $fixture; $name);
+    )*};
+    (@one [$($attr:meta)*]; $fixture:expr; $name:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])*
         async fn $name() {
             $crate::conformance::$name(&$fixture).await;
         }
-    )*};
+    };
 }

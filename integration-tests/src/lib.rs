@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod db;
 pub mod kafka;
 pub mod rabbit;
+pub mod servicebus;
 pub mod support;
 
 use async_trait::async_trait;

@@ -53,23 +53,30 @@ fn quickstart_runs_the_seed_scenario() {
     }
 }
 
-#[test]
-fn rabbitmq_orders_publishes_and_consumes() {
-    let vhost = TestVhost::create("example");
-    let consumer = Command::new(example("rabbitmq-orders"))
-        .args(["consume", "--count", "5"])
-        .env("BUSWAY_RABBITMQ_URL", vhost.url())
+/// Runs `<example> consume --count N` and, once `ready` returns, `<example> publish --count
+/// N` with `env`; both must succeed. Returns the consumer's JSON lines.
+fn orders_round_trip(
+    name: &str,
+    count: usize,
+    env: &[(&str, String)],
+    ready: impl FnOnce(),
+) -> Vec<serde_json::Value> {
+    let count = count.to_string();
+    let run = |mode: &str| {
+        let mut command = Command::new(example(name));
+        command.args([mode, "--count", count.as_str()]);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command
+    };
+    let consumer = run("consume")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("consume starts");
-    // Give the consumer time to declare its endpoint before publishing.
-    std::thread::sleep(Duration::from_secs(1));
-    let publish = Command::new(example("rabbitmq-orders"))
-        .args(["publish", "--count", "5"])
-        .env("BUSWAY_RABBITMQ_URL", vhost.url())
-        .output()
-        .expect("publish runs");
+    ready();
+    let publish = run("publish").output().expect("publish runs");
     assert!(
         publish.status.success(),
         "{}",
@@ -81,10 +88,22 @@ fn rabbitmq_orders_publishes_and_consumes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn rabbitmq_orders_publishes_and_consumes() {
+    let vhost = TestVhost::create("example");
+    // Give the consumer time to declare its endpoint before publishing.
+    let lines = orders_round_trip(
+        "rabbitmq-orders",
+        5,
+        &[("BUSWAY_RABBITMQ_URL", vhost.url())],
+        || std::thread::sleep(Duration::from_secs(1)),
+    );
     assert_eq!(lines.len(), 5);
     for l in &lines {
         for key in ["orderId", "customerId", "total", "occurredAt"] {
@@ -97,38 +116,60 @@ fn rabbitmq_orders_publishes_and_consumes() {
 #[test]
 fn kafka_orders_publishes_and_consumes() {
     busway_integration_tests::kafka::require_broker();
-    let consumer = Command::new(example("kafka-orders"))
-        .args(["consume", "--count", "3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("consume starts");
-    std::thread::sleep(Duration::from_secs(2));
-    let publish = Command::new(example("kafka-orders"))
-        .args(["publish", "--count", "3"])
-        .output()
-        .expect("publish runs");
-    assert!(
-        publish.status.success(),
-        "{}",
-        String::from_utf8_lossy(&publish.stderr)
-    );
-    let out = consumer.wait_with_output().expect("consume exits");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-        .collect();
+    let lines = orders_round_trip("kafka-orders", 3, &[], || {
+        std::thread::sleep(Duration::from_secs(2));
+    });
     assert_eq!(lines.len(), 3);
     assert!(
         lines
             .iter()
             .all(|l| l["orderId"].is_string() && l["total"].is_string())
     );
+}
+
+/// The Service Bus example, run against the local stand-in (no Azure here): consume and
+/// publish as two processes, through `BUSWAY_ASB_CONNECTION_STRING` and
+/// `BUSWAY_ASB_BASE_URL`.
+#[test]
+fn servicebus_orders_publishes_and_consumes_on_the_standin() {
+    let standin = busway_integration_tests::servicebus::StandIn::start();
+    let env = [
+        ("BUSWAY_ASB_CONNECTION_STRING", standin.connection_string()),
+        ("BUSWAY_ASB_BASE_URL", standin.base_url()),
+    ];
+    // The consumer declares its queue and subscription; publishes before that reach nobody.
+    let lines = orders_round_trip("servicebus-orders", 3, &env, || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while standin.subscriptions("Contracts/OrderPlaced").is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer never subscribed"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["orderId"].is_string()));
+    assert_eq!(
+        standin.subscriptions("Contracts/OrderPlaced"),
+        vec![(
+            "order-confirmation".to_string(),
+            Some("order-confirmation".to_string())
+        )]
+    );
+}
+
+/// Without a connection string the example says what to set.
+#[test]
+fn servicebus_orders_explains_a_missing_connection_string() {
+    let out = Command::new(example("servicebus-orders"))
+        .env_remove("BUSWAY_ASB_CONNECTION_STRING")
+        .args(["publish", "--count", "1"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("BUSWAY_ASB_CONNECTION_STRING"), "{stderr}");
 }
 
 fn run_outbox_orders(database_url: Option<&str>) {

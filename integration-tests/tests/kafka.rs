@@ -280,11 +280,24 @@ mod kafka_specific {
         let deadline = Instant::now() + Duration::from_secs(120);
         while counts.len() < TOTAL as usize {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !remaining.is_zero(),
-                "only {} of {TOTAL} consumed after the restart",
-                counts.len()
-            );
+            if remaining.is_zero() {
+                // Say which are missing and whether the broker still has them.
+                let missing: Vec<u32> = (0..TOTAL).filter(|n| !counts.contains_key(n)).collect();
+                let stored: Vec<u32> = kafka
+                    .read(&kafka.endpoint_topic(&endpoint), &unique("diagnose"))
+                    .await
+                    .expect("read the topic")
+                    .iter()
+                    .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.body).ok())
+                    .filter_map(|v| v["n"].as_u64().and_then(|n| u32::try_from(n).ok()))
+                    .filter(|n| missing.contains(n))
+                    .collect();
+                panic!(
+                    "only {} of {TOTAL} consumed after the restart (killed after {before_kill}); \
+                     missing {missing:?}, of which the topic holds {stored:?}",
+                    counts.len()
+                );
+            }
             if let Ok(line) = rx.recv_timeout(remaining.min(Duration::from_secs(5))) {
                 *counts
                     .entry(line.trim().parse().expect("a number"))
