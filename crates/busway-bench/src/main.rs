@@ -1,0 +1,133 @@
+//! `busway-bench`: runs the benchmark scenarios and writes the report.
+//!
+//! ```text
+//! cargo run --release -p busway-bench -- all
+//! cargo run --release -p busway-bench -- rabbitmq kafka --pairs 7 --payload 1024
+//! cargo run --release -p busway-bench -- all --smoke --out /tmp/bench   # a quick check
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use busway_bench::report::{Machine, Report, markdown, write};
+use busway_bench::{ScenarioResult, Settings, run_scenario, scenarios};
+
+const USAGE: &str = "usage: busway-bench [all|inmemory|mediator|rabbitmq|kafka|outbox|backlog]... \
+[--messages N] [--seconds S] [--payload BYTES] [--pairs K] [--window W] [--prefetch P] \
+[--latency-fraction F] [--backlog N] [--out DIR] [--no-plots] [--smoke]";
+
+const ALL: [&str; 6] = [
+    "inmemory", "mediator", "rabbitmq", "kafka", "outbox", "backlog",
+];
+
+fn parse(args: &[String]) -> Result<(Vec<String>, Settings), String> {
+    let mut settings = Settings::default();
+    let mut names = Vec::new();
+    let mut smoke = false;
+    let mut out_given = false;
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        let mut value = || {
+            i += 1;
+            args.get(i)
+                .cloned()
+                .ok_or(format!("{a} needs a value; {USAGE}"))
+        };
+        let number = |v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("`{v}` is not a number"))
+        };
+        match a {
+            "--messages" => settings.messages = Some(number(value()?)? as usize),
+            "--seconds" => settings.seconds = number(value()?)?,
+            "--payload" => settings.payload = number(value()?)? as usize,
+            "--pairs" => settings.pairs = (number(value()?)? as usize).max(1),
+            "--window" => settings.window = (number(value()?)? as usize).max(1),
+            "--prefetch" => settings.prefetch = (number(value()?)? as u16).max(1),
+            "--latency-fraction" => settings.latency_fraction = number(value()?)?.clamp(0.01, 1.0),
+            "--backlog" => settings.backlog = (number(value()?)? as usize).max(1),
+            "--out" => {
+                settings.out = PathBuf::from(value()?);
+                out_given = true;
+            }
+            "--no-plots" => settings.plots = false,
+            "--smoke" => smoke = true,
+            "-h" | "--help" => return Err(USAGE.into()),
+            "all" => names.extend(ALL.iter().map(|s| s.to_string())),
+            name if ALL.contains(&name) => names.push(name.to_string()),
+            other => return Err(format!("unknown argument `{other}`; {USAGE}")),
+        }
+        i += 1;
+    }
+    if names.is_empty() {
+        return Err(USAGE.into());
+    }
+    if smoke {
+        settings.messages = Some(settings.messages.unwrap_or(200));
+        settings.pairs = 1;
+        settings.backlog = settings.backlog.min(500);
+        if !out_given {
+            settings.out = std::env::temp_dir().join("busway-bench-smoke");
+        }
+    }
+    names.dedup();
+    Ok((names, settings))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (names, settings) = match parse(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg!(debug_assertions) {
+        eprintln!("note: a debug build; run with --release for numbers worth reporting");
+    }
+    let mut results: Vec<ScenarioResult> = Vec::new();
+    let broker_scenarios = scenarios::all();
+    for name in &names {
+        let result = match name.as_str() {
+            "mediator" => scenarios::mediator::run(&settings).await,
+            "backlog" => scenarios::backlog::run(&settings).await,
+            other => match broker_scenarios.iter().find(|s| s.name() == other) {
+                Some(s) => run_scenario(s.as_ref(), &settings).await,
+                None => continue,
+            },
+        };
+        results.push(result);
+    }
+    let report = Report {
+        machine: Machine::detect(),
+        settings: settings.clone(),
+        scenarios: results,
+    };
+    println!("{}", markdown(&report));
+    match write(&report, &settings.out, settings.plots) {
+        Ok(files) => {
+            for f in files {
+                eprintln!("wrote {f}");
+            }
+        }
+        Err(e) => {
+            eprintln!("writing the report failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let mut failed = false;
+    for r in &report.scenarios {
+        if let Some(reason) = &r.skipped {
+            eprintln!("not run: {} ({reason})", r.name);
+            failed |= reason.starts_with("failed");
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}

@@ -1,0 +1,178 @@
+//! The scenarios, and the busway side they share: any transport, publish → endpoint →
+//! consumer through the full pipeline.
+
+pub mod backlog;
+pub mod inmemory;
+pub mod kafka;
+pub mod mediator;
+pub mod outbox;
+pub mod rabbitmq;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use busway::prelude::*;
+use busway::{BoxError, BusBuilder, Transport};
+
+use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
+use crate::{Settings, Side};
+
+/// A transport the busway side can use, with a way to remove what a run created.
+#[async_trait]
+pub trait BenchTransport: Transport + Clone {
+    /// Removes the endpoint `name` (queue, topics) after a run.
+    async fn remove(&self, name: &str) {
+        let _ = name;
+    }
+}
+
+/// Makes a fresh transport for an endpoint name.
+pub type Factory<T> = Arc<dyn Fn(&str) -> Result<T, BoxError> + Send + Sync>;
+
+/// busway on some transport: publish with a confirm window, consume on one endpoint.
+pub struct BuswaySide<T: BenchTransport> {
+    factory: Factory<T>,
+    settings: Settings,
+    backlog: Option<(Bus, Arc<Tally>)>,
+    created: Vec<(T, String)>,
+}
+
+impl<T: BenchTransport> std::fmt::Debug for BuswaySide<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuswaySide")
+            .field("endpoints", &self.created.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: BenchTransport> BuswaySide<T> {
+    /// A side on transports from `factory`.
+    pub fn boxed(factory: Factory<T>, settings: &Settings) -> Box<dyn Side> {
+        Box::new(Self {
+            factory,
+            settings: settings.clone(),
+            backlog: None,
+            created: Vec::new(),
+        })
+    }
+
+    async fn endpoint(
+        &mut self,
+        phase: &str,
+        n: usize,
+        latency: bool,
+    ) -> Result<(Bus, Arc<Tally>), BoxError> {
+        let name = endpoint_name(phase);
+        let transport = (self.factory)(&name)?;
+        let tally = Tally::new(n, latency);
+        let bus = endpoint_bus(
+            Bus::builder().transport(transport.clone()),
+            &name,
+            self.settings.prefetch,
+            tally.clone(),
+        )
+        .build()
+        .await?;
+        self.created.push((transport, name));
+        Ok((bus, tally))
+    }
+
+    async fn publish_all(&self, bus: &Bus, n: usize) -> Result<(), BoxError> {
+        send_all(
+            n,
+            self.settings.window,
+            self.settings.payload,
+            |m| async move { bus.publish(m).await.map_err(BoxError::from) },
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl<T: BenchTransport> Side for BuswaySide<T> {
+    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
+        let (bus, tally) = self.endpoint("backlog", n, false).await?;
+        self.publish_all(&bus, n).await?;
+        self.backlog = Some((bus, tally));
+        Ok(())
+    }
+
+    async fn consume(&mut self, _n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally) = self.backlog.take().ok_or("consume before publish")?;
+        let running = bus.start().await?;
+        tally.wait(WAIT).await?;
+        running.shutdown().await?;
+        Ok(tally.span())
+    }
+
+    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally) = self.endpoint("e2e", n, false).await?;
+        let running = bus.start().await?;
+        let started = Instant::now();
+        self.publish_all(&bus, n).await?;
+        tally.wait(WAIT).await?;
+        let took = started.elapsed();
+        running.shutdown().await?;
+        Ok(took)
+    }
+
+    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
+        let (bus, tally) = self.endpoint("latency", n, true).await?;
+        let running = bus.start().await?;
+        send_open_loop(n, rate, self.settings.payload, |m| {
+            let bus = bus.clone();
+            async move { bus.publish(m).await.map_err(BoxError::from) }
+        })
+        .await?;
+        tally.wait(WAIT).await?;
+        running.shutdown().await?;
+        Ok(tally.latencies())
+    }
+
+    async fn cleanup(&mut self) {
+        for (t, name) in self.created.drain(..) {
+            t.remove(&name).await;
+            let _ = t.close().await;
+        }
+    }
+}
+
+/// A unique endpoint name for a phase.
+pub fn endpoint_name(phase: &str) -> String {
+    format!(
+        "bench-{phase}-{}",
+        &Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Adds the benchmark endpoint `name` to `builder`: a consumer of [`BenchMessage`] that
+/// records each message in `tally`.
+pub fn endpoint_bus(
+    builder: BusBuilder,
+    name: &str,
+    prefetch: u16,
+    tally: Arc<Tally>,
+) -> BusBuilder {
+    builder.receive_endpoint(name.to_string(), move |e| {
+        e.prefetch(prefetch)
+            .handler(move |ctx: ConsumeContext<BenchMessage>| {
+                let t = tally.clone();
+                async move {
+                    t.record(ctx.message());
+                    Ok(())
+                }
+            })
+    })
+}
+
+/// Every broker-style scenario, in the order `all` runs them (the mediator, which has no
+/// broker, runs through [`mediator::run`]; the memory test through [`backlog::run`]).
+pub fn all() -> Vec<Box<dyn crate::Scenario>> {
+    vec![
+        Box::new(inmemory::InMemoryScenario),
+        Box::new(rabbitmq::RabbitScenario::from_env()),
+        Box::new(kafka::KafkaScenario::from_env()),
+        Box::new(outbox::OutboxScenario::from_env()),
+    ]
+}

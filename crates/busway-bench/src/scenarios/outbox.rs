@@ -1,0 +1,198 @@
+//! `outbox`: events committed through the transactional outbox (PostgreSQL) and delivered by
+//! its dispatcher, vs the same events published directly; both on busway over RabbitMQ, with
+//! the same window of operations in flight. The ratio is the price of the outbox.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use busway::BoxError;
+use busway::outbox::sqlx::{self, PgPool};
+use busway::outbox::{Dispatcher, Outbox, PostgresStore};
+use busway::prelude::*;
+use busway::rabbitmq::RabbitMq;
+
+use super::{BenchTransport, BuswaySide, endpoint_bus, endpoint_name};
+use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
+use crate::{Scenario, Settings, Side};
+
+/// The outbox scenario.
+#[derive(Debug)]
+pub struct OutboxScenario {
+    database_url: String,
+    rabbitmq_url: String,
+}
+
+impl OutboxScenario {
+    /// On `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and
+    /// `BUSWAY_RABBITMQ_URL`.
+    pub fn from_env() -> Self {
+        Self {
+            database_url: std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|u| u.starts_with("postgres"))
+                .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
+            rabbitmq_url: RabbitMq::env_url(),
+        }
+    }
+}
+
+#[async_trait]
+impl Scenario for OutboxScenario {
+    fn name(&self) -> &'static str {
+        "outbox"
+    }
+
+    fn description(&self) -> String {
+        "busway: commit through the PostgreSQL outbox + dispatcher vs direct publish, both to RabbitMQ".into()
+    }
+
+    async fn available(&self) -> Result<(), String> {
+        if !super::rabbitmq::reachable(&self.rabbitmq_url, 5672) {
+            return Err("RabbitMQ is not reachable (start it with scripts/services)".into());
+        }
+        if !super::rabbitmq::reachable(&self.database_url, 5432) {
+            return Err("PostgreSQL is not reachable (start it with scripts/services)".into());
+        }
+        Ok(())
+    }
+
+    async fn busway(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(u32::try_from(settings.window.clamp(1, 64)).unwrap_or(16))
+            .connect(&self.database_url)
+            .await?;
+        let store = PostgresStore::new(pool.clone()).tables(None, "bench_")?;
+        Ok(Box::new(OutboxSide {
+            pool,
+            store,
+            url: self.rabbitmq_url.clone(),
+            settings: settings.clone(),
+            backlog: None,
+            created: Vec::new(),
+        }))
+    }
+
+    async fn raw(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
+        let url = self.rabbitmq_url.clone();
+        Ok(BuswaySide::boxed(
+            Arc::new(move |_: &str| Ok(RabbitMq::from_url(&url)?)),
+            settings,
+        ))
+    }
+
+    fn sides(&self) -> (&'static str, &'static str) {
+        ("outbox", "direct publish")
+    }
+}
+
+struct OutboxSide {
+    pool: PgPool,
+    store: PostgresStore,
+    url: String,
+    settings: Settings,
+    backlog: Option<(Bus, Arc<Tally>, Dispatcher, Outbox<PostgresStore>)>,
+    created: Vec<(RabbitMq, String)>,
+}
+
+impl OutboxSide {
+    async fn endpoint(
+        &mut self,
+        phase: &str,
+        n: usize,
+        latency: bool,
+    ) -> Result<(Bus, Arc<Tally>, Outbox<PostgresStore>, Dispatcher), BoxError> {
+        let name = endpoint_name(phase);
+        let transport = RabbitMq::from_url(&self.url)?;
+        let tally = Tally::new(n, latency);
+        let bus = endpoint_bus(
+            Bus::builder().transport(transport.clone()),
+            &name,
+            self.settings.prefetch,
+            tally.clone(),
+        )
+        .build()
+        .await?;
+        self.created.push((transport, name));
+        let outbox = Outbox::new(self.store.clone(), &bus).await?;
+        // Rows a crashed earlier run left behind would be delivered into this run.
+        sqlx::query("DELETE FROM bench_outbox")
+            .execute(&self.pool)
+            .await?;
+        let dispatcher = outbox.start_dispatcher();
+        Ok((bus, tally, outbox, dispatcher))
+    }
+
+    async fn commit_all(&self, outbox: &Outbox<PostgresStore>, n: usize) -> Result<(), BoxError> {
+        send_all(n, self.settings.window, self.settings.payload, |m| {
+            commit(&self.pool, outbox, m)
+        })
+        .await
+    }
+}
+
+async fn commit(
+    pool: &PgPool,
+    outbox: &Outbox<PostgresStore>,
+    m: BenchMessage,
+) -> Result<(), BoxError> {
+    let mut tx = pool.begin().await?;
+    outbox.publish(&mut tx, m).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Side for OutboxSide {
+    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
+        let (bus, tally, outbox, dispatcher) = self.endpoint("outbox-backlog", n, false).await?;
+        self.commit_all(&outbox, n).await?;
+        self.backlog = Some((bus, tally, dispatcher, outbox));
+        Ok(())
+    }
+
+    async fn consume(&mut self, _n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally, dispatcher, _outbox) =
+            self.backlog.take().ok_or("consume before publish")?;
+        let running = bus.start().await?;
+        tally.wait(WAIT).await?;
+        dispatcher.stop().await;
+        running.shutdown().await?;
+        Ok(tally.span())
+    }
+
+    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally, outbox, dispatcher) = self.endpoint("outbox-e2e", n, false).await?;
+        let running = bus.start().await?;
+        let started = Instant::now();
+        self.commit_all(&outbox, n).await?;
+        tally.wait(WAIT).await?;
+        let took = started.elapsed();
+        dispatcher.stop().await;
+        running.shutdown().await?;
+        Ok(took)
+    }
+
+    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
+        let (bus, tally, outbox, dispatcher) = self.endpoint("outbox-latency", n, true).await?;
+        let running = bus.start().await?;
+        let pool = self.pool.clone();
+        send_open_loop(n, rate, self.settings.payload, |m| {
+            let (pool, outbox) = (pool.clone(), outbox.clone());
+            async move { commit(&pool, &outbox, m).await }
+        })
+        .await?;
+        tally.wait(WAIT).await?;
+        dispatcher.stop().await;
+        running.shutdown().await?;
+        Ok(tally.latencies())
+    }
+
+    async fn cleanup(&mut self) {
+        for (t, name) in self.created.drain(..) {
+            t.remove(&name).await;
+            let _ = busway::Transport::close(&t).await;
+        }
+        self.pool.close().await;
+    }
+}
