@@ -135,19 +135,53 @@ pub struct ReadEnvelope {
     pub message: Option<Box<RawValue>>,
 }
 
+/// Reads an optional JSON string and turns it into a value with `parse`, without copying
+/// the text: null and empty (or blank) strings read as `None`.
+struct ParsedText<T> {
+    parse: fn(&str) -> Option<T>,
+    what: &'static str,
+}
+
+impl<'de, T> Visitor<'de> for ParsedText<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} as a string, or null", self.what)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<T>, E> {
+        if v.trim().is_empty() {
+            return Ok(None);
+        }
+        match (self.parse)(v) {
+            Some(t) => Ok(Some(t)),
+            None => Err(E::custom(format_args!("`{v}` is not {}", self.what))),
+        }
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
 /// A lenient optional GUID: null, empty, or any GUID form.
 struct LenientGuid(Option<Uuid>);
 
 impl<'de> Deserialize<'de> for LenientGuid {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
-        match value {
-            None => Ok(LenientGuid(None)),
-            Some(s) if s.trim().is_empty() => Ok(LenientGuid(None)),
-            Some(s) => parse_guid(&s)
-                .map(|g| LenientGuid(Some(g)))
-                .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a GUID"))),
-        }
+        d.deserialize_option(ParsedText {
+            parse: parse_guid,
+            what: "a GUID",
+        })
+        .map(LenientGuid)
     }
 }
 
@@ -156,34 +190,123 @@ struct LenientTime(Option<DateTime<Utc>>);
 
 impl<'de> Deserialize<'de> for LenientTime {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = Option::<std::borrow::Cow<'de, str>>::deserialize(d)?;
-        match value {
-            None => Ok(LenientTime(None)),
-            Some(s) if s.trim().is_empty() => Ok(LenientTime(None)),
-            Some(s) => parse_time(&s)
-                .map(|t| LenientTime(Some(t)))
-                .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a date and time"))),
-        }
+        d.deserialize_option(ParsedText {
+            parse: parse_time,
+            what: "a date and time",
+        })
+        .map(LenientTime)
     }
 }
 
-/// Message types: an array of URNs, or a single string.
+/// Message types: an array of URNs, a single string, or null.
 struct LenientTypes(Vec<Urn>);
 
 impl<'de> Deserialize<'de> for LenientTypes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            One(Urn),
-            Many(Vec<Urn>),
+        struct TypesVisitor;
+
+        impl<'de> Visitor<'de> for TypesVisitor {
+            type Value = Vec<Urn>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message type URN or an array of them")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<Urn>, E> {
+                Ok(vec![Urn::new(v)])
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<Urn>, A::Error> {
+                let mut types = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+                while let Some(u) = seq.next_element::<Urn>()? {
+                    types.push(u);
+                }
+                Ok(types)
+            }
+
+            fn visit_none<E: serde::de::Error>(self) -> Result<Vec<Urn>, E> {
+                Ok(Vec::new())
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<Urn>, E> {
+                Ok(Vec::new())
+            }
         }
-        Ok(LenientTypes(match Option::<OneOrMany>::deserialize(d)? {
-            None => Vec::new(),
-            Some(OneOrMany::One(u)) => vec![u],
-            Some(OneOrMany::Many(v)) => v,
-        }))
+
+        d.deserialize_any(TypesVisitor).map(LenientTypes)
     }
+}
+
+/// Matches a map key against a fixed list of names without regard to ASCII case, without
+/// copying the key; yields the matching entry's value, or `None` for an unknown key.
+pub(crate) struct KeyIn<T: Copy + 'static>(pub(crate) &'static [(&'static str, T)]);
+
+impl<'de, T: Copy + 'static> serde::de::DeserializeSeed<'de> for KeyIn<T> {
+    type Value = Option<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, T: Copy + 'static> Visitor<'de> for KeyIn<T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<T>, E> {
+        Ok(self
+            .0
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(v))
+            .map(|(_, t)| *t))
+    }
+}
+
+/// The envelope's fields, matched without regard to case (MassTransit writes camelCase,
+/// older writers PascalCase) and without allocating.
+#[derive(Clone, Copy)]
+enum EnvelopeField {
+    MessageId,
+    RequestId,
+    CorrelationId,
+    ConversationId,
+    InitiatorId,
+    SourceAddress,
+    DestinationAddress,
+    ResponseAddress,
+    FaultAddress,
+    MessageType,
+    Message,
+    ExpirationTime,
+    SentTime,
+    Headers,
+    Host,
+}
+
+impl EnvelopeField {
+    const ALL: [(&'static str, EnvelopeField); 15] = [
+        ("messageId", Self::MessageId),
+        ("requestId", Self::RequestId),
+        ("correlationId", Self::CorrelationId),
+        ("conversationId", Self::ConversationId),
+        ("initiatorId", Self::InitiatorId),
+        ("sourceAddress", Self::SourceAddress),
+        ("destinationAddress", Self::DestinationAddress),
+        ("responseAddress", Self::ResponseAddress),
+        ("faultAddress", Self::FaultAddress),
+        ("messageType", Self::MessageType),
+        ("message", Self::Message),
+        ("expirationTime", Self::ExpirationTime),
+        ("sentTime", Self::SentTime),
+        ("headers", Self::Headers),
+        ("host", Self::Host),
+    ];
 }
 
 impl<'de> Deserialize<'de> for ReadEnvelope {
@@ -200,25 +323,50 @@ impl<'de> Deserialize<'de> for ReadEnvelope {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReadEnvelope, A::Error> {
                 let mut e = Envelope::default();
                 let mut message = None;
-                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let key = key.to_ascii_lowercase();
-                    match key.as_str() {
-                        "messageid" => e.message_id = map.next_value::<LenientGuid>()?.0,
-                        "requestid" => e.request_id = map.next_value::<LenientGuid>()?.0,
-                        "correlationid" => e.correlation_id = map.next_value::<LenientGuid>()?.0,
-                        "conversationid" => e.conversation_id = map.next_value::<LenientGuid>()?.0,
-                        "initiatorid" => e.initiator_id = map.next_value::<LenientGuid>()?.0,
-                        "sourceaddress" => e.source_address = map.next_value()?,
-                        "destinationaddress" => e.destination_address = map.next_value()?,
-                        "responseaddress" => e.response_address = map.next_value()?,
-                        "faultaddress" => e.fault_address = map.next_value()?,
-                        "messagetype" => e.message_type = map.next_value::<LenientTypes>()?.0,
-                        "message" => message = Some(map.next_value::<Box<RawValue>>()?),
-                        "expirationtime" => e.expiration_time = map.next_value::<LenientTime>()?.0,
-                        "senttime" => e.sent_time = map.next_value::<LenientTime>()?.0,
-                        "headers" => e.headers = map.next_value()?,
-                        "host" => e.host = map.next_value()?,
-                        _ => {
+                while let Some(field) = map.next_key_seed(KeyIn(&EnvelopeField::ALL))? {
+                    match field {
+                        Some(EnvelopeField::MessageId) => {
+                            e.message_id = map.next_value::<LenientGuid>()?.0
+                        }
+                        Some(EnvelopeField::RequestId) => {
+                            e.request_id = map.next_value::<LenientGuid>()?.0
+                        }
+                        Some(EnvelopeField::CorrelationId) => {
+                            e.correlation_id = map.next_value::<LenientGuid>()?.0
+                        }
+                        Some(EnvelopeField::ConversationId) => {
+                            e.conversation_id = map.next_value::<LenientGuid>()?.0
+                        }
+                        Some(EnvelopeField::InitiatorId) => {
+                            e.initiator_id = map.next_value::<LenientGuid>()?.0
+                        }
+                        Some(EnvelopeField::SourceAddress) => {
+                            e.source_address = map.next_value()?
+                        }
+                        Some(EnvelopeField::DestinationAddress) => {
+                            e.destination_address = map.next_value()?
+                        }
+                        Some(EnvelopeField::ResponseAddress) => {
+                            e.response_address = map.next_value()?
+                        }
+                        Some(EnvelopeField::FaultAddress) => e.fault_address = map.next_value()?,
+                        Some(EnvelopeField::MessageType) => {
+                            e.message_type = map.next_value::<LenientTypes>()?.0
+                        }
+                        Some(EnvelopeField::Message) => {
+                            message = Some(map.next_value::<Box<RawValue>>()?)
+                        }
+                        Some(EnvelopeField::ExpirationTime) => {
+                            e.expiration_time = map.next_value::<LenientTime>()?.0
+                        }
+                        Some(EnvelopeField::SentTime) => {
+                            e.sent_time = map.next_value::<LenientTime>()?.0
+                        }
+                        Some(EnvelopeField::Headers) => e.headers = map.next_value()?,
+                        Some(EnvelopeField::Host) => {
+                            e.host = map.next_value::<crate::host::SharedHost>()?.0
+                        }
+                        None => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }

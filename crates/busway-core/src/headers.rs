@@ -1,6 +1,7 @@
 //! Message headers: a small ordered map with case-insensitive names and JSON values.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -87,10 +88,19 @@ pub mod names {
 
 /// Message headers: names are compared without regard to ASCII case, values are JSON.
 ///
-/// Insertion order is kept, which keeps wire output stable.
-#[derive(Clone, Default, PartialEq)]
+/// Insertion order is kept, which keeps wire output stable. Clones share their entries
+/// until one of them is changed (copy on write), so handing a message's headers from
+/// envelope to transport message to delivery costs no copying.
+#[derive(Clone, Default)]
 pub struct Headers {
-    entries: Vec<(String, Value)>,
+    /// `None` while empty, so an empty set allocates nothing.
+    entries: Option<Arc<Vec<(String, Value)>>>,
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries() == other.entries()
+    }
 }
 
 impl Headers {
@@ -99,17 +109,25 @@ impl Headers {
         Self::default()
     }
 
+    fn entries(&self) -> &[(String, Value)] {
+        self.entries.as_deref().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    fn entries_mut(&mut self) -> &mut Vec<(String, Value)> {
+        Arc::make_mut(self.entries.get_or_insert_with(Default::default))
+    }
+
     /// Sets `name` to `value`, replacing an existing header of the same name (any case).
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         let name = name.into();
         let value = value.into();
-        match self
-            .entries
+        let entries = self.entries_mut();
+        match entries
             .iter_mut()
             .find(|(k, _)| k.eq_ignore_ascii_case(&name))
         {
             Some(entry) => entry.1 = value,
-            None => self.entries.push((name, value)),
+            None => entries.push((name, value)),
         }
     }
 
@@ -117,13 +135,13 @@ impl Headers {
     pub fn insert_if_absent(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         let name = name.into();
         if !self.contains(&name) {
-            self.entries.push((name, value.into()));
+            self.entries_mut().push((name, value.into()));
         }
     }
 
     /// The value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&Value> {
-        self.entries
+        self.entries()
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -157,29 +175,38 @@ impl Headers {
     /// Removes `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<Value> {
         let index = self
-            .entries
+            .entries()
             .iter()
             .position(|(k, _)| k.eq_ignore_ascii_case(name))?;
-        Some(self.entries.remove(index).1)
+        Some(self.entries_mut().remove(index).1)
     }
 
     /// All headers, in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        self.entries().iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// True if there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries().is_empty()
     }
 
     /// Copies every header of `other` into `self`, replacing same-named ones.
     pub fn extend_from(&mut self, other: &Headers) {
+        if self.is_empty() {
+            self.entries = other.entries.clone();
+            return;
+        }
+        // Transport headers usually repeat the envelope's (both are written from one set):
+        // nothing to copy then.
+        if self.entries() == other.entries() {
+            return;
+        }
         for (k, v) in other.iter() {
             self.insert(k, v.clone());
         }
@@ -189,7 +216,7 @@ impl Headers {
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
-            .entries(self.entries.iter().map(|(k, v)| (k, v)))
+            .entries(self.entries().iter().map(|(k, v)| (k, v)))
             .finish()
     }
 }
@@ -206,8 +233,8 @@ impl<K: Into<String>, V: Into<Value>> FromIterator<(K, V)> for Headers {
 
 impl Serialize for Headers {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
-        for (k, v) in &self.entries {
+        let mut map = serializer.serialize_map(Some(self.len()))?;
+        for (k, v) in self.entries() {
             map.serialize_entry(k, v)?;
         }
         map.end()

@@ -1,10 +1,14 @@
 //! Host information written into envelopes and fault headers (MassTransit's `HostInfo`).
 
-use std::sync::OnceLock;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Map, Value};
 
+use crate::envelope::KeyIn;
 use crate::headers::{Headers, names};
 
 /// Where a message was produced or faulted: machine, process, application and versions.
@@ -86,36 +90,186 @@ impl HostInfo {
     }
 }
 
-fn take_ci(map: &mut Map<String, Value>, name: &str) -> Option<Value> {
-    let key = map.keys().find(|k| k.eq_ignore_ascii_case(name))?.clone();
-    map.remove(&key)
+/// A host object as read off the wire, borrowing from the input where it can. Field names
+/// match in any case; text fields accept numbers and booleans (written as text), and the
+/// process id accepts a number or a numeric string.
+#[derive(Default)]
+struct HostFields<'a> {
+    machine_name: Option<Cow<'a, str>>,
+    process_name: Option<Cow<'a, str>>,
+    process_id: Option<i64>,
+    assembly: Option<Cow<'a, str>>,
+    assembly_version: Option<Cow<'a, str>>,
+    framework_version: Option<Cow<'a, str>>,
+    mass_transit_version: Option<Cow<'a, str>>,
+    operating_system_version: Option<Cow<'a, str>>,
 }
 
-fn as_text(value: Option<Value>) -> Option<String> {
-    match value? {
-        Value::String(s) => Some(s),
-        Value::Null => None,
-        other => Some(other.to_string()),
+fn same(a: &Option<Cow<'_, str>>, b: &Option<String>) -> bool {
+    a.as_deref() == b.as_deref()
+}
+
+impl HostFields<'_> {
+    fn matches(&self, h: &HostInfo) -> bool {
+        self.process_id == h.process_id
+            && same(&self.machine_name, &h.machine_name)
+            && same(&self.process_name, &h.process_name)
+            && same(&self.assembly, &h.assembly)
+            && same(&self.assembly_version, &h.assembly_version)
+            && same(&self.framework_version, &h.framework_version)
+            && same(&self.mass_transit_version, &h.mass_transit_version)
+            && same(&self.operating_system_version, &h.operating_system_version)
+    }
+
+    fn to_owned_info(&self) -> HostInfo {
+        let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_string);
+        HostInfo {
+            machine_name: own(&self.machine_name),
+            process_name: own(&self.process_name),
+            process_id: self.process_id,
+            assembly: own(&self.assembly),
+            assembly_version: own(&self.assembly_version),
+            framework_version: own(&self.framework_version),
+            mass_transit_version: own(&self.mass_transit_version),
+            operating_system_version: own(&self.operating_system_version),
+        }
+    }
+}
+
+/// A JSON scalar as text: strings as they are, numbers and booleans written out, null as none.
+struct LenientText<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for LenientText<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = LenientText<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("text, a number, a boolean or null")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v))))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(LenientText(Some(Cow::Owned(v.to_string()))))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(LenientText(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(LenientText(None))
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum HostField {
+    MachineName,
+    ProcessName,
+    ProcessId,
+    Assembly,
+    AssemblyVersion,
+    FrameworkVersion,
+    MassTransitVersion,
+    OperatingSystemVersion,
+}
+
+const HOST_FIELDS: [(&str, HostField); 8] = [
+    ("machineName", HostField::MachineName),
+    ("processName", HostField::ProcessName),
+    ("processId", HostField::ProcessId),
+    ("assembly", HostField::Assembly),
+    ("assemblyVersion", HostField::AssemblyVersion),
+    ("frameworkVersion", HostField::FrameworkVersion),
+    ("massTransitVersion", HostField::MassTransitVersion),
+    ("operatingSystemVersion", HostField::OperatingSystemVersion),
+];
+
+impl<'de> Deserialize<'de> for HostFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = HostFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a host object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut h = HostFields::default();
+                while let Some(field) = map.next_key_seed(KeyIn(&HOST_FIELDS))? {
+                    let slot = match field {
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        Some(HostField::ProcessId) => {
+                            let text = map.next_value::<LenientText<'de>>()?.0;
+                            h.process_id = text.and_then(|t| t.trim().parse::<i64>().ok());
+                            continue;
+                        }
+                        Some(HostField::MachineName) => &mut h.machine_name,
+                        Some(HostField::ProcessName) => &mut h.process_name,
+                        Some(HostField::Assembly) => &mut h.assembly,
+                        Some(HostField::AssemblyVersion) => &mut h.assembly_version,
+                        Some(HostField::FrameworkVersion) => &mut h.framework_version,
+                        Some(HostField::MassTransitVersion) => &mut h.mass_transit_version,
+                        Some(HostField::OperatingSystemVersion) => &mut h.operating_system_version,
+                    };
+                    *slot = map.next_value::<LenientText<'de>>()?.0;
+                }
+                Ok(h)
+            }
+        }
+        d.deserialize_map(V)
     }
 }
 
 impl<'de> Deserialize<'de> for HostInfo {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let mut map = Map::<String, Value>::deserialize(deserializer)?;
-        let process_id = match take_ci(&mut map, "processId") {
-            Some(Value::Number(n)) => n.as_i64(),
-            Some(Value::String(s)) => s.trim().parse().ok(),
-            _ => None,
+        Ok(HostFields::deserialize(deserializer)?.to_owned_info())
+    }
+}
+
+/// An envelope's `host`, read so that a run of messages from one producer shares a single
+/// `Arc<HostInfo>`: each thread keeps the last host it read and hands it out again when the
+/// next one is equal, instead of allocating eight strings per message.
+pub(crate) struct SharedHost(pub(crate) Option<Arc<HostInfo>>);
+
+impl<'de> Deserialize<'de> for SharedHost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        thread_local! {
+            static LAST: RefCell<Option<Arc<HostInfo>>> = const { RefCell::new(None) };
+        }
+        let Some(fields) = Option::<HostFields<'de>>::deserialize(d)? else {
+            return Ok(SharedHost(None));
         };
-        Ok(HostInfo {
-            machine_name: as_text(take_ci(&mut map, "machineName")),
-            process_name: as_text(take_ci(&mut map, "processName")),
-            process_id,
-            assembly: as_text(take_ci(&mut map, "assembly")),
-            assembly_version: as_text(take_ci(&mut map, "assemblyVersion")),
-            framework_version: as_text(take_ci(&mut map, "frameworkVersion")),
-            mass_transit_version: as_text(take_ci(&mut map, "massTransitVersion")),
-            operating_system_version: as_text(take_ci(&mut map, "operatingSystemVersion")),
-        })
+        let host = LAST.with(|last| {
+            if let Some(h) = last.borrow().as_ref().filter(|h| fields.matches(h)) {
+                return h.clone();
+            }
+            let h = Arc::new(fields.to_owned_info());
+            *last.borrow_mut() = Some(h.clone());
+            h
+        });
+        Ok(SharedHost(Some(host)))
     }
 }

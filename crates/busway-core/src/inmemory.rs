@@ -45,6 +45,9 @@ struct Broker {
 struct State {
     exchanges: HashMap<String, Exchange>,
     queues: HashMap<String, Arc<Queue>>,
+    /// The queues each exchange routed to, computed on first use; emptied by every change
+    /// to exchanges, queues or bindings.
+    routes: HashMap<String, Arc<[Arc<Queue>]>>,
 }
 
 #[derive(Default)]
@@ -126,21 +129,37 @@ impl Queue {
 
 impl Broker {
     fn declare_exchange(state: &mut State, name: &str) {
-        state.exchanges.entry(name.to_string()).or_default();
+        if !state.exchanges.contains_key(name) {
+            state
+                .exchanges
+                .insert(name.to_string(), Exchange::default());
+            state.routes.clear();
+        }
     }
 
     fn declare_queue(state: &mut State, name: &str, temporary: bool) -> Arc<Queue> {
+        if let Some(q) = state.queues.get(name) {
+            return q.clone();
+        }
+        let q = Arc::new(Queue::new(name, temporary));
+        state.queues.insert(name.to_string(), q.clone());
+        state.routes.clear();
+        q
+    }
+
+    fn exchange_mut<'s>(state: &'s mut State, name: &str) -> &'s mut Exchange {
+        Self::declare_exchange(state, name);
         state
-            .queues
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(Queue::new(name, temporary)))
-            .clone()
+            .exchanges
+            .get_mut(name)
+            .expect("the exchange was just declared")
     }
 
     fn bind_queue(state: &mut State, exchange: &str, queue: &str) {
-        let e = state.exchanges.entry(exchange.to_string()).or_default();
+        let e = Self::exchange_mut(state, exchange);
         if !e.to_queues.iter().any(|q| q == queue) {
             e.to_queues.push(queue.to_string());
+            state.routes.clear();
         }
     }
 
@@ -149,9 +168,10 @@ impl Broker {
             return;
         }
         Self::declare_exchange(state, destination);
-        let e = state.exchanges.entry(source.to_string()).or_default();
+        let e = Self::exchange_mut(state, source);
         if !e.to_exchanges.iter().any(|x| x == destination) {
             e.to_exchanges.push(destination.to_string());
+            state.routes.clear();
         }
     }
 
@@ -161,6 +181,16 @@ impl Broker {
         let q = Self::declare_queue(state, name, temporary);
         Self::bind_queue(state, name, name);
         q
+    }
+
+    /// Every queue reachable from `exchange`, once each (cached until the topology changes).
+    fn routes(state: &mut State, exchange: &str) -> Arc<[Arc<Queue>]> {
+        if let Some(r) = state.routes.get(exchange) {
+            return r.clone();
+        }
+        let r: Arc<[Arc<Queue>]> = Self::route(state, exchange).into();
+        state.routes.insert(exchange.to_string(), r.clone());
+        r
     }
 
     /// Every queue reachable from `exchange`, once each.
@@ -188,11 +218,17 @@ impl Broker {
         out
     }
 
-    fn deliver(&self, exchange: &str, message: &TransportMessage) -> usize {
-        let queues = Self::route(&lock(&self.state), exchange);
-        for q in &queues {
-            q.push_back(Stored {
-                message: message.clone(),
+    fn deliver(&self, exchange: &str, message: TransportMessage) -> usize {
+        let queues = Self::routes(&mut lock(&self.state), exchange);
+        if let Some((last, rest)) = queues.split_last() {
+            for q in rest {
+                q.push_back(Stored {
+                    message: message.clone(),
+                    delivery_count: 0,
+                });
+            }
+            last.push_back(Stored {
+                message,
                 delivery_count: 0,
             });
         }
@@ -205,6 +241,7 @@ impl Broker {
             lock(&q.inner).deleted = true;
         }
         state.exchanges.remove(name);
+        state.routes.clear();
         for e in state.exchanges.values_mut() {
             e.to_queues.retain(|q| q != name);
             e.to_exchanges.retain(|x| x != name);
@@ -406,13 +443,13 @@ impl InMemory {
     fn deliver_later(&self, exchange: String, message: TransportMessage, delay: Option<Duration>) {
         match delay.filter(|d| !d.is_zero()) {
             None => {
-                self.broker.deliver(&exchange, &message);
+                self.broker.deliver(&exchange, message);
             }
             Some(delay) => {
                 let broker = self.broker.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    broker.deliver(&exchange, &message);
+                    broker.deliver(&exchange, message);
                 });
             }
         }

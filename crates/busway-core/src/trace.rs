@@ -66,6 +66,16 @@ impl TraceContext {
         format!("{:016x}", self.span_id)
     }
 
+    /// The trace id, formatted as [`TraceContext::trace_id`] without allocating.
+    pub(crate) fn trace_id_hex(&self) -> impl std::fmt::Display + use<> {
+        Hex32(self.trace_id)
+    }
+
+    /// The span id, formatted as [`TraceContext::span_id`] without allocating.
+    pub(crate) fn span_id_hex(&self) -> impl std::fmt::Display + use<> {
+        Hex16(self.span_id)
+    }
+
     /// Whether the trace is sampled.
     pub fn sampled(&self) -> bool {
         self.sampled
@@ -191,5 +201,21 @@ mod tests {
             TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(ok.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert!(ok.sampled());
+    }
+}
+
+struct Hex32(u128);
+
+impl std::fmt::Display for Hex32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+struct Hex16(u64);
+
+impl std::fmt::Display for Hex16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
     }
 }

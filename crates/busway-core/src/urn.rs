@@ -2,9 +2,10 @@
 //! from them.
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -80,6 +81,26 @@ impl Urn {
     /// `Contracts/OrderPlaced` for Service Bus). A URN that does not parse is used whole, with
     /// characters brokers reject replaced by `-`.
     pub fn entity_name(&self, style: &EntityNameStyle) -> String {
+        // Publishing asks for the same few names over and over: remember them (up to a
+        // bound, so names of arbitrary types read off the wire cannot grow it forever).
+        type Cache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        const MAX_CACHED: usize = 4096;
+        let cache = CACHE.get_or_init(Default::default);
+        let key = (self.clone(), style.clone());
+        if let Some(name) = cache.read().ok().and_then(|c| c.get(&key).cloned()) {
+            return name.to_string();
+        }
+        let name = self.format_entity_name(style);
+        if let Ok(mut c) = cache.write() {
+            if c.len() < MAX_CACHED {
+                c.insert(key, Arc::from(name.as_str()));
+            }
+        }
+        name
+    }
+
+    fn format_entity_name(&self, style: &EntityNameStyle) -> String {
         match self.type_name() {
             Some(name) => style.format(&name),
             None => self
@@ -167,8 +188,21 @@ impl Serialize for Urn {
 
 impl<'de> Deserialize<'de> for Urn {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let s = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
-        Ok(Urn::new(s))
+        struct UrnVisitor;
+
+        impl serde::de::Visitor<'_> for UrnVisitor {
+            type Value = Urn;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a message type URN")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Urn, E> {
+                Ok(Urn::new(v))
+            }
+        }
+
+        deserializer.deserialize_str(UrnVisitor)
     }
 }
 
@@ -245,7 +279,7 @@ fn split_top_level(text: &str) -> Option<Vec<&str>> {
 }
 
 /// The separators MassTransit's message name formatter uses for one transport.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EntityNameStyle {
     /// Between generic arguments (`::` on RabbitMQ).
     pub argument_separator: &'static str,

@@ -48,11 +48,7 @@ where
     fn call(&mut self, rc: ReceiveContext) -> Self::Future {
         let trace = rc.trace_context();
         let env = rc.envelope();
-        let message_type = rc
-            .message_types()
-            .first()
-            .map(|u| u.as_str().to_string())
-            .unwrap_or_default();
+        let message_type = rc.message_types().first().map(|u| u.as_str()).unwrap_or("");
         let span = tracing::info_span!(
             "consume",
             otel.name = %format_args!("{} process", rc.endpoint_name()),
@@ -63,13 +59,11 @@ where
             messaging.destination.name = rc.endpoint_name(),
             messaging.message.id = field::display(OptId(env.message_id)),
             messaging.message.conversation_id = field::display(OptId(env.conversation_id)),
-            messaging.masstransit.message_types = %message_type,
+            messaging.masstransit.message_types = message_type,
             messaging.masstransit.input_address = rc.input_address(),
-            trace_id = %trace.trace_id(),
-            span_id = %trace.span_id(),
-            parent_span_id = field::display(
-                rc.parent_trace_context().map(|p| p.span_id()).unwrap_or_default()
-            ),
+            trace_id = %trace.trace_id_hex(),
+            span_id = %trace.span_id_hex(),
+            parent_span_id = field::display(OptHex(rc.parent_trace_context().map(|p| p.span_id_hex()))),
             error = field::Empty,
         );
         let fut = self.inner.call(rc);
@@ -87,6 +81,17 @@ where
                 .instrument(span),
             ),
         )
+    }
+}
+
+struct OptHex<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OptHex<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,10 +159,10 @@ where
                 msg.envelope
                     .message_type
                     .first()
-                    .map(|u| u.as_str().to_string())
-                    .unwrap_or_default(),
+                    .map(|u| u.as_str())
+                    .unwrap_or(""),
             ),
-            SendTarget::Send(address) => ("send", address.as_str().to_string()),
+            SendTarget::Send(address) => ("send", address.as_str()),
         };
         let span = tracing::info_span!(
             "send",
@@ -169,9 +174,9 @@ where
             messaging.destination.name = %destination,
             messaging.message.id = field::display(OptId(msg.envelope.message_id)),
             messaging.message.conversation_id = field::display(OptId(msg.envelope.conversation_id)),
-            trace_id = %trace.trace_id(),
-            span_id = %trace.span_id(),
-            parent_span_id = field::display(parent.map(|p| p.span_id()).unwrap_or_default()),
+            trace_id = %trace.trace_id_hex(),
+            span_id = %trace.span_id_hex(),
+            parent_span_id = field::display(OptHex(parent.map(|p| p.span_id_hex()))),
             error = field::Empty,
         );
         let fut = self.inner.call(msg);
