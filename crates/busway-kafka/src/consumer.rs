@@ -334,6 +334,11 @@ pub(crate) async fn start(
         ("session.timeout.ms", "10000"),
         ("heartbeat.interval.ms", "2000"),
         ("enable.partition.eof", "false"),
+        // A partition resumed after its in-flight window emptied is only fetched again when
+        // the broker answers the fetch already waiting for the other partitions; with
+        // librdkafka's 500 ms default every pause costs up to half a second (measured: a
+        // backlog drained at 5,200 msg/s with 500 ms, 53,600 msg/s with 20 ms, on tansu).
+        ("fetch.wait.max.ms", "50"),
     ] {
         if !client.config.properties.contains_key(k)
             && !client.config.consumer_properties.contains_key(k)

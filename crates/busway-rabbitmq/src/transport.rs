@@ -367,17 +367,24 @@ async fn publish(
     message: &TransportMessage,
     delay: Option<Duration>,
 ) -> Result<()> {
-    let mut props = headers::properties(message, true);
-    if delay.is_some() {
-        // A per-message expiration shorter than the delay would dead-letter the message
-        // out of the wait queue early.
-        props = strip_expiration(props);
-    }
+    let make_props = || {
+        let props = headers::properties(message, true);
+        if delay.is_some() {
+            // A per-message expiration shorter than the delay would dead-letter the message
+            // out of the wait queue early.
+            strip_expiration(props)
+        } else {
+            props
+        }
+    };
+    // The first attempt takes these; a retry builds them again (cheaper than cloning the
+    // header table for every publish).
+    let mut first_props = Some(make_props());
     let body = message.body.clone();
     let route = Arc::new(route);
     connector
         .with_link("publishing to RabbitMQ", |link| {
-            let props = props.clone();
+            let props = first_props.take().unwrap_or_else(make_props);
             let body = body.clone();
             let route = route.clone();
             let connector = connector.clone();
