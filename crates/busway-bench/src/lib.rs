@@ -4,6 +4,7 @@
 //!
 //! Run `cargo run --release -p busway-bench -- all` (see `docs/performance.md`).
 
+mod counting;
 pub mod measure;
 pub mod message;
 pub mod report;

@@ -1,20 +1,17 @@
 //! What one run measures: wall time, CPU time (`/proc/self/stat`), allocations (a counting
 //! global allocator) and peak RSS (`/proc/self/status`, reset through `/proc/self/clear_refs`).
 
-use std::alloc::System;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+/// Allocations made by the whole process so far (counted by the bench's global allocator).
+pub fn allocations() -> u64 {
+    crate::counting::allocations()
+}
 
 #[global_allocator]
-static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// Allocations made by the whole process so far.
-pub fn allocations() -> u64 {
-    u64::try_from(GLOBAL.stats().allocations).unwrap_or(u64::MAX)
-}
+static GLOBAL: crate::counting::Counting = crate::counting::Counting;
 
 /// CPU time (user + system) of the whole process so far, from `/proc/self/stat`.
 pub fn cpu_time() -> Duration {

@@ -195,19 +195,28 @@ impl Tally {
     /// Waits until the target was reached (errors after `timeout` with the count).
     pub async fn wait(&self, timeout: Duration) -> Result<(), BoxError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = (self.count(), tokio::time::Instant::now());
         loop {
             let notified = self.done.notified();
-            if self.count() >= self.target.load(Ordering::Acquire) {
+            let count = self.count();
+            let target = self.target.load(Ordering::Acquire);
+            if count >= target {
                 return Ok(());
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!(
-                    "only {} of {} messages consumed within {timeout:?}",
-                    self.count(),
-                    self.target.load(Ordering::Acquire)
-                )
-                .into());
+            let now = tokio::time::Instant::now();
+            if count != last.0 {
+                last = (count, now);
             }
+            let stalled = now.duration_since(last.1) >= STALL;
+            if stalled || now >= deadline {
+                let why = if stalled {
+                    format!("no message arrived for {STALL:?}")
+                } else {
+                    format!("the {timeout:?} limit passed")
+                };
+                return Err(format!("only {count} of {target} messages consumed: {why}").into());
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }
     }
 
@@ -223,6 +232,10 @@ impl Tally {
 
 /// How long a phase may wait for its messages.
 pub const WAIT: Duration = Duration::from_secs(600);
+
+/// How long [`Tally::wait`] waits without any message arriving before it gives up (a lost
+/// message would otherwise hold a run until [`WAIT`]).
+pub const STALL: Duration = Duration::from_secs(60);
 
 /// Runs `send(seq, message)` for `n` messages, at most `window` at once.
 pub async fn send_all<F, Fut>(
