@@ -57,13 +57,13 @@ where
             messaging.system = rc.messaging_system(),
             messaging.operation = "process",
             messaging.destination.name = rc.endpoint_name(),
-            messaging.message.id = field::display(OptId(env.message_id)),
-            messaging.message.conversation_id = field::display(OptId(env.conversation_id)),
+            messaging.message.id = field::display(Opt(env.message_id)),
+            messaging.message.conversation_id = field::display(Opt(env.conversation_id)),
             messaging.masstransit.message_types = message_type,
             messaging.masstransit.input_address = rc.input_address(),
             trace_id = %trace.trace_id_hex(),
             span_id = %trace.span_id_hex(),
-            parent_span_id = field::display(OptHex(rc.parent_trace_context().map(|p| p.span_id_hex()))),
+            parent_span_id = field::display(Opt(rc.parent_trace_context().map(|p| p.span_id_hex()))),
             error = field::Empty,
         );
         let fut = self.inner.call(rc);
@@ -84,23 +84,13 @@ where
     }
 }
 
-struct OptHex<T>(Option<T>);
+/// An optional value for a span field: the value, or nothing.
+struct Opt<T>(Option<T>);
 
-impl<T: std::fmt::Display> std::fmt::Display for OptHex<T> {
+impl<T: std::fmt::Display> std::fmt::Display for Opt<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
             Some(v) => v.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
-struct OptId(Option<uuid::Uuid>);
-
-impl std::fmt::Display for OptId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(id) => write!(f, "{id}"),
             None => Ok(()),
         }
     }
@@ -172,11 +162,11 @@ where
             messaging.system = self.system,
             messaging.operation = operation,
             messaging.destination.name = %destination,
-            messaging.message.id = field::display(OptId(msg.envelope.message_id)),
-            messaging.message.conversation_id = field::display(OptId(msg.envelope.conversation_id)),
+            messaging.message.id = field::display(Opt(msg.envelope.message_id)),
+            messaging.message.conversation_id = field::display(Opt(msg.envelope.conversation_id)),
             trace_id = %trace.trace_id_hex(),
             span_id = %trace.span_id_hex(),
-            parent_span_id = field::display(OptHex(parent.map(|p| p.span_id_hex()))),
+            parent_span_id = field::display(Opt(parent.map(|p| p.span_id_hex()))),
             error = field::Empty,
         );
         let fut = self.inner.call(msg);
