@@ -1,6 +1,7 @@
 //! Kafka behaviour a tansu broker cannot show, on librdkafka's own mock cluster
-//! (`rdkafka::mocking::MockCluster`, in-process): heavy back-pressure (pause/resume) with
-//! multi-record batches, and a broker that goes down and comes back.
+//! (`rdkafka::mocking::MockCluster`, in-process): heavy back-pressure with multi-record
+//! batches, a stuck record that pauses its partition, and a broker that goes down and comes
+//! back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,7 @@ fn transport(
         .expect("config")
 }
 
-/// A window of 20 records per partition forces constant pausing and resuming while 5,000
+/// A window of 20 records per partition forces constant back-pressure while 5,000
 /// keyed messages flow: nothing is lost and every key stays in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_pressure_keeps_every_message_and_the_order() {
@@ -88,6 +89,89 @@ async fn back_pressure_keeps_every_message_and_the_order() {
     .await;
     for (key, seqs) in seen.lock().expect("lock").iter() {
         assert_eq!(seqs.len(), 100, "key {key}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order"
+        );
+    }
+    running.shutdown().await.expect("shutdown");
+}
+
+/// One record that never finishes fills its partition's in-flight window. The pump stops
+/// polling while a window is full, but only for a few seconds: then it pauses that partition
+/// and the other partitions go on. Once the record finishes, its partition catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_record_pauses_only_its_own_partition() {
+    init_tracing();
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = transport(&cluster, Duration::from_secs(10));
+    cluster
+        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
+        .expect("topic");
+    cluster.create_topic("stuck", 4, 1).expect("topic");
+    let seen: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (s, r) = (seen.clone(), release.clone());
+    let bus = Bus::builder()
+        .transport(kafka.clone())
+        .receive_endpoint("stuck", move |e| {
+            e.prefetch(16)
+                .max_in_flight(20)
+                .handler(move |ctx: ConsumeContext<Keyed>| {
+                    let (s, r) = (s.clone(), r.clone());
+                    async move {
+                        let m = ctx.message();
+                        if m.key == 0 && m.seq == 0 {
+                            r.notified().await;
+                        }
+                        s.lock()
+                            .expect("lock")
+                            .entry(m.key)
+                            .or_default()
+                            .push(m.seq);
+                        Ok(())
+                    }
+                })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    for seq in 0..50u32 {
+        for key in 0..40u32 {
+            bus.publish(Keyed { key, seq }).await.expect("publish");
+        }
+    }
+    // Keys spread over 4 partitions; the three without key 0 hold about 1,500 of the 2,000.
+    wait_until(
+        Duration::from_secs(40),
+        "the partitions without the stuck record to be consumed",
+        || {
+            seen.lock()
+                .expect("lock")
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                >= 1000
+        },
+    )
+    .await;
+    assert!(
+        !seen.lock().expect("lock").contains_key(&0),
+        "key 0 waits behind its first record"
+    );
+    release.notify_one();
+    wait_until(Duration::from_secs(40), "all 2,000 consumed", || {
+        seen.lock()
+            .expect("lock")
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= 2000
+    })
+    .await;
+    for (key, seqs) in seen.lock().expect("lock").iter() {
+        assert_eq!(seqs.len(), 50, "key {key}");
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),
             "key {key} out of order"

@@ -7,8 +7,12 @@
 //! - a record with a key waits in its key's lane while an earlier record with the same key is
 //!   in flight, so one key is processed in order while different keys run in parallel (up to
 //!   the endpoint's concurrency); records without a key are not ordered;
-//! - when a partition holds `max_in_flight` unfinished records it is paused, and resumed when
-//!   half of them are done.
+//! - when a partition holds `max_in_flight` unfinished records the pump stops polling until
+//!   one of them is done, so librdkafka keeps what it has prefetched (pausing a partition
+//!   makes it drop that and fetch again on resume, which cost 5x in draining a backlog); if
+//!   no room opens for [`PAUSE_AFTER`] the full partitions are paused and polling goes on,
+//!   so the other partitions and the group's poll interval keep moving; a paused partition
+//!   resumes when half of its records are done.
 //!
 //! Offsets are committed when a partition's position moved by `commit_every`, every
 //! `commit_interval`, when partitions are revoked, and when the endpoint closes.
@@ -31,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{Client, from_record, kafka_error};
 
 type PartitionKey = (String, i32);
+
+/// How long the pump waits for room in a full partition before pausing it.
+const PAUSE_AFTER: Duration = Duration::from_secs(5);
 
 struct Part {
     /// Offsets handed out and not yet committed past: offset → finished.
@@ -74,7 +81,8 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 impl State {
-    fn file(&mut self, record: Record, window: usize) -> Option<PartitionKey> {
+    /// Files a received record; returns whether its partition's window is now full.
+    fn file(&mut self, record: Record, window: usize) -> bool {
         let pk = (record.topic.clone(), record.partition);
         let generation = {
             self.generation += 1;
@@ -93,10 +101,7 @@ impl State {
             ..record
         };
         part.offsets.insert(record.offset, false);
-        let pause = part.offsets.len() >= window && !part.paused;
-        if pause {
-            part.paused = true;
-        }
+        let full = part.offsets.len() >= window && !part.paused;
         match record.key.clone() {
             None => self.ready.push_back(record),
             Some(key) => {
@@ -116,7 +121,27 @@ impl State {
                 }
             }
         }
-        pause.then_some(pk)
+        full
+    }
+
+    /// Partitions (not paused) whose in-flight window is full.
+    fn full(&self, window: usize) -> Vec<PartitionKey> {
+        self.parts
+            .iter()
+            .filter(|(_, p)| !p.paused && p.offsets.len() >= window)
+            .map(|(pk, _)| pk.clone())
+            .collect()
+    }
+
+    /// Marks `pks` paused; returns those that were not already.
+    fn pause(&mut self, pks: Vec<PartitionKey>) -> Vec<PartitionKey> {
+        pks.into_iter()
+            .filter(|pk| {
+                self.parts
+                    .get_mut(pk)
+                    .is_some_and(|p| !std::mem::replace(&mut p.paused, true))
+            })
+            .collect()
     }
 
     /// Drops what belongs to revoked partitions; returns their commit positions.
@@ -217,6 +242,8 @@ pub(crate) struct Shared {
     consumer: StreamConsumer<Ctx>,
     state: Arc<Mutex<State>>,
     ready: Notify,
+    /// Wakes the pump when a full partition has room again.
+    room: Notify,
     client: Arc<Client>,
     group: String,
     window: usize,
@@ -252,12 +279,16 @@ impl Shared {
                 if let Some(done) = part.offsets.get_mut(&record.offset) {
                     *done = true;
                 }
+                let was_full = part.offsets.len() >= self.window;
                 while let Some((&offset, &done)) = part.offsets.iter().next() {
                     if !done {
                         break;
                     }
                     part.offsets.remove(&offset);
                     part.position = Some(offset + 1);
+                }
+                if was_full && part.offsets.len() < self.window {
+                    self.room.notify_one();
                 }
                 if part.paused && part.offsets.len() <= self.window / 2 {
                     part.paused = false;
@@ -377,6 +408,7 @@ pub(crate) async fn start(
         consumer,
         state,
         ready: Notify::new(),
+        room: Notify::new(),
         client,
         group: group.to_string(),
         window: window.max(1),
@@ -406,7 +438,15 @@ async fn pump(shared: Arc<Shared>) {
     let config = &shared.client.config;
     let mut tick = tokio::time::interval(config.commit_interval);
     let mut failures = 0u32;
+    let mut full = false;
     loop {
+        if full {
+            full = wait_for_room(&shared, &mut tick).await;
+            if shared.stop.is_cancelled() {
+                break;
+            }
+            continue;
+        }
         tokio::select! {
             _ = shared.stop.cancelled() => break,
             _ = tick.tick() => {
@@ -430,14 +470,7 @@ async fn pump(shared: Arc<Shared>) {
                         generation: 0,
                     };
                     drop(m);
-                    let pause = lock(&shared.state).file(record, shared.window);
-                    if let Some(pk) = pause {
-                        if let Err(e) = shared.consumer.pause(&one_partition(&pk)) {
-                            tracing::warn!(group = %shared.group, error = %e, "could not pause a full partition");
-                        } else {
-                            tracing::debug!(group = %shared.group, topic = %pk.0, partition = pk.1, "partition paused: in-flight window full");
-                        }
-                    }
+                    full = lock(&shared.state).file(record, shared.window);
                     shared.ready.notify_one();
                 }
                 Err(e) => {
@@ -448,6 +481,45 @@ async fn pump(shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
+        }
+    }
+}
+
+/// Waits, without polling, while a partition's in-flight window is full; commits on the tick
+/// meanwhile. After [`PAUSE_AFTER`] with no room the full partitions are paused so polling
+/// can go on. Returns whether a window is still full.
+async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> bool {
+    let config = &shared.client.config;
+    let deadline = tokio::time::sleep(PAUSE_AFTER);
+    tokio::pin!(deadline);
+    loop {
+        let room = shared.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        if lock(&shared.state).full(shared.window).is_empty() {
+            return false;
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return false,
+            _ = &mut room => {}
+            _ = tick.tick() => {
+                let commits = lock(&shared.state).due_commits(config.commit_every, config.commit_interval, false);
+                shared.commit(&commits, CommitMode::Async);
+            }
+            _ = &mut deadline => {
+                let paused = {
+                    let mut state = lock(&shared.state);
+                    let full = state.full(shared.window);
+                    state.pause(full)
+                };
+                for pk in paused {
+                    match shared.consumer.pause(&one_partition(&pk)) {
+                        Ok(()) => tracing::debug!(group = %shared.group, topic = %pk.0, partition = pk.1, "partition paused: its in-flight window stayed full"),
+                        Err(e) => tracing::warn!(group = %shared.group, error = %e, "could not pause a full partition"),
+                    }
+                }
+                return false;
+            }
         }
     }
 }

@@ -19,7 +19,8 @@
 //!   them; the message key is the contract's `#[message(key)]`.
 //! - **Producing**: idempotent, `acks=all`; `publish` returns after the delivery report.
 //! - **Consuming**: per-key ordered lanes, different keys in parallel; a bounded in-flight
-//!   window pauses full partitions; offsets are committed only up to the lowest unfinished
+//!   window per partition (polling waits while one is full; a partition that stays full is
+//!   paused); offsets are committed only up to the lowest unfinished
 //!   message of each partition, periodically, on rebalance and at shutdown.
 //! - **Failures**: when retries are exhausted, or a record cannot be read, it goes to the
 //!   dead-letter topic `<topic>.<group>.error` with the fault headers and the partition

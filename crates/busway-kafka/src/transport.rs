@@ -108,7 +108,8 @@ impl KafkaBuilder {
         self
     }
 
-    /// Unfinished records a partition may hold before it is paused (default 1000).
+    /// Unfinished records a partition may hold before consuming waits for one to finish
+    /// (default 1000).
     pub fn max_in_flight(mut self, records: usize) -> Self {
         self.config.max_in_flight = records.max(1);
         self
@@ -165,7 +166,7 @@ pub struct KafkaEndpointOptions {
     pub topics: Vec<String>,
     /// The consumer group (default: the endpoint name).
     pub group: Option<String>,
-    /// Unfinished records per partition before it is paused (default: the transport's).
+    /// Unfinished records per partition before consuming waits (default: the transport's).
     pub max_in_flight: Option<usize>,
     /// Don't consume the endpoint's own topic (named after it; sends to `queue:<name>` go
     /// there).
@@ -178,7 +179,7 @@ pub trait KafkaEndpointExt: Sized {
     fn kafka_topic(self, topic: &str) -> Self;
     /// Uses consumer group `group` instead of the endpoint name.
     fn consumer_group(self, group: &str) -> Self;
-    /// Unfinished records per partition before it is paused.
+    /// Unfinished records per partition before consuming waits for one to finish.
     fn max_in_flight(self, records: usize) -> Self;
 }
 
