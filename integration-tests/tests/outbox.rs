@@ -267,6 +267,16 @@ async fn rollback_publishes_nothing_commit_publishes_once<D: TestDb>() {
 /// With the broker unreachable, 1,000 events commit to the outbox; when it comes back, all
 /// of them are delivered, none lost.
 async fn broker_outage_loses_nothing<D: TestDb>() {
+    outage_loses_nothing::<D>(1).await;
+}
+
+/// The same outage with 16 deliveries in flight: the sends that were in flight when the
+/// broker went away are sent again; none is lost.
+async fn broker_outage_with_a_delivery_window_loses_nothing<D: TestDb>() {
+    outage_loses_nothing::<D>(16).await;
+}
+
+async fn outage_loses_nothing<D: TestDb>(delivery_window: usize) {
     init_tracing();
     let db = D::open().await;
     let vhost = TestVhost::create("outbox");
@@ -308,7 +318,11 @@ async fn broker_outage_loses_nothing<D: TestDb>() {
         .await
         .expect("build");
     let running = consumer.start().await.expect("start");
-    let outbox = Outbox::with_options(db.store(), &bus, fast_options())
+    let options = OutboxOptions {
+        delivery_window,
+        ..fast_options()
+    };
+    let outbox = Outbox::with_options(db.store(), &bus, options)
         .await
         .expect("migrate");
     let dispatcher = outbox.start_dispatcher();
@@ -352,8 +366,75 @@ async fn broker_outage_loses_nothing<D: TestDb>() {
     assert_eq!(outbox.pending().await.expect("count"), 0);
     let duplicates: u32 = seen.lock().expect("lock").values().map(|c| c - 1).sum();
     println!(
-        "outbox outage: 1000 events, all consumed {:.1} s after the broker returned, {duplicates} duplicates",
+        "outbox outage (window {delivery_window}): 1000 events, all consumed {:.1} s after the broker returned, {duplicates} duplicates",
         drained.as_secs_f64()
+    );
+    dispatcher.stop().await;
+    running.shutdown().await.expect("shutdown");
+    db.close().await;
+}
+
+/// With 32 deliveries in flight, 2,000 events of one outbox reach a one-at-a-time consumer
+/// on RabbitMQ in the order they were stored, and every row is marked delivered.
+async fn a_delivery_window_keeps_the_order<D: TestDb>() {
+    init_tracing();
+    let db = D::open().await;
+    let vhost = TestVhost::create("outbox-window");
+    let order: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let o = order.clone();
+    let bus = Bus::builder()
+        .transport(busway_integration_tests::rabbit::transport_for(
+            &vhost.url(),
+        ))
+        .receive_endpoint("outbox-window", move |e| {
+            e.prefetch(1)
+                .concurrency_limit(1)
+                .handler(move |ctx: ConsumeContext<OrderPlaced>| {
+                    let o = o.clone();
+                    async move {
+                        o.lock().expect("lock").push(ctx.message().n);
+                        Ok(())
+                    }
+                })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    let options = OutboxOptions {
+        delivery_window: 32,
+        ..fast_options()
+    };
+    let outbox = Outbox::with_options(db.store(), &bus, options)
+        .await
+        .expect("migrate");
+    for batch in 0..20u32 {
+        let mut tx = db.begin().await;
+        for i in 0..100u32 {
+            outbox
+                .publish(&mut tx, OrderPlaced { n: batch * 100 + i })
+                .await
+                .expect("store");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let dispatcher = outbox.start_dispatcher();
+    wait_until(
+        Duration::from_secs(60),
+        "all 2,000 events are consumed",
+        || order.lock().expect("lock").len() >= 2000,
+    )
+    .await;
+    let order = order.lock().expect("lock").clone();
+    assert_eq!(order, (0..2000).collect::<Vec<u32>>(), "stored order");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while outbox.pending().await.expect("count") > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        outbox.pending().await.expect("count"),
+        0,
+        "all marked delivered"
     );
     dispatcher.stop().await;
     running.shutdown().await.expect("shutdown");
@@ -846,6 +927,8 @@ macro_rules! on_both {
 on_both!(
     rollback_publishes_nothing_commit_publishes_once,
     broker_outage_loses_nothing,
+    broker_outage_with_a_delivery_window_loses_nothing,
+    a_delivery_window_keeps_the_order,
     two_dispatchers_deliver_each_row_once,
     inbox_applies_a_message_once,
     failed_attempts_leave_a_clean_slate,

@@ -3,6 +3,8 @@
 
 use busway_core::Result;
 use chrono::Utc;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use std::fmt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -182,14 +184,35 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
     else {
         return Ok(Round::Idle);
     };
-    let mut delivered = Vec::with_capacity(claim.messages().len());
+    let messages = claim.messages();
+    let window = options.delivery_window.max(1);
+    let mut delivered = Vec::with_capacity(messages.len());
     let mut failure = None;
     let mut unavailable = false;
-    for stored in claim.messages() {
-        let result = match stored.to_outgoing() {
-            Ok(outgoing) => inner.bus.dispatch(outgoing).await,
-            Err(err) => Err(err),
+    // Started in order, finished in order: `delivered` is the unbroken run of confirmed
+    // messages; nothing new starts once one has failed.
+    let mut in_flight = FuturesOrdered::new();
+    let mut next = 0;
+    loop {
+        while failure.is_none() && next < messages.len() && in_flight.len() < window {
+            let stored = &messages[next];
+            next += 1;
+            let bus = &inner.bus;
+            in_flight.push_back(async move {
+                let result = match stored.to_outgoing() {
+                    Ok(outgoing) => bus.dispatch(outgoing).await,
+                    Err(err) => Err(err),
+                };
+                (stored, result)
+            });
+        }
+        let Some((stored, result)) = in_flight.next().await else {
+            break;
         };
+        if failure.is_some() {
+            // In flight when an earlier one failed: it is delivered again after that one.
+            continue;
+        }
         match result {
             Ok(()) => delivered.push(stored.sequence),
             Err(err) => {
@@ -209,16 +232,16 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
                 } else {
                     tracing::debug!(outbox = %stored.outbox_id, message_id = %stored.message_id, error = %text, "outbox delivery failed; will retry");
                 }
+                // Keep the order: nothing after a failed message is marked delivered.
                 failure = Some(Failure {
                     sequence: stored.sequence,
                     error: text,
                     park,
                 });
-                // Keep the order: nothing after a failed message goes out before it.
-                break;
             }
         }
     }
+    drop(in_flight);
     let failed = failure.as_ref().is_some_and(|f| !f.park);
     tracing::debug!(dispatcher = %id, outbox = %claim.outbox_id(), delivered = delivered.len(), "outbox batch delivered");
     claim.finish(&delivered, failure).await?;

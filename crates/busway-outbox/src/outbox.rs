@@ -22,6 +22,12 @@ pub struct OutboxOptions {
     pub outbox_id: String,
     /// Messages delivered per claim.
     pub batch_size: i64,
+    /// Deliveries of one claim in flight at once (default 1). With 1, a message is sent only
+    /// after the one before it was confirmed, so order holds even across failures. With more,
+    /// messages still leave in order and only the unbroken run of confirmed ones is marked
+    /// delivered; but when one fails, the ones after it that were already in flight have
+    /// reached the broker ahead of its retry (and go again with it: at least once).
+    pub delivery_window: usize,
     /// How often an idle dispatcher looks for messages without a notification.
     pub poll_interval: Duration,
     /// First wait after a failed delivery; doubles up to `max_backoff`.
@@ -46,6 +52,7 @@ impl Default for OutboxOptions {
         Self {
             outbox_id: "default".to_string(),
             batch_size: 100,
+            delivery_window: 1,
             poll_interval: Duration::from_millis(500),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),

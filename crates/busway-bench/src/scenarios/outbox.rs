@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use busway::BoxError;
 use busway::outbox::sqlx::{self, PgPool};
-use busway::outbox::{Dispatcher, Outbox, PostgresStore};
+use busway::outbox::{Dispatcher, Outbox, OutboxOptions, PostgresStore};
 use busway::prelude::*;
 use busway::rabbitmq::RabbitMq;
 
@@ -114,7 +114,12 @@ impl OutboxSide {
         .build()
         .await?;
         self.created.push((transport, name));
-        let outbox = Outbox::new(self.store.clone(), &bus).await?;
+        // The dispatcher keeps as many deliveries in flight as the direct publisher does.
+        let options = OutboxOptions {
+            delivery_window: self.settings.window,
+            ..OutboxOptions::default()
+        };
+        let outbox = Outbox::with_options(self.store.clone(), &bus, options).await?;
         // Rows a crashed earlier run left behind would be delivered into this run.
         sqlx::query("DELETE FROM bench_outbox")
             .execute(&self.pool)
