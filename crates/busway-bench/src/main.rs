@@ -78,6 +78,9 @@ fn parse(args: &[String]) -> Result<(Vec<String>, Settings), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("backlog-side") {
+        return backlog_side(&args[1..]).await;
+    }
     let (names, settings) = match parse(&args) {
         Ok(p) => p,
         Err(e) => {
@@ -129,5 +132,33 @@ async fn main() -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// The child half of the backlog scenario: `backlog-side <busway|lapin> [options]`; prints
+/// its measurements as one JSON line.
+async fn backlog_side(args: &[String]) -> ExitCode {
+    let Some(label) = args.first() else {
+        eprintln!("backlog-side needs a side: busway or lapin");
+        return ExitCode::from(2);
+    };
+    let mut rest = vec!["backlog".to_string()];
+    rest.extend(args[1..].iter().cloned());
+    let settings = match parse(&rest) {
+        Ok((_, s)) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match scenarios::backlog::run_side(&settings, label).await {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("backlog {label}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

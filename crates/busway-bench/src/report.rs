@@ -181,13 +181,14 @@ pub fn markdown(report: &Report) -> String {
             );
             let _ = writeln!(
                 out,
-                "| side | fill msg/s | fill peak RSS MiB | drain msg/s | drain peak RSS MiB |"
+                "| side | RSS at start MiB | fill msg/s | fill peak RSS MiB | drain msg/s | drain peak RSS MiB |"
             );
-            let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
             for (side, v) in &r.extra {
                 let _ = writeln!(
                     out,
-                    "| {side} | {:.0} | {} | {:.0} | {} |",
+                    "| {side} | {} | {:.0} | {} | {:.0} | {} |",
+                    v["rss_before_kb"].as_u64().unwrap_or(0) / 1024,
                     v["fill"]["rate"].as_f64().unwrap_or(0.0),
                     v["fill_peak_rss_kb"].as_u64().unwrap_or(0) / 1024,
                     v["drain"]["rate"].as_f64().unwrap_or(0.0),

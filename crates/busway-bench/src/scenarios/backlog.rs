@@ -1,6 +1,9 @@
 //! `backlog`: peak resident memory of the process while a large backlog (default 1,000,000
 //! messages) fills a RabbitMQ queue and drains, busway vs raw lapin. What bounds memory on
 //! the consuming side should be the prefetch, not the backlog.
+//!
+//! Each side runs in a child process of its own (`busway-bench backlog-side <side>`), so the
+//! memory an earlier scenario left with the allocator does not count against either side.
 
 use busway::BoxError;
 
@@ -31,14 +34,55 @@ async fn one(side: Box<dyn Side>, n: usize) -> Result<serde_json::Value, BoxErro
     }))
 }
 
-/// Fills and drains `settings.backlog` messages once per side.
+/// The sides, in the order they run.
+pub const SIDES: [&str; 2] = ["busway", "lapin"];
+
+/// Runs one side in this process (the child's half): fills and drains the backlog once and
+/// returns the measurements.
+pub async fn run_side(settings: &Settings, label: &str) -> Result<serde_json::Value, BoxError> {
+    let scenario = RabbitScenario::from_env();
+    scenario.available().await?;
+    let side = match label {
+        "busway" => scenario.busway(settings).await?,
+        "lapin" => scenario.raw(settings).await?,
+        other => return Err(format!("unknown backlog side `{other}`").into()),
+    };
+    one(side, settings.backlog).await
+}
+
+/// Runs one side in a fresh child process and reads its JSON from the child's stdout.
+async fn run_child(settings: &Settings, label: &str) -> Result<serde_json::Value, BoxError> {
+    let exe = std::env::current_exe()?;
+    let output = tokio::process::Command::new(exe)
+        .arg("backlog-side")
+        .arg(label)
+        .args(["--backlog", &settings.backlog.to_string()])
+        .args(["--prefetch", &settings.prefetch.to_string()])
+        .args(["--payload", &settings.payload.to_string()])
+        .args(["--window", &settings.window.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    if !output.status.success() {
+        return Err(format!("the {label} child process failed ({})", output.status).into());
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("the {label} child process printed no result"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Fills and drains `settings.backlog` messages once per side, each side in its own process.
 pub async fn run(settings: &Settings) -> ScenarioResult {
     let scenario = RabbitScenario::from_env();
     let n = settings.backlog;
     let mut result = ScenarioResult {
         name: "backlog".into(),
         description: format!(
-            "peak RSS while {n} messages fill a RabbitMQ queue and drain (prefetch {}), busway vs lapin",
+            "peak RSS while {n} messages fill a RabbitMQ queue and drain (prefetch {}), busway vs lapin, each side in a fresh process",
             settings.prefetch
         ),
         messages: n,
@@ -49,18 +93,12 @@ pub async fn run(settings: &Settings) -> ScenarioResult {
         result.skipped = Some(reason);
         return result;
     }
-    for (label, side) in [
-        ("busway", scenario.busway(settings).await),
-        ("lapin", scenario.raw(settings).await),
-    ] {
-        let outcome = match side {
-            Ok(side) => one(side, n).await,
-            Err(e) => Err(e),
-        };
-        match outcome {
+    for label in SIDES {
+        match run_child(settings, label).await {
             Ok(v) => {
                 eprintln!(
-                    "backlog {label}: fill peak {} MiB, drain peak {} MiB",
+                    "backlog {label}: RSS before {} MiB, fill peak {} MiB, drain peak {} MiB",
+                    v["rss_before_kb"].as_u64().unwrap_or(0) / 1024,
                     v["fill_peak_rss_kb"].as_u64().unwrap_or(0) / 1024,
                     v["drain_peak_rss_kb"].as_u64().unwrap_or(0) / 1024
                 );
