@@ -9,7 +9,6 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::FutureExt;
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
@@ -352,8 +351,10 @@ pub(crate) async fn run_endpoint(
     stop: CancellationToken,
     hard: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut tasks = JoinSet::new();
+    // Each delivery runs in a task of its own holding one permit; waiting for every permit
+    // back is waiting for every delivery (a panicking task drops its permit while unwinding).
+    let concurrency = concurrency.max(1);
+    let permits = Arc::new(Semaphore::new(concurrency));
     let mut failures = 0u32;
     loop {
         let permit = tokio::select! {
@@ -386,21 +387,19 @@ pub(crate) async fn run_endpoint(
                 failures = 0;
                 let rt = runtime.clone();
                 let cancel = hard.child_token();
-                tasks.spawn(async move {
+                tokio::spawn(async move {
                     handle_delivery(rt, delivery, cancel).await;
                     drop(permit);
                 });
             }
         }
-        while tasks.try_join_next().is_some() {}
     }
     if let Err(err) = receiver.stop().await {
         tracing::warn!(endpoint = %runtime.info.name, error = %err, "stopping the receiver failed");
     }
-    while let Some(result) = tasks.join_next().await {
-        if let Err(err) = result {
-            tracing::error!(endpoint = %runtime.info.name, error = %err, "a delivery task failed");
-        }
+    let all = u32::try_from(concurrency).unwrap_or(u32::MAX);
+    if permits.acquire_many(all).await.is_err() {
+        tracing::error!(endpoint = %runtime.info.name, "the delivery permits were closed; not waiting for in-flight deliveries");
     }
     if let Err(err) = receiver.close().await {
         tracing::debug!(endpoint = %runtime.info.name, error = %err, "closing the receiver failed");
@@ -430,14 +429,15 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 timestamp: Utc::now(),
             };
             tracing::error!(endpoint = %rt.info.name, error = %err, "could not read a message; moving it to the error queue");
-            move_message(
+            // Rare paths are boxed so they do not enlarge every delivery's task.
+            Box::pin(move_message(
                 &rt,
                 settlement,
                 MoveKind::Error,
                 message,
                 &details.message,
                 |h| details.write_headers(h),
-            )
+            ))
             .await;
             return;
         }
@@ -479,7 +479,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
         Err(err) if err.kind() == ConsumeErrorKind::NoConsumer => {
             tracing::warn!(endpoint = %rt.info.name, message_id = ?rc.message_id(), error = %err, "moving the message to the skipped queue");
             let message = rc.transport_message().clone();
-            move_message(
+            Box::pin(move_message(
                 &rt,
                 settlement,
                 MoveKind::Skipped,
@@ -488,13 +488,13 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 |h| {
                     h.insert(names::REASON, "dead-letter");
                 },
-            )
+            ))
             .await;
         }
         Err(err) if err.kind() == ConsumeErrorKind::Cancelled => {
             settle(&rt, settlement.requeue().await, "requeue");
         }
-        Err(err) => fault(&rt, &rc, settlement, err).await,
+        Err(err) => Box::pin(fault(&rt, &rc, settlement, err)).await,
     }
 }
 
