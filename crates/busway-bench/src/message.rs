@@ -68,24 +68,36 @@ pub struct RawHost {
 }
 
 /// A MassTransit JSON envelope around a [`BenchMessage`], written and read by hand: the work
-/// a raw baseline does so that both sides move the same bytes.
+/// a raw baseline does so that both sides move the same bytes. It has the fields busway's
+/// envelope has, in the same order (nulls included), and the same two trace headers
+/// (`traceparent` and MassTransit's `MT-Activity-Id`, one new trace per message).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RawEnvelope {
     /// Message id.
     pub message_id: Uuid,
-    /// Conversation id.
-    pub conversation_id: Uuid,
+    /// Request id.
+    pub request_id: Option<Uuid>,
     /// Correlation id.
     pub correlation_id: Option<Uuid>,
+    /// Conversation id.
+    pub conversation_id: Uuid,
+    /// Initiator id.
+    pub initiator_id: Option<Uuid>,
     /// Source address.
     pub source_address: String,
     /// Destination address.
     pub destination_address: String,
+    /// Response address.
+    pub response_address: Option<String>,
+    /// Fault address.
+    pub fault_address: Option<String>,
     /// Message types.
     pub message_type: Vec<String>,
     /// The message.
     pub message: BenchMessage,
+    /// Expiration time.
+    pub expiration_time: Option<DateTime<Utc>>,
     /// Sent time.
     pub sent_time: DateTime<Utc>,
     /// Headers.
@@ -111,16 +123,29 @@ impl RawEnvelope {
             })
             .clone();
         let id = Uuid::new_v4();
+        let trace = format!(
+            "00-{:032x}-{:016x}-01",
+            Uuid::new_v4().as_u128(),
+            Uuid::new_v4().as_u64_pair().0
+        );
+        let mut headers = serde_json::Map::new();
+        headers.insert("MT-Activity-Id".into(), trace.clone().into());
+        headers.insert("traceparent".into(), trace.into());
         let envelope = Self {
             message_id: id,
-            conversation_id: id,
+            request_id: None,
             correlation_id: None,
+            conversation_id: id,
+            initiator_id: None,
             source_address: "loopback://localhost/bench".into(),
             destination_address: destination.to_string(),
+            response_address: None,
+            fault_address: None,
             message_type: vec!["urn:message:Busway.Bench:BenchMessage".into()],
             message,
+            expiration_time: None,
             sent_time: Utc::now(),
-            headers: serde_json::Map::new(),
+            headers,
             host,
         };
         serde_json::to_vec(&envelope).unwrap_or_default()
