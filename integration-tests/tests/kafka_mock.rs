@@ -21,6 +21,24 @@ struct Keyed {
     seq: u32,
 }
 
+type Seen = Arc<Mutex<HashMap<u32, Vec<u32>>>>;
+
+/// Messages consumed so far, over all keys.
+fn consumed(seen: &Seen) -> usize {
+    seen.lock().expect("lock").values().map(Vec::len).sum()
+}
+
+/// Every key got `per_key` messages, in increasing sequence order.
+fn assert_every_key_whole_and_in_order(seen: &Seen, per_key: usize) {
+    for (key, seqs) in seen.lock().expect("lock").iter() {
+        assert_eq!(seqs.len(), per_key, "key {key}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order"
+        );
+    }
+}
+
 fn transport(
     cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
     timeout: Duration,
@@ -44,7 +62,7 @@ async fn back_pressure_keeps_every_message_and_the_order() {
         .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
         .expect("topic");
     cluster.create_topic("pressed", 4, 1).expect("topic");
-    let seen: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     let bus = Bus::builder()
         .transport(kafka.clone())
@@ -79,21 +97,10 @@ async fn back_pressure_keeps_every_message_and_the_order() {
         })
         .await;
     wait_until(Duration::from_secs(60), "5,000 consumed", || {
-        seen.lock()
-            .expect("lock")
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= 5000
+        consumed(&seen) >= 5000
     })
     .await;
-    for (key, seqs) in seen.lock().expect("lock").iter() {
-        assert_eq!(seqs.len(), 100, "key {key}");
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
-    }
+    assert_every_key_whole_and_in_order(&seen, 100);
     running.shutdown().await.expect("shutdown");
 }
 
@@ -109,7 +116,7 @@ async fn a_stuck_record_pauses_only_its_own_partition() {
         .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
         .expect("topic");
     cluster.create_topic("stuck", 4, 1).expect("topic");
-    let seen: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let seen: Seen = Arc::default();
     let release = Arc::new(tokio::sync::Notify::new());
     let (s, r) = (seen.clone(), release.clone());
     let bus = Bus::builder()
@@ -146,14 +153,7 @@ async fn a_stuck_record_pauses_only_its_own_partition() {
     wait_until(
         Duration::from_secs(40),
         "the partitions without the stuck record to be consumed",
-        || {
-            seen.lock()
-                .expect("lock")
-                .values()
-                .map(Vec::len)
-                .sum::<usize>()
-                >= 1000
-        },
+        || consumed(&seen) >= 1000,
     )
     .await;
     assert!(
@@ -162,21 +162,10 @@ async fn a_stuck_record_pauses_only_its_own_partition() {
     );
     release.notify_one();
     wait_until(Duration::from_secs(40), "all 2,000 consumed", || {
-        seen.lock()
-            .expect("lock")
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= 2000
+        consumed(&seen) >= 2000
     })
     .await;
-    for (key, seqs) in seen.lock().expect("lock").iter() {
-        assert_eq!(seqs.len(), 50, "key {key}");
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "key {key} out of order"
-        );
-    }
+    assert_every_key_whole_and_in_order(&seen, 50);
     running.shutdown().await.expect("shutdown");
 }
 

@@ -190,6 +190,19 @@ fn fast_options() -> OutboxOptions {
     }
 }
 
+/// Waits (up to [`WAIT`]) until the outbox has nothing left to deliver, and asserts it.
+async fn assert_nothing_pending<S: OutboxStore>(outbox: &Outbox<S>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while outbox.pending().await.expect("count") > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        outbox.pending().await.expect("count"),
+        0,
+        "every row is marked delivered"
+    );
+}
+
 /// A bus on the in-memory transport whose `counting` endpoint records every `OrderPlaced`.
 async fn counting_bus() -> (Bus, busway::RunningBus, Arc<Mutex<HashMap<u32, u32>>>) {
     let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
@@ -359,11 +372,7 @@ async fn outage_loses_nothing<D: TestDb>(delivery_window: usize) {
     )
     .await;
     let drained = back.elapsed();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while outbox.pending().await.expect("count") > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(outbox.pending().await.expect("count"), 0);
+    assert_nothing_pending(&outbox).await;
     let duplicates: u32 = seen.lock().expect("lock").values().map(|c| c - 1).sum();
     println!(
         "outbox outage (window {delivery_window}): 1000 events, all consumed {:.1} s after the broker returned, {duplicates} duplicates",
@@ -427,15 +436,7 @@ async fn a_delivery_window_keeps_the_order<D: TestDb>() {
     .await;
     let order = order.lock().expect("lock").clone();
     assert_eq!(order, (0..2000).collect::<Vec<u32>>(), "stored order");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while outbox.pending().await.expect("count") > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        outbox.pending().await.expect("count"),
-        0,
-        "all marked delivered"
-    );
+    assert_nothing_pending(&outbox).await;
     dispatcher.stop().await;
     running.shutdown().await.expect("shutdown");
     db.close().await;
