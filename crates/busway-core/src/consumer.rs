@@ -398,9 +398,21 @@ impl Dispatcher {
         }
     }
 
-    fn matching(&self, rc: &ReceiveContext) -> Vec<usize> {
+    /// The consumers a delivery goes to, by index: borrowed from the type map when one of
+    /// the message's types has consumers here (the usual case), collected otherwise.
+    fn matching(&self, rc: &ReceiveContext) -> std::borrow::Cow<'_, [usize]> {
+        use std::borrow::Cow;
         if rc.any_message_type() && rc.message_types().is_empty() {
-            return (0..self.shared.consumers.len()).collect();
+            return Cow::Owned((0..self.shared.consumers.len()).collect());
+        }
+        let mut hits = rc
+            .message_types()
+            .iter()
+            .filter_map(|urn| self.shared.by_type.get(urn));
+        match (hits.next(), hits.next()) {
+            (None, _) => return Cow::Borrowed(&[]),
+            (Some(only), None) => return Cow::Borrowed(only.as_slice()),
+            _ => {}
         }
         let mut out = Vec::new();
         for urn in rc.message_types() {
@@ -412,7 +424,7 @@ impl Dispatcher {
                 }
             }
         }
-        out
+        Cow::Owned(out)
     }
 }
 
@@ -442,7 +454,7 @@ impl Service<ReceiveContext> for Dispatcher {
                 ));
             }
             let mut first_error = None;
-            for index in matching {
+            for &index in matching.iter() {
                 // A retry of the whole endpoint pipeline does not re-run consumers that
                 // already succeeded for this delivery.
                 if rc.is_completed(index) {

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +54,10 @@ struct ReceiveInner {
     settlement: Mutex<Option<Box<dyn Settlement>>>,
     trace: TraceContext,
     parent_trace: Option<TraceContext>,
-    completed: Mutex<HashSet<usize>>,
+    /// Consumers (by index) that succeeded for this delivery: a bit each for the first 64,
+    /// a set for the rest (rare: an endpoint with more than 64 consumers of one type).
+    completed: AtomicU64,
+    completed_more: Mutex<HashSet<usize>>,
     fault_source: Mutex<Option<(String, Urn)>>,
     payloads: Mutex<Extensions>,
 }
@@ -95,7 +98,8 @@ impl ReceiveContext {
                 settlement: Mutex::new(Some(settlement)),
                 trace,
                 parent_trace,
-                completed: Mutex::new(HashSet::new()),
+                completed: AtomicU64::new(0),
+                completed_more: Mutex::new(HashSet::new()),
                 fault_source: Mutex::new(None),
                 payloads: Mutex::new(Extensions::default()),
             }),
@@ -255,15 +259,22 @@ impl ReceiveContext {
     }
 
     pub(crate) fn is_completed(&self, consumer_index: usize) -> bool {
+        if consumer_index < 64 {
+            return self.inner.completed.load(Ordering::Acquire) & (1 << consumer_index) != 0;
+        }
         self.inner
-            .completed
+            .completed_more
             .lock()
             .map(|c| c.contains(&consumer_index))
             .unwrap_or(false)
     }
 
     pub(crate) fn mark_completed(&self, consumer_index: usize) {
-        if let Ok(mut c) = self.inner.completed.lock() {
+        if consumer_index < 64 {
+            self.inner
+                .completed
+                .fetch_or(1 << consumer_index, Ordering::AcqRel);
+        } else if let Ok(mut c) = self.inner.completed_more.lock() {
             c.insert(consumer_index);
         }
     }

@@ -249,8 +249,8 @@ impl Broker {
     }
 }
 
-fn exchange_for(urn: &Urn) -> String {
-    urn.entity_name(&EntityNameStyle::RABBITMQ)
+fn exchange_for(urn: &Urn) -> Arc<str> {
+    urn.entity_name_shared(&EntityNameStyle::RABBITMQ)
 }
 
 impl InMemory {
@@ -440,16 +440,19 @@ impl Transport for InMemory {
 }
 
 impl InMemory {
-    fn deliver_later(&self, exchange: String, message: TransportMessage, delay: Option<Duration>) {
+    fn deliver_later<E>(&self, exchange: E, message: TransportMessage, delay: Option<Duration>)
+    where
+        E: AsRef<str> + Send + 'static,
+    {
         match delay.filter(|d| !d.is_zero()) {
             None => {
-                self.broker.deliver(&exchange, message);
+                self.broker.deliver(exchange.as_ref(), message);
             }
             Some(delay) => {
                 let broker = self.broker.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    broker.deliver(&exchange, message);
+                    broker.deliver(exchange.as_ref(), message);
                 });
             }
         }

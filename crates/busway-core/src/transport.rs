@@ -141,7 +141,7 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// The address written as `destinationAddress` when publishing a message type
     /// (the message type's exchange or topic).
     fn publish_address(&self, message_type: &Urn) -> String {
-        self.endpoint_address(&message_type.entity_name(&EntityNameStyle::RABBITMQ))
+        self.endpoint_address(&message_type.entity_name_shared(&EntityNameStyle::RABBITMQ))
     }
 
     /// Connects (if needed) and declares everything the topology names. Called once by

@@ -81,6 +81,11 @@ impl Urn {
     /// `Contracts/OrderPlaced` for Service Bus). A URN that does not parse is used whole, with
     /// characters brokers reject replaced by `-`.
     pub fn entity_name(&self, style: &EntityNameStyle) -> String {
+        self.entity_name_shared(style).to_string()
+    }
+
+    /// [`Urn::entity_name`] as a shared string: no allocation when the name is cached.
+    pub fn entity_name_shared(&self, style: &EntityNameStyle) -> Arc<str> {
         // Publishing asks for the same few names over and over: remember them (up to a
         // bound, so names of arbitrary types read off the wire cannot grow it forever).
         type Cache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
@@ -89,12 +94,12 @@ impl Urn {
         let cache = CACHE.get_or_init(Default::default);
         let key = (self.clone(), style.clone());
         if let Some(name) = cache.read().ok().and_then(|c| c.get(&key).cloned()) {
-            return name.to_string();
+            return name;
         }
-        let name = self.format_entity_name(style);
+        let name: Arc<str> = Arc::from(self.format_entity_name(style));
         if let Ok(mut c) = cache.write() {
             if c.len() < MAX_CACHED {
-                c.insert(key, Arc::from(name.as_str()));
+                c.insert(key, name.clone());
             }
         }
         name
