@@ -239,7 +239,15 @@ mod kafka_specific {
             })
             .await;
 
-        let spawn = || {
+        // Each probe's log (partition assignments, pauses, offset gaps) goes to a file that a
+        // failure quotes.
+        let logs = std::env::temp_dir().join(unique("kafka-probe-logs"));
+        std::fs::create_dir_all(&logs).expect("log dir");
+        let mut started = 0;
+        let mut spawn = || {
+            started += 1;
+            let log = std::fs::File::create(logs.join(format!("probe-{started}.log")))
+                .expect("probe log");
             Command::new(probe())
                 .args([
                     brokers(),
@@ -248,7 +256,7 @@ mod kafka_specific {
                     WINDOW.to_string(),
                 ])
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(Stdio::from(log))
                 .spawn()
                 .expect("the probe starts")
         };
@@ -292,9 +300,20 @@ mod kafka_specific {
                     .filter_map(|v| v["n"].as_u64().and_then(|n| u32::try_from(n).ok()))
                     .filter(|n| missing.contains(n))
                     .collect();
+                let mut notes = String::new();
+                for i in 1..=2 {
+                    let text = std::fs::read_to_string(logs.join(format!("probe-{i}.log")))
+                        .unwrap_or_default();
+                    let lines: Vec<&str> = text
+                        .lines()
+                        .filter(|l| !l.contains("partition resumed"))
+                        .collect();
+                    notes.push_str(&format!("\n--- probe {i} log (last 60 lines) ---\n"));
+                    notes.push_str(&lines[lines.len().saturating_sub(60)..].join("\n"));
+                }
                 panic!(
                     "only {} of {TOTAL} consumed after the restart (killed after {before_kill}); \
-                     missing {missing:?}, of which the topic holds {stored:?}",
+                     missing {missing:?}, of which the topic holds {stored:?}{notes}",
                     counts.len()
                 );
             }

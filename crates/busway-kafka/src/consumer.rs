@@ -49,6 +49,8 @@ struct Part {
     last_commit: Instant,
     paused: bool,
     generation: u64,
+    /// The highest offset received in this assignment of the partition.
+    last_received: Option<i64>,
 }
 
 struct Lane {
@@ -95,7 +97,26 @@ impl State {
             last_commit: Instant::now(),
             paused: false,
             generation,
+            last_received: None,
         });
+        // Offsets of a plain topic are contiguous; a jump means records this consumer never
+        // saw (transaction markers and compaction make legitimate gaps too). The commit
+        // position follows what was received, so such records are not consumed again.
+        if let Some(last) = part.last_received {
+            if record.offset > last + 1 {
+                tracing::debug!(
+                    topic = %pk.0,
+                    partition = pk.1,
+                    after = last,
+                    next = record.offset,
+                    "offset gap: records between were not received"
+                );
+            }
+        }
+        part.last_received = Some(
+            part.last_received
+                .map_or(record.offset, |l| l.max(record.offset)),
+        );
         let record = Record {
             generation: part.generation,
             ..record

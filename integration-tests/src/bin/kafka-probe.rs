@@ -24,6 +24,15 @@ async fn main() -> busway::Result<()> {
         std::process::exit(2);
     };
     let window: usize = window.parse().unwrap_or(50);
+    // Diagnostics go to stderr (the commit test keeps them for its failure message).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,busway_kafka=debug".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let transport = Kafka::builder(brokers)
         .topic_prefix(prefix)
         .commit_every(1)
