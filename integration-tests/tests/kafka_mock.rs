@@ -39,16 +39,23 @@ fn assert_every_key_whole_and_in_order(seen: &Seen, per_key: usize) {
     }
 }
 
-fn transport(
-    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
-    timeout: Duration,
-) -> Kafka {
-    Kafka::builder(&cluster.bootstrap_servers())
+type Cluster = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// A one-broker mock cluster with the message type's topic and the endpoint's topic
+/// (4 partitions each), and a transport on it whose publishes wait up to `timeout`.
+fn cluster_for(endpoint: &str, timeout: Duration) -> (Cluster, Kafka) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = Kafka::builder(&cluster.bootstrap_servers())
         .partitions(4)
         .create_topics(false)
         .publish_timeout(timeout)
         .build()
-        .expect("config")
+        .expect("config");
+    cluster
+        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
+        .expect("topic");
+    cluster.create_topic(endpoint, 4, 1).expect("topic");
+    (cluster, kafka)
 }
 
 /// A window of 20 records per partition forces constant back-pressure while 5,000
@@ -56,12 +63,7 @@ fn transport(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_pressure_keeps_every_message_and_the_order() {
     init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let kafka = transport(&cluster, Duration::from_secs(10));
-    cluster
-        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
-        .expect("topic");
-    cluster.create_topic("pressed", 4, 1).expect("topic");
+    let (_cluster, kafka) = cluster_for("pressed", Duration::from_secs(10));
     let seen: Seen = Arc::default();
     let s = seen.clone();
     let bus = Bus::builder()
@@ -110,12 +112,7 @@ async fn back_pressure_keeps_every_message_and_the_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_record_pauses_only_its_own_partition() {
     init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let kafka = transport(&cluster, Duration::from_secs(10));
-    cluster
-        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
-        .expect("topic");
-    cluster.create_topic("stuck", 4, 1).expect("topic");
+    let (_cluster, kafka) = cluster_for("stuck", Duration::from_secs(10));
     let seen: Seen = Arc::default();
     let release = Arc::new(tokio::sync::Notify::new());
     let (s, r) = (seen.clone(), release.clone());
@@ -174,12 +171,7 @@ async fn a_stuck_record_pauses_only_its_own_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
     init_tracing();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let kafka = transport(&cluster, Duration::from_secs(2));
-    cluster
-        .create_topic(&kafka.config().topic_for(Keyed::message_type()), 4, 1)
-        .expect("topic");
-    cluster.create_topic("outage", 4, 1).expect("topic");
+    let (cluster, kafka) = cluster_for("outage", Duration::from_secs(2));
     let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
     let s = seen.clone();
     let bus = Bus::builder()

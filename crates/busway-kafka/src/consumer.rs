@@ -145,24 +145,23 @@ impl State {
         full
     }
 
-    /// Partitions (not paused) whose in-flight window is full.
-    fn full(&self, window: usize) -> Vec<PartitionKey> {
+    /// Whether a partition that is not paused has a full in-flight window.
+    fn any_full(&self, window: usize) -> bool {
         self.parts
-            .iter()
-            .filter(|(_, p)| !p.paused && p.offsets.len() >= window)
-            .map(|(pk, _)| pk.clone())
-            .collect()
+            .values()
+            .any(|p| !p.paused && p.offsets.len() >= window)
     }
 
-    /// Marks `pks` paused; returns those that were not already.
-    fn pause(&mut self, pks: Vec<PartitionKey>) -> Vec<PartitionKey> {
-        pks.into_iter()
-            .filter(|pk| {
-                self.parts
-                    .get_mut(pk)
-                    .is_some_and(|p| !std::mem::replace(&mut p.paused, true))
-            })
-            .collect()
+    /// Marks every full partition that is not paused as paused, and returns them.
+    fn pause_full(&mut self, window: usize) -> Vec<PartitionKey> {
+        let mut paused = Vec::new();
+        for (pk, p) in self.parts.iter_mut() {
+            if !p.paused && p.offsets.len() >= window {
+                p.paused = true;
+                paused.push(pk.clone());
+            }
+        }
+        paused
     }
 
     /// Drops what belongs to revoked partitions; returns their commit positions.
@@ -517,7 +516,7 @@ async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> boo
         let room = shared.room.notified();
         tokio::pin!(room);
         room.as_mut().enable();
-        if lock(&shared.state).full(shared.window).is_empty() {
+        if !lock(&shared.state).any_full(shared.window) {
             return false;
         }
         tokio::select! {
@@ -528,11 +527,7 @@ async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> boo
                 shared.commit(&commits, CommitMode::Async);
             }
             _ = &mut deadline => {
-                let paused = {
-                    let mut state = lock(&shared.state);
-                    let full = state.full(shared.window);
-                    state.pause(full)
-                };
+                let paused = lock(&shared.state).pause_full(shared.window);
                 for pk in paused {
                     match shared.consumer.pause(&one_partition(&pk)) {
                         Ok(()) => tracing::debug!(group = %shared.group, topic = %pk.0, partition = pk.1, "partition paused: its in-flight window stayed full"),
