@@ -166,8 +166,9 @@ async fn a_stuck_record_pauses_only_its_own_partition() {
     running.shutdown().await.expect("shutdown");
 }
 
-/// While the broker is down a publish fails within its timeout as unavailable; when the
-/// broker is back, publishing and consuming resume.
+/// While the broker is down a publish fails as unavailable within its timeout (2 s here, and
+/// a second's grace for librdkafka's report), even when librdkafka itself holds the request
+/// longer; when the broker is back, publishing and consuming resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
     init_tracing();
@@ -205,7 +206,7 @@ async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
         .expect_err("no broker");
     assert!(err.is_unavailable(), "{err}");
     assert!(
-        begun.elapsed() < Duration::from_secs(10),
+        begun.elapsed() < Duration::from_secs(5),
         "failed within its timeout: {:?}",
         begun.elapsed()
     );

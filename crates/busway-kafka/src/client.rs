@@ -26,6 +26,9 @@ pub(crate) struct Client {
     known: Mutex<HashSet<String>>,
 }
 
+/// How long after the publish timeout a publish still waits for librdkafka's own report.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
 fn config_error(err: KafkaError) -> Error {
     Error::with_source(
         ErrorKind::Config,
@@ -202,11 +205,22 @@ impl Client {
         if let Some(key) = &message.partition_key {
             record = record.key(key.as_bytes());
         }
-        self.producer
-            .send(record, Timeout::After(self.config.publish_timeout))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| kafka_error(format!("producing to Kafka topic `{topic}` failed"), e))
+        let timeout = self.config.publish_timeout;
+        let send = self.producer.send(record, Timeout::After(timeout));
+        // librdkafka gives up on a queued message after `message.timeout.ms` (set to the same
+        // timeout), but a request already written to a broker that then went away can outlive
+        // it by many seconds; the publish itself gives up a moment after the timeout.
+        match tokio::time::timeout(timeout + REPORT_GRACE, send).await {
+            Ok(result) => result.map(|_| ()).map_err(|(e, _)| {
+                kafka_error(format!("producing to Kafka topic `{topic}` failed"), e)
+            }),
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no delivery report from Kafka for topic `{topic}` within {timeout:?}; the message may still be delivered"
+                ),
+            )),
+        }
     }
 }
 

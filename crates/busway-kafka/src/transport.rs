@@ -102,7 +102,10 @@ impl KafkaBuilder {
         self
     }
 
-    /// How long a publish waits for its delivery report (default 30 s).
+    /// How long a publish waits, for room in the producer's queue and for the broker's
+    /// delivery report together (default 30 s). It is also librdkafka's
+    /// `message.timeout.ms`; a publish that runs out of it fails as unavailable, and may
+    /// still have been delivered.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.config.publish_timeout = timeout;
         self
