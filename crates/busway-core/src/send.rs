@@ -432,20 +432,24 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
         } else {
             None
         };
-        let outgoing = match &capture {
-            Some(_) => self.into_outgoing(),
-            None => self.build(),
-        };
-        Box::pin(async move {
-            let outgoing = outgoing?;
-            match capture {
-                Some(capture) => {
-                    capture.push(outgoing);
+        match capture {
+            Some(capture) => {
+                let outgoing = self.into_outgoing();
+                Box::pin(async move {
+                    capture.push(outgoing?);
                     Ok(())
-                }
-                None => bus.dispatch(outgoing).await,
+                })
             }
-        })
+            // The send pipeline's own future, boxed once: wrapping it in another async block
+            // would hold the message twice and make every publish a large allocation.
+            None => match self.build() {
+                Ok(outgoing) => Box::pin(tower::ServiceExt::oneshot(
+                    bus.send_pipeline.clone(),
+                    outgoing,
+                )),
+                Err(e) => Box::pin(std::future::ready(Err(e))),
+            },
+        }
     }
 }
 
