@@ -127,6 +127,9 @@ impl Serialize for WireEnvelope<'_> {
 }
 
 /// An envelope read from the wire, with the message body still as raw JSON.
+///
+/// Read it with serde_json from a slice or a string (`from_slice`, `from_str`): the message
+/// and host blocks are taken as raw JSON, which a streaming reader cannot lend.
 #[derive(Debug)]
 pub struct ReadEnvelope {
     /// The envelope fields.
@@ -242,9 +245,25 @@ impl<'de> Deserialize<'de> for LenientTypes {
 
 /// Matches a map key against a fixed list of names without regard to ASCII case, without
 /// copying the key; yields the matching entry's value, or `None` for an unknown key.
-pub(crate) struct KeyIn<T: Copy + 'static>(pub(crate) &'static [(&'static str, T)]);
+///
+/// Writers put the fields in one order, so the name after the last match is tried first
+/// (`next`, shared by the keys of one map): a whole envelope then costs one comparison per
+/// key instead of a scan of the list.
+pub(crate) struct KeyIn<'c, T: Copy + 'static> {
+    names: &'static [(&'static str, T)],
+    next: &'c std::cell::Cell<usize>,
+}
 
-impl<'de, T: Copy + 'static> serde::de::DeserializeSeed<'de> for KeyIn<T> {
+impl<'c, T: Copy + 'static> KeyIn<'c, T> {
+    pub(crate) fn new(
+        names: &'static [(&'static str, T)],
+        next: &'c std::cell::Cell<usize>,
+    ) -> Self {
+        Self { names, next }
+    }
+}
+
+impl<'de, T: Copy + 'static> serde::de::DeserializeSeed<'de> for KeyIn<'_, T> {
     type Value = Option<T>;
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
@@ -252,7 +271,7 @@ impl<'de, T: Copy + 'static> serde::de::DeserializeSeed<'de> for KeyIn<T> {
     }
 }
 
-impl<'de, T: Copy + 'static> Visitor<'de> for KeyIn<T> {
+impl<'de, T: Copy + 'static> Visitor<'de> for KeyIn<'_, T> {
     type Value = Option<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -260,11 +279,18 @@ impl<'de, T: Copy + 'static> Visitor<'de> for KeyIn<T> {
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<T>, E> {
-        Ok(self
-            .0
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case(v))
-            .map(|(_, t)| *t))
+        let expected = self.next.get();
+        let index = match self.names.get(expected) {
+            Some((name, _)) if *name == v || name.eq_ignore_ascii_case(v) => Some(expected),
+            _ => self
+                .names
+                .iter()
+                .position(|(name, _)| name.eq_ignore_ascii_case(v)),
+        };
+        Ok(index.map(|i| {
+            self.next.set(i + 1);
+            self.names[i].1
+        }))
     }
 }
 
@@ -323,7 +349,8 @@ impl<'de> Deserialize<'de> for ReadEnvelope {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReadEnvelope, A::Error> {
                 let mut e = Envelope::default();
                 let mut message = None;
-                while let Some(field) = map.next_key_seed(KeyIn(&EnvelopeField::ALL))? {
+                let next = std::cell::Cell::new(0);
+                while let Some(field) = map.next_key_seed(KeyIn::new(&EnvelopeField::ALL, &next))? {
                     match field {
                         Some(EnvelopeField::MessageId) => {
                             e.message_id = map.next_value::<LenientGuid>()?.0

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 use crate::envelope::KeyIn;
 use crate::headers::{Headers, names};
@@ -105,22 +106,7 @@ struct HostFields<'a> {
     operating_system_version: Option<Cow<'a, str>>,
 }
 
-fn same(a: &Option<Cow<'_, str>>, b: &Option<String>) -> bool {
-    a.as_deref() == b.as_deref()
-}
-
 impl HostFields<'_> {
-    fn matches(&self, h: &HostInfo) -> bool {
-        self.process_id == h.process_id
-            && same(&self.machine_name, &h.machine_name)
-            && same(&self.process_name, &h.process_name)
-            && same(&self.assembly, &h.assembly)
-            && same(&self.assembly_version, &h.assembly_version)
-            && same(&self.framework_version, &h.framework_version)
-            && same(&self.mass_transit_version, &h.mass_transit_version)
-            && same(&self.operating_system_version, &h.operating_system_version)
-    }
-
     fn to_owned_info(&self) -> HostInfo {
         let own = |v: &Option<Cow<'_, str>>| v.as_deref().map(str::to_string);
         HostInfo {
@@ -215,7 +201,8 @@ impl<'de> Deserialize<'de> for HostFields<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut h = HostFields::default();
-                while let Some(field) = map.next_key_seed(KeyIn(&HOST_FIELDS))? {
+                let next = std::cell::Cell::new(0);
+                while let Some(field) = map.next_key_seed(KeyIn::new(&HOST_FIELDS, &next))? {
                     let slot = match field {
                         None => {
                             map.next_value::<IgnoredAny>()?;
@@ -250,26 +237,64 @@ impl<'de> Deserialize<'de> for HostInfo {
 }
 
 /// An envelope's `host`, read so that a run of messages from one producer shares a single
-/// `Arc<HostInfo>`: each thread keeps the last host it read and hands it out again when the
-/// next one is equal, instead of allocating eight strings per message.
+/// `Arc<HostInfo>`: each thread keeps the text of the last host it read and hands out the
+/// same `Arc` while the text repeats, without parsing it or allocating (the host block is a
+/// third of a small envelope). Needs serde_json reading from a slice or a string.
 pub(crate) struct SharedHost(pub(crate) Option<Arc<HostInfo>>);
 
 impl<'de> Deserialize<'de> for SharedHost {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         thread_local! {
-            static LAST: RefCell<Option<Arc<HostInfo>>> = const { RefCell::new(None) };
+            static LAST: RefCell<Option<(String, Arc<HostInfo>)>> = const { RefCell::new(None) };
         }
-        let Some(fields) = Option::<HostFields<'de>>::deserialize(d)? else {
+        let Some(raw) = Option::<&'de RawValue>::deserialize(d)? else {
             return Ok(SharedHost(None));
         };
-        let host = LAST.with(|last| {
-            if let Some(h) = last.borrow().as_ref().filter(|h| fields.matches(h)) {
-                return h.clone();
+        let text = raw.get();
+        LAST.with(|last| {
+            if let Some((seen, host)) = last.borrow().as_ref() {
+                if seen == text {
+                    return Ok(SharedHost(Some(host.clone())));
+                }
             }
-            let h = Arc::new(fields.to_owned_info());
-            *last.borrow_mut() = Some(h.clone());
-            h
-        });
-        Ok(SharedHost(Some(host)))
+            let fields: Option<HostFields<'_>> =
+                serde_json::from_str(text).map_err(de::Error::custom)?;
+            let Some(fields) = fields else {
+                return Ok(SharedHost(None));
+            };
+            let host = Arc::new(fields.to_owned_info());
+            *last.borrow_mut() = Some((text.to_string(), host.clone()));
+            Ok(SharedHost(Some(host)))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> Option<Arc<HostInfo>> {
+        serde_json::from_str::<SharedHost>(json).expect("host").0
+    }
+
+    #[test]
+    fn a_repeated_host_is_shared_and_a_new_one_is_read() {
+        let text = r#"{"machineName":"a","processName":"svc","processId":7}"#;
+        let first = read(text).expect("a host");
+        let again = read(text).expect("a host");
+        assert!(Arc::ptr_eq(&first, &again), "the same text shares one Arc");
+        assert_eq!(first.machine_name.as_deref(), Some("a"));
+        assert_eq!(first.process_id, Some(7));
+
+        // Any case, a process id as text, unknown fields ignored.
+        let other = read(r#"{"MachineName":"b","PROCESSID":"12","extra":[1]}"#).expect("a host");
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(other.machine_name.as_deref(), Some("b"));
+        assert_eq!(other.process_id, Some(12));
+        assert_eq!(other.process_name, None);
+
+        assert!(read("null").is_none());
+        assert!(serde_json::from_str::<SharedHost>(r#"{"machineName":"#).is_err());
+        assert!(serde_json::from_str::<SharedHost>("[1]").is_err());
     }
 }

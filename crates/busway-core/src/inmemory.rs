@@ -220,6 +220,35 @@ impl Broker {
 
     fn deliver(&self, exchange: &str, message: TransportMessage) -> usize {
         let queues = Self::routes(&mut lock(&self.state), exchange);
+        Self::push_all(&queues, message)
+    }
+
+    /// Declares `exchange` (bound to the exchanges of `also`) and delivers to its queues,
+    /// under one lock; a publish of a single-type message to a known exchange is one lookup.
+    fn publish(&self, exchange: &str, also: &[Urn], message: TransportMessage) -> usize {
+        let queues = {
+            let mut state = lock(&self.state);
+            // A cached route implies the exchange exists: topology changes clear the cache.
+            let cached = if also.is_empty() {
+                state.routes.get(exchange).cloned()
+            } else {
+                None
+            };
+            match cached {
+                Some(queues) => queues,
+                None => {
+                    Self::declare_exchange(&mut state, exchange);
+                    for other in also {
+                        Self::bind_exchange(&mut state, exchange, &exchange_for(other));
+                    }
+                    Self::routes(&mut state, exchange)
+                }
+            }
+        };
+        Self::push_all(&queues, message)
+    }
+
+    fn push_all(queues: &[Arc<Queue>], message: TransportMessage) -> usize {
         if let Some((last, rest)) = queues.split_last() {
             for q in rest {
                 q.push_back(Stored {
@@ -376,6 +405,10 @@ impl Transport for InMemory {
             ));
         };
         let exchange = exchange_for(first);
+        if options.delay.is_none_or(|d| d.is_zero()) {
+            self.broker.publish(&exchange, &message_types[1..], message);
+            return Ok(());
+        }
         {
             let mut state = lock(&self.broker.state);
             Broker::declare_exchange(&mut state, &exchange);

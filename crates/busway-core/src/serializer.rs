@@ -50,6 +50,13 @@ pub trait Serializer: Send + Sync + fmt::Debug + 'static {
     fn deserialize(&self, message: &TransportMessage) -> Result<ReceivedMessage, Error>;
 }
 
+/// A GUID in the hyphenated "D" form, without going through `fmt`.
+fn guid_text(id: uuid::Uuid) -> String {
+    id.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned()
+}
+
 fn deserialize_error(why: impl fmt::Display, source: Option<serde_json::Error>) -> Error {
     match source {
         Some(src) => Error::with_source(ErrorKind::Deserialize, why.to_string(), src),
@@ -84,8 +91,8 @@ impl Serializer for MassTransitJson {
         Ok(TransportMessage {
             body: Bytes::from(body),
             content_type: Some(MASSTRANSIT_JSON.to_string()),
-            message_id: envelope.message_id.map(|id| id.to_string()),
-            correlation_id: envelope.correlation_id.map(|id| id.to_string()),
+            message_id: envelope.message_id.map(guid_text),
+            correlation_id: envelope.correlation_id.map(guid_text),
             headers: envelope.headers.clone(),
             time_to_live: None,
             partition_key: None,
@@ -222,8 +229,8 @@ impl Serializer for RawJson {
         Ok(TransportMessage {
             body: Bytes::copy_from_slice(message.get().as_bytes()),
             content_type: Some(RAW_JSON.to_string()),
-            message_id: envelope.message_id.map(|id| id.to_string()),
-            correlation_id: envelope.correlation_id.map(|id| id.to_string()),
+            message_id: envelope.message_id.map(guid_text),
+            correlation_id: envelope.correlation_id.map(guid_text),
             headers,
             time_to_live: None,
             partition_key: None,

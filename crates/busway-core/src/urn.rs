@@ -88,6 +88,27 @@ impl Urn {
     pub fn entity_name_shared(&self, style: &EntityNameStyle) -> Arc<str> {
         // Publishing asks for the same few names over and over: remember them (up to a
         // bound, so names of arbitrary types read off the wire cannot grow it forever).
+        thread_local! {
+            // The last name this thread asked for: a run of publishes of one type skips the
+            // shared map's lock and hashing.
+            static LAST: std::cell::RefCell<Option<(Urn, EntityNameStyle, Arc<str>)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let hit = LAST.with(|last| {
+            last.borrow()
+                .as_ref()
+                .filter(|(urn, s, _)| urn == self && s == style)
+                .map(|(_, _, name)| name.clone())
+        });
+        if let Some(name) = hit {
+            return name;
+        }
+        let name = self.entity_name_shared_slow(style);
+        LAST.with(|last| *last.borrow_mut() = Some((self.clone(), style.clone(), name.clone())));
+        name
+    }
+
+    fn entity_name_shared_slow(&self, style: &EntityNameStyle) -> Arc<str> {
         type Cache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
         const MAX_CACHED: usize = 4096;
