@@ -67,8 +67,13 @@ struct ResponseEndpoint {
 }
 
 impl BusInner {
-    pub(crate) async fn dispatch(&self, outgoing: OutgoingMessage) -> Result<()> {
-        self.send_pipeline.clone().oneshot(outgoing).await
+    /// The send pipeline's future for one message (not boxed again: `SendBuilder` boxes it
+    /// once).
+    pub(crate) fn dispatch(
+        &self,
+        outgoing: OutgoingMessage,
+    ) -> tower::util::Oneshot<SendService, OutgoingMessage> {
+        self.send_pipeline.clone().oneshot(outgoing)
     }
 
     /// Starts the response endpoint on first use.

@@ -237,15 +237,20 @@ impl Broker {
             match cached {
                 Some(queues) => queues,
                 None => {
-                    Self::declare_exchange(&mut state, exchange);
-                    for other in also {
-                        Self::bind_exchange(&mut state, exchange, &exchange_for(other));
-                    }
+                    Self::declare_publish(&mut state, exchange, also);
                     Self::routes(&mut state, exchange)
                 }
             }
         };
         Self::push_all(&queues, message)
+    }
+
+    /// Declares the exchange of a message's first type, bound to those of its other types.
+    fn declare_publish(state: &mut State, exchange: &str, also: &[Urn]) {
+        Self::declare_exchange(state, exchange);
+        for other in also {
+            Self::bind_exchange(state, exchange, &exchange_for(other));
+        }
     }
 
     fn push_all(queues: &[Arc<Queue>], message: TransportMessage) -> usize {
@@ -409,13 +414,11 @@ impl Transport for InMemory {
             self.broker.publish(&exchange, &message_types[1..], message);
             return Ok(());
         }
-        {
-            let mut state = lock(&self.broker.state);
-            Broker::declare_exchange(&mut state, &exchange);
-            for other in &message_types[1..] {
-                Broker::bind_exchange(&mut state, &exchange, &exchange_for(other));
-            }
-        }
+        Broker::declare_publish(
+            &mut lock(&self.broker.state),
+            &exchange,
+            &message_types[1..],
+        );
         self.deliver_later(exchange, message, options.delay);
         Ok(())
     }

@@ -443,10 +443,7 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
             // The send pipeline's own future, boxed once: wrapping it in another async block
             // would hold the message twice and make every publish a large allocation.
             None => match self.build() {
-                Ok(outgoing) => Box::pin(tower::ServiceExt::oneshot(
-                    bus.send_pipeline.clone(),
-                    outgoing,
-                )),
+                Ok(outgoing) => Box::pin(bus.dispatch(outgoing)),
                 Err(e) => Box::pin(std::future::ready(Err(e))),
             },
         }

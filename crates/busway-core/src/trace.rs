@@ -58,22 +58,22 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        self.trace_id_hex().to_string()
     }
 
     /// The span id as 16 lowercase hex digits.
     pub fn span_id(&self) -> String {
-        format!("{:016x}", self.span_id)
+        self.span_id_hex().to_string()
     }
 
     /// The trace id, formatted as [`TraceContext::trace_id`] without allocating.
     pub(crate) fn trace_id_hex(&self) -> impl std::fmt::Display + use<> {
-        Hex32(self.trace_id)
+        Hex::<32>(self.trace_id)
     }
 
     /// The span id, formatted as [`TraceContext::span_id`] without allocating.
     pub(crate) fn span_id_hex(&self) -> impl std::fmt::Display + use<> {
-        Hex16(self.span_id)
+        Hex::<16>(u128::from(self.span_id))
     }
 
     /// Whether the trace is sampled.
@@ -185,19 +185,17 @@ fn write_hex(out: &mut [u8], mut value: u128) {
     }
 }
 
-struct Hex32(u128);
+/// `value` as `N` lowercase hex digits (N ≤ 32), zero-padded.
+struct Hex<const N: usize>(u128);
 
-impl std::fmt::Display for Hex32 {
+impl<const N: usize> std::fmt::Display for Hex<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-struct Hex16(u64);
-
-impl std::fmt::Display for Hex16 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}", self.0)
+        let mut digits = [0u8; 32];
+        write_hex(&mut digits[..N], self.0);
+        digits[..N].iter().try_for_each(|&b| {
+            use std::fmt::Write;
+            f.write_char(char::from(b))
+        })
     }
 }
 
@@ -216,6 +214,8 @@ mod tests {
             t.to_traceparent(),
             "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
         );
+        assert_eq!(t.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(t.span_id(), "00f067aa0ba902b7");
         let unsampled = TraceContext {
             trace_id: 1,
             span_id: u64::MAX,

@@ -86,8 +86,6 @@ impl Urn {
 
     /// [`Urn::entity_name`] as a shared string: no allocation when the name is cached.
     pub fn entity_name_shared(&self, style: &EntityNameStyle) -> Arc<str> {
-        // Publishing asks for the same few names over and over: remember them (up to a
-        // bound, so names of arbitrary types read off the wire cannot grow it forever).
         thread_local! {
             // The last name this thread asked for: a run of publishes of one type skips the
             // shared map's lock and hashing.
@@ -109,6 +107,8 @@ impl Urn {
     }
 
     fn entity_name_shared_slow(&self, style: &EntityNameStyle) -> Arc<str> {
+        // Publishing asks for the same few names over and over: remember them (up to a
+        // bound, so names of arbitrary types read off the wire cannot grow it forever).
         type Cache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
         const MAX_CACHED: usize = 4096;

@@ -53,6 +53,13 @@ struct Part {
     last_received: Option<i64>,
 }
 
+impl Part {
+    /// Not paused, with its in-flight window full.
+    fn stalls_at(&self, window: usize) -> bool {
+        !self.paused && self.offsets.len() >= window
+    }
+}
+
 struct Lane {
     partition: PartitionKey,
     waiting: VecDeque<Record>,
@@ -147,16 +154,14 @@ impl State {
 
     /// Whether a partition that is not paused has a full in-flight window.
     fn any_full(&self, window: usize) -> bool {
-        self.parts
-            .values()
-            .any(|p| !p.paused && p.offsets.len() >= window)
+        self.parts.values().any(|p| p.stalls_at(window))
     }
 
     /// Marks every full partition that is not paused as paused, and returns them.
     fn pause_full(&mut self, window: usize) -> Vec<PartitionKey> {
         let mut paused = Vec::new();
         for (pk, p) in self.parts.iter_mut() {
-            if !p.paused && p.offsets.len() >= window {
+            if p.stalls_at(window) {
                 p.paused = true;
                 paused.push(pk.clone());
             }
