@@ -253,7 +253,7 @@ pub(crate) fn to_kafka_headers(message: &TransportMessage) -> OwnedHeaders {
 
 /// A Kafka record as a transport message. Header values are read as text.
 pub(crate) fn from_record<M: Message>(record: &M) -> TransportMessage {
-    let mut headers = Headers::new();
+    let mut entries = Vec::new();
     let mut content_type = None;
     if let Some(h) = record.headers() {
         for header in h.iter() {
@@ -265,9 +265,12 @@ pub(crate) fn from_record<M: Message>(record: &M) -> TransportMessage {
                 content_type = Some(value);
                 continue;
             }
-            headers.insert(header.key, value);
+            entries.push((header.key, value));
         }
     }
+    // Collected in one pass: inserting one by one scans the set each time, which a record
+    // with tens of thousands of headers turns into seconds on a runtime worker.
+    let headers: Headers = entries.into_iter().collect();
     let body = Bytes::copy_from_slice(record.payload().unwrap_or_default());
     // MassTransit's Kafka rider labels raw JSON bodies `application/vnd.masstransit+json`;
     // read such bodies as the raw JSON they are.
