@@ -245,9 +245,28 @@ pub struct TypeName {
 }
 
 impl TypeName {
+    /// The longest type name [`TypeName::parse`] reads, in bytes. Message types come off the
+    /// wire: a bound keeps a hostile one from costing more than a real one.
+    pub const MAX_LEN: usize = 2048;
+
+    /// The deepest nesting of generic arguments [`TypeName::parse`] reads (`A[[B[[C]]]]` is
+    /// 2). Parsing recurses once per level, so the bound is also a stack bound.
+    pub const MAX_DEPTH: usize = 16;
+
     /// Parses the part of a URN after `urn:message:`: `Ns:Type`, `Type`,
-    /// `Ns:Generic[[ArgNs:Arg],[ArgNs2:Arg2]]`.
+    /// `Ns:Generic[[ArgNs:Arg],[ArgNs2:Arg2]]`. Text longer than [`TypeName::MAX_LEN`] or
+    /// nested deeper than [`TypeName::MAX_DEPTH`] does not parse.
     pub fn parse(text: &str) -> Option<TypeName> {
+        if text.len() > Self::MAX_LEN {
+            return None;
+        }
+        Self::parse_at(text, 0)
+    }
+
+    fn parse_at(text: &str, depth: usize) -> Option<TypeName> {
+        if depth > Self::MAX_DEPTH {
+            return None;
+        }
         let text = text.trim();
         if text.is_empty() {
             return None;
@@ -270,7 +289,7 @@ impl TypeName {
         if let Some(args_text) = args {
             for part in split_top_level(args_text)? {
                 let inner = part.strip_prefix('[')?.strip_suffix(']')?;
-                arguments.push(TypeName::parse(inner)?);
+                arguments.push(TypeName::parse_at(inner, depth + 1)?);
             }
         }
         Some(TypeName {
@@ -433,5 +452,29 @@ mod tests {
             "custom:thing-with-spaces"
         );
         assert!(TypeName::parse("Ns:G[[A:B]").is_none());
+    }
+
+    #[test]
+    fn hostile_type_names_are_bounded() {
+        // 3,000 levels (21 KB) overflowed the stack while a fault's type names were built.
+        let levels = 3_000;
+        let deep = format!(
+            "urn:message:{}A:B{}",
+            "A:B[[".repeat(levels),
+            "]]".repeat(levels)
+        );
+        let urn = Urn::new(&deep);
+        assert!(urn.type_name().is_none());
+        // Still usable: the entity name falls back to the sanitised text, and the fault URN
+        // is built without parsing.
+        assert!(urn.entity_name(&EntityNameStyle::RABBITMQ).len() > 20_000);
+        assert!(urn.fault().as_str().ends_with("]]]]"));
+        // Just inside the bounds still parses.
+        let depth = TypeName::MAX_DEPTH;
+        let ok = format!("A:B{}{}", "[[A:B".repeat(depth), "]]".repeat(depth));
+        assert!(TypeName::parse(&ok).is_some());
+        let too_deep = format!("A:B{}{}", "[[A:B".repeat(depth + 1), "]]".repeat(depth + 1));
+        assert!(TypeName::parse(&too_deep).is_none());
+        assert!(TypeName::parse(&format!("Ns:{}", "x".repeat(TypeName::MAX_LEN))).is_none());
     }
 }
