@@ -12,7 +12,7 @@ use azure_messaging_servicebus::service_bus::{
 };
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, Transport,
+    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
 };
 use busway_core::urn::EntityNameStyle;
 use busway_core::{
@@ -528,7 +528,7 @@ impl Received {
         };
         let mut props: Option<ReceivedProperties> = None;
         let mut content_type = None;
-        let mut out = Headers::new();
+        let mut out = Vec::new();
         for (name, value) in headers.iter() {
             let name = name.as_str();
             let value = value.as_str();
@@ -539,13 +539,15 @@ impl Received {
                 _ => {
                     let parsed = serde_json::from_str::<serde_json::Value>(value)
                         .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
-                    out.insert(name, parsed);
+                    out.push((name.to_string(), parsed));
                 }
             }
         }
         let Some(props) = props else {
             return Ok(None);
         };
+        // Collected in one pass (linear, unlike an insert per property).
+        let mut out: Headers = out.into_iter().collect();
         if let Some(label) = &props.label {
             out.insert_if_absent("Label", label.as_str());
         }
@@ -915,11 +917,21 @@ impl Settlement for SbSettlement {
         Ok(())
     }
 
-    async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {
+    async fn move_to(
+        mut self: Box<Self>,
+        kind: MoveKind,
+        message: TransportMessage,
+    ) -> std::result::Result<(), MoveError> {
         let target = kind.queue_name(&self.queue);
-        self.bus.ensure_queue(&target, false).await?;
-        self.bus.send_to_queue(&target, &message, None).await?;
-        self.complete().await
+        let sent = match self.bus.ensure_queue(&target, false).await {
+            Ok(()) => self.bus.send_to_queue(&target, &message, None).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = sent {
+            // Still locked (and renewed): the bus backs off and moves it again.
+            return Err(MoveError::retry(err, self));
+        }
+        Ok(self.complete().await?)
     }
 
     async fn redeliver(

@@ -205,6 +205,7 @@ impl Bus {
                 }),
                 pipeline: plan.pipeline,
                 publish_faults: plan.publish_faults,
+                hand_backs: Default::default(),
             });
             let handle = tokio::spawn(run_endpoint(
                 runtime,

@@ -340,6 +340,32 @@ pub(crate) struct EndpointRuntime {
     pub(crate) info: Arc<EndpointInfo>,
     pub(crate) pipeline: ConsumeService,
     pub(crate) publish_faults: bool,
+    /// Deliveries handed back (consumer said "cancelled") since the last one handled; sets
+    /// how long the next hand-back waits.
+    pub(crate) hand_backs: std::sync::atomic::AtomicU32,
+}
+
+/// How long a failed move to `_error` / `_skipped` waits before its `attempt`-th retry:
+/// 100 ms doubling to 30 s. The delivery is held meanwhile (not redelivered), so the
+/// consumers do not run again and the fault is not published again.
+pub(crate) fn move_backoff(attempt: u32) -> Duration {
+    backoff(attempt, Duration::from_millis(100), Duration::from_secs(30))
+}
+
+/// How long a delivery the consumer handed back ("cancelled" while the bus is not stopping)
+/// waits before it returns to the broker: 50 ms doubling to 5 s over consecutive hand-backs
+/// at the endpoint. Requeuing at once would redeliver it at once, a hot loop.
+pub(crate) fn hand_back_delay(consecutive: u32) -> Duration {
+    backoff(
+        consecutive,
+        Duration::from_millis(50),
+        Duration::from_secs(5),
+    )
+}
+
+fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(20);
+    first.saturating_mul(1u32 << doublings).min(max)
 }
 
 /// Takes deliveries until `stop`, processing up to `concurrency` at once; then stops the
@@ -551,6 +577,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 message,
                 &details.message,
                 |h| details.write_headers(h),
+                &cancel,
             ))
             .await;
             return;
@@ -589,7 +616,12 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
         Some(Ok(result)) => result,
     };
     match result {
-        Ok(()) => settle(&rt, settlement.ack().await, "ack"),
+        Ok(()) => {
+            if rt.hand_backs.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+                rt.hand_backs.store(0, std::sync::atomic::Ordering::Relaxed);
+            }
+            settle(&rt, settlement.ack().await, "ack");
+        }
         Err(err) if err.kind() == ConsumeErrorKind::NoConsumer => {
             tracing::warn!(endpoint = %rt.info.name, message_id = ?rc.message_id(), error = %err, "moving the message to the skipped queue");
             let message = rc.transport_message().clone();
@@ -602,13 +634,28 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 |h| {
                     h.insert(names::REASON, "dead-letter");
                 },
+                &cancel,
             ))
             .await;
         }
         Err(err) if err.kind() == ConsumeErrorKind::Cancelled => {
+            if !cancel.is_cancelled() {
+                // Handed back by the consumer while the bus runs: wait before the broker
+                // has it again, longer the more hand-backs in a row.
+                let n = rt
+                    .hand_backs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .saturating_add(1);
+                let delay = hand_back_delay(n);
+                tracing::debug!(endpoint = %rt.info.name, message_id = ?rc.message_id(), ?delay, "the consumer handed the message back; requeuing it after a delay");
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
             settle(&rt, settlement.requeue().await, "requeue");
         }
-        Err(err) => Box::pin(fault(&rt, &rc, settlement, err)).await,
+        Err(err) => Box::pin(fault(&rt, &rc, settlement, err, &cancel)).await,
     }
 }
 
@@ -626,13 +673,17 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-text panic payload".to_string())
 }
 
+/// Moves a message to the endpoint's error or skipped queue. A failed move is tried again
+/// with [`move_backoff`] while the delivery is held, until it succeeds or `cancel` (the
+/// shutdown deadline) fires, which returns the message to the broker.
 async fn move_message(
     rt: &EndpointRuntime,
-    settlement: Box<dyn Settlement>,
+    mut settlement: Box<dyn Settlement>,
     kind: MoveKind,
     mut message: TransportMessage,
     reason: &str,
     add_headers: impl FnOnce(&mut crate::headers::Headers),
+    cancel: &CancellationToken,
 ) {
     add_headers(&mut message.headers);
     rt.bus.host.write_headers(&mut message.headers);
@@ -640,13 +691,47 @@ async fn move_message(
     rt.bus
         .observers
         .on_move(&rt.info.name, kind, &message, reason);
-    if let Err(err) = settlement.move_to(kind, message).await {
-        tracing::error!(
-            endpoint = %rt.info.name,
-            queue = %kind.queue_name(&rt.info.name),
-            error = %err,
-            "could not move the message; it stays on the queue and will be redelivered"
-        );
+    let mut failures = 0u32;
+    loop {
+        let err = match settlement.move_to(kind, message.clone()).await {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(endpoint = %rt.info.name, queue = %kind.queue_name(&rt.info.name), failures, "moved the message after failed tries");
+                }
+                return;
+            }
+            Err(err) => err,
+        };
+        failures = failures.saturating_add(1);
+        let Some(held) = err.settlement else {
+            tracing::error!(
+                endpoint = %rt.info.name,
+                queue = %kind.queue_name(&rt.info.name),
+                error = %err.error,
+                "could not move the message; it stays on the queue and will be redelivered"
+            );
+            return;
+        };
+        let backoff = move_backoff(failures);
+        if failures == 1 || failures % 10 == 0 {
+            tracing::error!(
+                endpoint = %rt.info.name,
+                queue = %kind.queue_name(&rt.info.name),
+                failures,
+                ?backoff,
+                error = %err.error,
+                "could not move the message; holding it and trying again"
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                tracing::warn!(endpoint = %rt.info.name, failures, "shutdown deadline passed while moving a message; returning it to the queue");
+                settle(rt, held.requeue().await, "requeue");
+                return;
+            }
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        settlement = held;
     }
 }
 
@@ -655,6 +740,7 @@ async fn fault(
     rc: &ReceiveContext,
     settlement: Box<dyn Settlement>,
     err: ConsumeError,
+    cancel: &CancellationToken,
 ) {
     let source = rc.fault_source();
     let details = FaultDetails {
@@ -687,6 +773,7 @@ async fn fault(
         message,
         &details.message,
         |h| details.write_headers(h),
+        cancel,
     )
     .await;
 }

@@ -24,7 +24,7 @@ use crate::address::{Address, AddressKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::topology::{EndpointTopology, Topology};
 use crate::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, Transport,
+    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
     TransportMessage,
 };
 use crate::urn::{EntityNameStyle, Urn};
@@ -583,7 +583,11 @@ impl Settlement for InMemorySettlement {
         Ok(())
     }
 
-    async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {
+    async fn move_to(
+        mut self: Box<Self>,
+        kind: MoveKind,
+        message: TransportMessage,
+    ) -> std::result::Result<(), MoveError> {
         let target = kind.queue_name(&self.queue.name);
         let queue = {
             let mut state = lock(&self.broker.state);

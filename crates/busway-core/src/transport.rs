@@ -213,6 +213,54 @@ impl fmt::Debug for Delivery {
     }
 }
 
+/// Why [`Settlement::move_to`] did not move a message, with the delivery handed back when
+/// the transport can try again with it.
+///
+/// A move fails when the error queue refuses the message (full, deleted, a broker policy) or
+/// the broker is unreachable. Handing the delivery back lets the bus wait and try the move
+/// again, without running the consumers (and publishing the fault) once more.
+pub struct MoveError {
+    /// What went wrong.
+    pub error: crate::error::Error,
+    /// The still unsettled delivery, for another try. `None` when the transport already gave
+    /// the message back to the broker, which delivers it again.
+    pub settlement: Option<Box<dyn Settlement>>,
+}
+
+impl MoveError {
+    /// A failed move whose delivery is still held and can be moved again.
+    pub fn retry(error: crate::error::Error, settlement: Box<dyn Settlement>) -> Self {
+        Self {
+            error,
+            settlement: Some(settlement),
+        }
+    }
+}
+
+impl From<crate::error::Error> for MoveError {
+    fn from(error: crate::error::Error) -> Self {
+        Self {
+            error,
+            settlement: None,
+        }
+    }
+}
+
+impl fmt::Debug for MoveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MoveError")
+            .field("error", &self.error)
+            .field("held", &self.settlement.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Display for MoveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
 /// Settles one delivery. Each method consumes it; dropping it unsettled must return the
 /// message to the broker (requeue), so nothing is lost when a task dies.
 #[async_trait]
@@ -225,7 +273,14 @@ pub trait Settlement: Send + Sync + 'static {
 
     /// Move `message` (the original, with added headers) to the endpoint's error or skipped
     /// queue, then remove the original. The move must be confirmed before the ack.
-    async fn move_to(self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()>;
+    ///
+    /// When the move itself fails, return the delivery in [`MoveError::retry`] if it is still
+    /// held: the bus backs off and tries again rather than redelivering the message at once.
+    async fn move_to(
+        self: Box<Self>,
+        kind: MoveKind,
+        message: TransportMessage,
+    ) -> std::result::Result<(), MoveError>;
 
     /// Deliver `message` to this endpoint again after `delay`, then remove the original.
     async fn redeliver(self: Box<Self>, message: TransportMessage, delay: Duration) -> Result<()>;

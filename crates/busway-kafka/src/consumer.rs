@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway_core::headers::names;
-use busway_core::transport::{Delivery, MoveKind, Receiver, Settlement};
+use busway_core::transport::{Delivery, MoveError, MoveKind, Receiver, Settlement};
 use busway_core::{Error, ErrorKind, Result, TransportMessage};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -665,7 +665,7 @@ impl Settlement for KafkaSettlement {
         mut self: Box<Self>,
         kind: MoveKind,
         mut message: TransportMessage,
-    ) -> Result<()> {
+    ) -> std::result::Result<(), MoveError> {
         let Some(record) = self.record.as_ref() else {
             return Ok(());
         };
@@ -688,7 +688,11 @@ impl Settlement for KafkaSettlement {
             message.content_type = record.message.content_type.clone();
         }
         message.headers.remove(names::CONTENT_TYPE);
-        self.shared.client.produce(&topic, &message).await?;
+        if let Err(err) = self.shared.client.produce(&topic, &message).await {
+            // The record stays unfinished (its offset is not committed): the bus backs off
+            // and writes the dead-letter copy again.
+            return Err(MoveError::retry(err, self));
+        }
         self.complete();
         Ok(())
     }
