@@ -13,7 +13,9 @@ pub const URL_ENV: &str = "BUSWAY_RABBITMQ_URL";
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// RabbitMQ client options. Build it with [`crate::RabbitMq::builder`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows the URL with the password hidden.
+#[derive(Clone)]
 pub struct RabbitMqConfig {
     pub(crate) uri: AMQPUri,
     pub(crate) url_for_display: String,
@@ -24,6 +26,22 @@ pub struct RabbitMqConfig {
     pub(crate) publish_timeout: Duration,
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for RabbitMqConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not `uri`: it holds the password in clear.
+        f.debug_struct("RabbitMqConfig")
+            .field("url", &self.url_for_display)
+            .field("connection_name", &self.connection_name)
+            .field("prefetch", &self.prefetch)
+            .field("publisher_confirms", &self.publisher_confirms)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .finish()
+    }
 }
 
 fn invalid(url: &str, why: impl std::fmt::Display) -> Error {
@@ -38,9 +56,13 @@ pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
+    // The authority ends at the first `/` or `?`; the user info ends at its last `@` (a
+    // password may hold `@`, as the URL parser allows).
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
             None => url.to_string(),
         },
         None => url.to_string(),
@@ -166,6 +188,32 @@ mod tests {
         assert!(v.tls());
         assert_eq!(v.heartbeat(), Some(10), "a heartbeat by default");
         assert_eq!(v.address_prefix(), "rabbitmqs://broker:5999/sales/");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        for url in [
+            "amqp://guest:hunter2@127.0.0.1:5672/%2f",
+            "amqp://guest:p@ss@word@127.0.0.1:5672/%2f",
+            "amqps://svc:s3cr%40t@broker/vhost?heartbeat=5",
+        ] {
+            let config = RabbitMqConfig::parse(url).unwrap();
+            let debug = format!("{config:?}");
+            for secret in ["hunter2", "ss@word", "word@", "s3cr"] {
+                assert!(!debug.contains(secret), "{debug}");
+                assert!(!config.url().contains(secret), "{}", config.url());
+            }
+            let builder = format!("{:?}", crate::RabbitMq::builder(url));
+            assert!(
+                !builder.contains("hunter2") && !builder.contains("word@"),
+                "{builder}"
+            );
+            assert!(!builder.contains("s3cr"), "{builder}");
+        }
+        assert_eq!(
+            redact("amqp://guest:p@ss@word@host/vh"),
+            "amqp://guest:***@host/vh"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub(crate) enum State {
 pub(crate) struct Link {
     pub(crate) connection: Connection,
     publisher: RwLock<Channel>,
+    /// Held while a publish takes its delivery tag and queues its frames (see
+    /// [`Link::publish_in_order`]).
+    publish_order: Mutex<()>,
     topology: tokio::sync::Mutex<Channel>,
     pub(crate) generation: u64,
     broken: Token,
@@ -98,6 +101,35 @@ impl Link {
         }
         *slot = fresh.clone();
         Ok(fresh)
+    }
+
+    /// Starts `publish` (a `basic.publish` future on this link's publishing channel) so that
+    /// its frames reach the wire in the order of the delivery tags.
+    ///
+    /// lapin takes a publish's delivery tag and queues its frames in the future's first
+    /// poll, without a lock across the two: two tasks polling publishes at once on two
+    /// threads can take tags 1 and 2 and queue their frames as 2, 1. The broker numbers
+    /// messages by arrival, so each confirm (and each `basic.return`) then resolves the
+    /// other publish: a refused message reported as accepted, and the reverse. The first
+    /// poll runs under a lock here; the rest of the future (waiting for the write and the
+    /// confirm) does not, so publishes still pipeline.
+    pub(crate) async fn publish_in_order<F, T>(&self, publish: F) -> T
+    where
+        F: Future<Output = T>,
+    {
+        let mut publish = std::pin::pin!(publish);
+        let first = std::future::poll_fn(|cx| {
+            let _order = self
+                .publish_order
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::task::Poll::Ready(publish.as_mut().poll(cx))
+        })
+        .await;
+        match first {
+            std::task::Poll::Ready(out) => out,
+            std::task::Poll::Pending => publish.await,
+        }
     }
 
     /// The declaration channel, reopened if the broker closed it (a failed declare closes it).
@@ -227,6 +259,7 @@ impl Connector {
         Ok(Arc::new(Link {
             connection,
             publisher: RwLock::new(publisher),
+            publish_order: Mutex::new(()),
             topology: tokio::sync::Mutex::new(topology),
             generation,
             broken: Token::default(),

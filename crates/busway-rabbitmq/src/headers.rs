@@ -17,6 +17,15 @@ const RECEIVE_ONLY: [&str; 4] = [
     "RabbitMQ-ConsumerTag",
 ];
 
+/// The longest AMQP short string (exchange, queue and header names, message ids): 255 bytes.
+pub(crate) const MAX_SHORT: usize = 255;
+
+/// `text` as an AMQP short string, or `None` when it is too long to be one (lapin would
+/// panic writing it).
+pub(crate) fn short(text: &str) -> Option<ShortString> {
+    (text.len() <= MAX_SHORT).then(|| ShortString::from(text))
+}
+
 /// A JSON header value as an AMQP field value, the way MassTransit maps them: strings stay
 /// strings, numbers stay numbers, `true` becomes the string `"True"`, `false` and nulls are
 /// dropped, arrays and objects become field arrays and tables.
@@ -40,8 +49,8 @@ pub(crate) fn to_amqp(value: &Value) -> Option<AMQPValue> {
         Value::Object(map) => {
             let mut table = FieldTable::default();
             for (k, v) in map {
-                if let Some(v) = to_amqp(v) {
-                    table.insert(ShortString::from(k.as_str()), v);
+                if let (Some(k), Some(v)) = (short(k), to_amqp(v)) {
+                    table.insert(k, v);
                 }
             }
             AMQPValue::FieldTable(table)
@@ -93,8 +102,16 @@ pub(crate) fn to_table(headers: &Headers) -> FieldTable {
         if RECEIVE_ONLY.iter().any(|r| r.eq_ignore_ascii_case(k)) {
             continue;
         }
+        let Some(key) = short(k) else {
+            // No AMQP table can carry the name; dropping it beats failing the whole message.
+            tracing::warn!(
+                name_bytes = k.len(),
+                "dropping a header whose name is longer than 255 bytes"
+            );
+            continue;
+        };
         if let Some(v) = to_amqp(v) {
-            table.insert(ShortString::from(k), v);
+            table.insert(key, v);
         }
     }
     table
@@ -106,14 +123,16 @@ pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicP
     let mut props = BasicProperties::default()
         .with_delivery_mode(if persistent { 2 } else { 1 })
         .with_headers(to_table(&message.headers));
-    if let Some(ct) = &message.content_type {
-        props = props.with_content_type(ShortString::from(ct.as_str()));
+    // Values too long for a property are left out rather than panicking the client (the
+    // envelope in the body still carries the ids).
+    if let Some(ct) = message.content_type.as_deref().and_then(short) {
+        props = props.with_content_type(ct);
     }
-    if let Some(id) = &message.message_id {
-        props = props.with_message_id(ShortString::from(id.as_str()));
+    if let Some(id) = message.message_id.as_deref().and_then(short) {
+        props = props.with_message_id(id);
     }
-    if let Some(id) = &message.correlation_id {
-        props = props.with_correlation_id(ShortString::from(id.as_str()));
+    if let Some(id) = message.correlation_id.as_deref().and_then(short) {
+        props = props.with_correlation_id(id);
     }
     if let Some(ttl) = message.time_to_live {
         let ms = ttl.as_millis().max(1);
@@ -124,12 +143,13 @@ pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicP
 
 /// A received AMQP message as a transport message.
 pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties) -> TransportMessage {
-    let mut headers = Headers::new();
-    if let Some(table) = props.headers() {
-        for (k, v) in table.inner() {
-            headers.insert(k.as_str(), from_amqp(v));
-        }
-    }
+    // Collected in one pass (linear, unlike an insert per key).
+    let headers: Headers = props
+        .headers()
+        .iter()
+        .flat_map(|table| table.inner())
+        .map(|(k, v)| (k.as_str(), from_amqp(v)))
+        .collect();
     TransportMessage {
         body: Bytes::from(data),
         content_type: props
@@ -167,6 +187,31 @@ mod tests {
         assert_eq!(to_amqp(&Value::from(2.5)), Some(AMQPValue::Double(2.5)));
         let nested = serde_json::json!({"a": [1, "x"], "b": {"c": 2}});
         assert_eq!(from_amqp(&to_amqp(&nested).unwrap()), nested);
+    }
+
+    #[test]
+    fn names_too_long_for_amqp_are_left_out() {
+        let long = "k".repeat(MAX_SHORT + 1);
+        let mut headers = Headers::new();
+        headers.insert(long.as_str(), "dropped");
+        headers.insert("kept", "yes");
+        headers.insert("nested", serde_json::json!({ long.clone(): 1, "ok": 2 }));
+        let table = to_table(&headers);
+        assert_eq!(table.inner().len(), 2);
+        let nested = from_amqp(table.inner().get("nested").unwrap());
+        assert_eq!(nested, serde_json::json!({"ok": 2}));
+        let message = TransportMessage {
+            message_id: Some(long.clone()),
+            correlation_id: Some("c".into()),
+            ..TransportMessage::default()
+        };
+        let props = properties(&message, true);
+        assert!(props.message_id().is_none());
+        assert_eq!(
+            props.correlation_id().as_ref().map(|c| c.as_str()),
+            Some("c")
+        );
+        assert!(short(&"x".repeat(MAX_SHORT)).is_some());
     }
 
     #[test]

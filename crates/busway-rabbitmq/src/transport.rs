@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveKind, Receiver, Settlement, Transport,
+    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
 };
 use busway_core::{
     Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
@@ -225,8 +225,24 @@ impl RabbitMq {
     }
 
     /// Runs `f` on a fresh channel: on the transport's connection while it is open, else on
-    /// a short-lived connection of its own.
+    /// a short-lived connection of its own. The whole call (connect, `f`, close) is bounded by
+    /// the publish timeout: a broker that stops answering makes it fail, never hang.
     async fn with_admin_channel<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let limit = self.connector.config.publish_timeout;
+        match tokio::time::timeout(limit, self.admin_call(f)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::timeout(format!(
+                "a management call to RabbitMQ at {} did not finish within {limit:?}",
+                self.connector.config.url()
+            ))),
+        }
+    }
+
+    async fn admin_call<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -239,11 +255,23 @@ impl RabbitMq {
                 .await?;
             let channel = link.consumer_channel().await?;
             let result = f(channel.clone()).await;
-            let _ = channel.close(200, ShortString::from("done")).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                channel.close(200, ShortString::from("done")),
+            )
+            .await;
             return result;
         }
-        let connection = lapin::Connection::connect_uri(config.uri.clone(), Default::default())
+        let connect = lapin::Connection::connect_uri(config.uri.clone(), Default::default());
+        let connection = tokio::time::timeout(config.connect_timeout, connect)
             .await
+            .map_err(|_| {
+                Error::timeout(format!(
+                    "connecting to RabbitMQ at {} took longer than {:?}",
+                    config.url(),
+                    config.connect_timeout
+                ))
+            })?
             .map_err(|e| {
                 Error::transport(
                     format!("could not connect to RabbitMQ at {}", config.url()),
@@ -255,7 +283,11 @@ impl RabbitMq {
             .await
             .map_err(|e| Error::transport("could not open a channel", e))?;
         let result = f(channel).await;
-        let _ = connection.close(200, ShortString::from("done")).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.close(200, ShortString::from("done")),
+        )
+        .await;
         result
     }
 
@@ -335,6 +367,33 @@ impl Route {
         }
     }
 
+    /// Every exchange and queue name the route declares or publishes to fits an AMQP short
+    /// string (255 bytes). A longer one (a hostile message type or fault address) is an
+    /// address error here rather than a panic inside the client.
+    fn check_names(&self) -> Result<()> {
+        let names: Box<dyn Iterator<Item = &String>> = match self {
+            Route::Endpoint(spec) => {
+                Box::new(std::iter::once(&spec.name).chain(&spec.message_types))
+            }
+            Route::Exchange(name) => Box::new(std::iter::once(name)),
+            Route::MessageTypes(types) => Box::new(types.iter()),
+        };
+        for name in names {
+            if name.len() > headers::MAX_SHORT {
+                let preview: String = name.chars().take(60).collect();
+                return Err(Error::new(
+                    ErrorKind::Address,
+                    format!(
+                        "`{preview}...` ({} bytes) cannot be a RabbitMQ exchange or queue name: AMQP allows at most {} bytes",
+                        name.len(),
+                        headers::MAX_SHORT
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Sends must reach a queue; publishes may have no subscribers.
     fn mandatory(&self) -> bool {
         !matches!(self, Route::MessageTypes(_))
@@ -367,6 +426,7 @@ async fn publish(
     message: &TransportMessage,
     delay: Option<Duration>,
 ) -> Result<()> {
+    route.check_names()?;
     let make_props = || {
         let props = headers::properties(message, true);
         if delay.is_some() {
@@ -404,8 +464,13 @@ async fn publish(
                     None => (target.clone(), String::new()),
                 };
                 let mandatory = route.mandatory() || delay.is_some();
+                // An endpoint's queue was declared and bound before the publish; a return
+                // then means someone deleted it since. Declaring again (on the retry) and
+                // publishing again brings it back, as MassTransit does.
+                let redeclare_on_return = matches!(*route, Route::Endpoint(_));
                 let channel = link.publisher().await.map_err(Attempt::Retry)?;
                 confirm_publish(
+                    &link,
                     &channel,
                     &exchange,
                     &routing_key,
@@ -413,6 +478,7 @@ async fn publish(
                     &body,
                     props,
                     &target,
+                    redeclare_on_return,
                 )
                 .await
             }
@@ -440,7 +506,9 @@ fn strip_expiration(props: BasicProperties) -> BasicProperties {
     out
 }
 
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn confirm_publish(
+    link: &Link,
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
@@ -448,31 +516,38 @@ async fn confirm_publish(
     body: &[u8],
     props: BasicProperties,
     target: &str,
+    redeclare_on_return: bool,
 ) -> std::result::Result<(), Attempt> {
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(exchange),
-            ShortString::from(routing_key),
-            BasicPublishOptions {
-                mandatory,
-                immediate: false,
-            },
-            body,
-            props,
-        )
+    let publish = channel.basic_publish(
+        ShortString::from(exchange),
+        ShortString::from(routing_key),
+        BasicPublishOptions {
+            mandatory,
+            immediate: false,
+        },
+        body,
+        props,
+    );
+    let confirm = link
+        .publish_in_order(publish)
         .await
         .map_err(|e| Attempt::from_lapin("basic.publish failed", e))?;
     match confirm.await {
         Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
         Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-            Err(Attempt::Fatal(Error::new(
+            let err = Error::new(
                 ErrorKind::Transport,
                 format!(
                     "RabbitMQ returned the message sent to `{target}`: {} {} (no queue is bound to it)",
                     returned.reply_code,
                     returned.reply_text.as_str()
                 ),
-            )))
+            );
+            if redeclare_on_return {
+                Err(Attempt::Retry(err))
+            } else {
+                Err(Attempt::Fatal(err))
+            }
         }
         Ok(Confirmation::Nack(None)) => Err(Attempt::Fatal(Error::new(
             ErrorKind::Transport,
@@ -551,7 +626,22 @@ impl Transport for RabbitMq {
                 "cannot publish a message without a message type",
             ));
         }
-        let route = Route::MessageTypes(message_types.iter().map(entity).collect());
+        // The first type names the exchange published to; the others are only bound to it.
+        // One that cannot be an exchange name (a hostile `messageType` copied into a fault)
+        // is left out, so the fault still reaches the consumers of the readable types.
+        let mut names = message_types.iter().map(entity);
+        let mut types: Vec<String> = names.next().into_iter().collect();
+        types.extend(names.filter(|name| {
+            let fits = name.len() <= headers::MAX_SHORT;
+            if !fits {
+                tracing::warn!(
+                    name_bytes = name.len(),
+                    "not binding a message type whose exchange name is longer than 255 bytes"
+                );
+            }
+            fits
+        }));
+        let route = Route::MessageTypes(types);
         self.deliver(route, &message, options.delay).await
     }
 
@@ -658,6 +748,9 @@ impl Receiver for RabbitReceiver {
                     }
                     Err(err) => {
                         self.failures += 1;
+                        // The queue may be gone (deleted, expired): declare everything again
+                        // on the next try instead of trusting what this link declared before.
+                        self.connector.forget_declarations();
                         if self.failures == 1 || self.failures % 10 == 0 {
                             tracing::warn!(endpoint = %self.spec.name, attempt = self.failures, error = %err, "could not start consuming; retrying");
                         }
@@ -694,8 +787,16 @@ impl Receiver for RabbitReceiver {
                 None => {
                     self.active = None;
                     if !self.stopped {
-                        tracing::debug!(endpoint = %self.spec.name, "the consumer was cancelled; resuming");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // The broker cancels a consumer when its queue is deleted (by an
+                        // operator, a policy, `x-expires`): declare the queue and its bindings
+                        // again before consuming, or the endpoint stays dead and publishes to
+                        // its message types are dropped.
+                        tracing::warn!(endpoint = %self.spec.name, "the broker cancelled the consumer (was the queue deleted?); declaring the endpoint again");
+                        self.connector.forget_declarations();
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return None,
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
                     }
                 }
             }
@@ -805,10 +906,17 @@ impl Settlement for RabbitSettlement {
         }
     }
 
-    async fn move_to(mut self: Box<Self>, kind: MoveKind, message: TransportMessage) -> Result<()> {
+    async fn move_to(
+        mut self: Box<Self>,
+        kind: MoveKind,
+        message: TransportMessage,
+    ) -> std::result::Result<(), MoveError> {
         let spec = self.spec.companion(kind.suffix());
-        publish(&self.connector, Route::Endpoint(spec), &message, None).await?;
-        self.ack_now().await
+        if let Err(err) = publish(&self.connector, Route::Endpoint(spec), &message, None).await {
+            // Still unacked: the bus backs off and moves it again.
+            return Err(MoveError::retry(err, self));
+        }
+        Ok(self.ack_now().await?)
     }
 
     async fn redeliver(
