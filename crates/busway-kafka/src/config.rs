@@ -1,6 +1,7 @@
 //! Configuration: brokers, librdkafka properties, topics, commits and the in-flight window.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use busway_core::Urn;
@@ -13,7 +14,10 @@ pub const BROKERS_ENV: &str = "BUSWAY_KAFKA_BROKERS";
 pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
 
 /// Kafka client options. Build them with [`crate::Kafka::builder`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output hides the values of secret properties (passwords, secrets, private
+/// keys, JAAS and OAuth configuration).
+#[derive(Clone)]
 pub struct KafkaConfig {
     pub(crate) brokers: String,
     pub(crate) properties: BTreeMap<String, String>,
@@ -30,6 +34,53 @@ pub struct KafkaConfig {
     pub(crate) dead_letter: String,
     pub(crate) skipped: String,
     pub(crate) prefix: String,
+}
+
+/// True for librdkafka properties whose values must not be printed.
+pub(crate) fn is_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password")
+        || name.contains("secret")
+        || name.contains("jaas")
+        || name == "sasl.oauthbearer.config"
+        || name == "ssl.key.pem"
+        || name == "ssl_key"
+}
+
+/// A property map for `Debug`, secret values replaced by `***`.
+struct Redacted<'a>(&'a BTreeMap<String, String>);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_secret(k) { "***" } else { v.as_str() };
+                (k, shown)
+            }))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &Redacted(&self.properties))
+            .field("producer_properties", &Redacted(&self.producer_properties))
+            .field("consumer_properties", &Redacted(&self.consumer_properties))
+            .field("partitions", &self.partitions)
+            .field("replication", &self.replication)
+            .field("create_topics", &self.create_topics)
+            .field("topics", &self.topics)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("commit_interval", &self.commit_interval)
+            .field("commit_every", &self.commit_every)
+            .field("dead_letter", &self.dead_letter)
+            .field("skipped", &self.skipped)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -124,6 +175,33 @@ pub fn sanitize(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_hides_secret_properties() {
+        let builder = crate::Kafka::builder("127.0.0.1:9092")
+            .property("security.protocol", "SASL_SSL")
+            .property("sasl.username", "svc")
+            .property("sasl.password", "hunter2")
+            .property("ssl.key.password", "k3y-pass")
+            .property("sasl.oauthbearer.client.secret", "oauth-s3cret")
+            .producer_property("sasl.jaas.config", "jaas-s3cret")
+            .consumer_property("ssl.key.pem", "-----BEGIN PRIVATE KEY-----");
+        let debug = format!("{builder:?}");
+        for secret in [
+            "hunter2",
+            "k3y-pass",
+            "oauth-s3cret",
+            "jaas-s3cret",
+            "PRIVATE KEY",
+        ] {
+            assert!(!debug.contains(secret), "{debug}");
+        }
+        assert!(
+            debug.contains("SASL_SSL") && debug.contains("svc"),
+            "{debug}"
+        );
+        assert!(!is_secret("sasl.username"));
+    }
 
     #[test]
     fn topic_names() {
