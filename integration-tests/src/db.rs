@@ -18,6 +18,7 @@ pub fn postgres_url() -> String {
 
 /// Panics with how to start PostgreSQL when the local one is down.
 pub fn require_postgres() {
+    crate::support::start_watchdog();
     let reachable = "127.0.0.1:5432"
         .parse()
         .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())

@@ -12,6 +12,7 @@ pub fn brokers() -> String {
 
 /// Panics with how to start the broker when nothing listens.
 pub fn require_broker() {
+    crate::support::start_watchdog();
     let brokers = brokers();
     let first = brokers
         .split(',')

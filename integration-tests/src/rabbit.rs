@@ -12,6 +12,7 @@ pub fn url() -> String {
 
 /// Panics with how to start RabbitMQ when nothing listens on its port.
 pub fn require_broker() {
+    crate::support::start_watchdog();
     let url = url();
     let hostport = url
         .split('@')
@@ -48,11 +49,20 @@ pub fn transport_for(url: &str) -> RabbitMq {
 }
 
 /// Runs `rabbitmqctl` with arguments; panics with its output when it fails.
+///
+/// Bounded: a call that takes longer than 90 s (a broker that stopped answering) is killed
+/// and fails the test.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = std::process::Command::new("rabbitmqctl")
+    let out = std::process::Command::new("timeout")
+        .arg("90")
+        .arg("rabbitmqctl")
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("rabbitmqctl could not run ({e}); it is needed for this test"));
+    assert!(
+        out.status.code() != Some(124),
+        "rabbitmqctl {args:?} did not finish within 90 s"
+    );
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?} failed: {}{}",
@@ -109,8 +119,8 @@ impl TestVhost {
 
 impl Drop for TestVhost {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.name])
+        let _ = std::process::Command::new("timeout")
+            .args(["60", "rabbitmqctl", "-q", "delete_vhost", &self.name])
             .output();
     }
 }

@@ -15,8 +15,42 @@ pub fn unique(name: &str) -> String {
     format!("{name}-{}", &id[..8])
 }
 
-/// Installs a test tracing subscriber once (`RUST_LOG` picks the level; default warn).
+/// How long one test binary may run before its watchdog ends it: a hung test is a failed
+/// test, not a hung suite. `BUSWAY_TEST_BINARY_DEADLINE_SECS` overrides it.
+pub const BINARY_DEADLINE: Duration = Duration::from_secs(15 * 60);
+
+/// Starts, once per test binary, a watchdog thread that ends the process with a clear
+/// message when the binary runs past [`BINARY_DEADLINE`]. Called by [`init_tracing`] and by
+/// each service's `require_*` check, so every test binary that talks to a service has one.
+pub fn start_watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let limit = std::env::var("BUSWAY_TEST_BINARY_DEADLINE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(BINARY_DEADLINE);
+        let binary = std::env::args().next().unwrap_or_default();
+        let spawned = std::thread::Builder::new()
+            .name("busway-test-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                eprintln!(
+                    "\nbusway test watchdog: `{binary}` ran for more than {limit:?}; a test is hung \
+                     (a wait without a bound, or a broker call that never returned). Failing the run."
+                );
+                std::process::exit(101);
+            });
+        if let Err(err) = spawned {
+            eprintln!("busway test watchdog could not start: {err}");
+        }
+    });
+}
+
+/// Installs a test tracing subscriber once (`RUST_LOG` picks the level; default warn), and
+/// starts the binary's [watchdog](start_watchdog).
 pub fn init_tracing() {
+    start_watchdog();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
