@@ -448,7 +448,12 @@ impl Connector {
             let attempt = match tokio::time::timeout_at(deadline, op(link.clone())).await {
                 Ok(result) => result,
                 Err(_) => {
-                    link.mark_broken();
+                    // Only a dead connection is torn down: one slow publish (thousands of
+                    // declarations, a blocked broker) must not redeliver every endpoint's
+                    // in-flight messages. Heartbeats find a half-open connection.
+                    if !link.connection.status().connected() {
+                        link.mark_broken();
+                    }
                     return Err(Error::new(
                         ErrorKind::Unavailable,
                         format!(

@@ -7,9 +7,9 @@
 //!   with the same queue type as `X`.
 //! - Delayed delivery without plugins: a direct exchange `busway.delayed` bound to each
 //!   target exchange with the target's name as routing key, and one wait queue per delay
-//!   (`busway.delay.<ms>ms`, fed by a fanout exchange of the same name) whose messages expire
-//!   after the delay and are dead-lettered to `busway.delayed`. Wait queues expire a minute
-//!   after their last use.
+//!   (`busway.wait.<ms>ms`, fed by an auto-delete fanout exchange of the same name) whose
+//!   messages expire after the delay and are dead-lettered to `busway.delayed`. Wait queues
+//!   expire a minute after their last use, and their exchanges go with them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -323,8 +323,13 @@ pub(crate) async fn message_types(
 }
 
 /// The wait queue (and its exchange) for a delay.
+///
+/// Named `busway.wait.*`: the exchange is auto-delete, so it goes with its queue's binding
+/// when the idle queue expires. (The `busway.delay.*` exchanges of earlier versions were
+/// durable and stayed forever, one per distinct delay; declaring them with other flags
+/// would fail, hence the new name.)
 pub(crate) fn wait_queue_name(delay: Duration) -> String {
-    format!("busway.delay.{}ms", delay.as_millis().max(1))
+    format!("busway.wait.{}ms", delay.as_millis().max(1))
 }
 
 /// Prepares delayed delivery to `target` (an exchange) after `delay`; returns the exchange
@@ -361,7 +366,9 @@ pub(crate) async fn delayed(
         ShortString::from("x-expires"),
         AMQPValue::LongLongInt(ms.saturating_add(idle)),
     );
-    exchange(connector, link, &name, ExchangeKind::Fanout, true, false).await?;
+    // Auto-delete: removed with the binding when the idle queue expires, so jittered
+    // delays leave nothing behind (they left one durable exchange per delay before).
+    exchange(connector, link, &name, ExchangeKind::Fanout, true, true).await?;
     // Not cached: every use re-declares the queue, which resets its idle expiry and brings
     // it (and its binding) back after it expired.
     queue(connector, link, &name, true, false, &args, false).await?;

@@ -347,6 +347,10 @@ impl RabbitMq {
     }
 }
 
+/// The most message types one publish declares and binds (MassTransit contracts list a
+/// handful: the type, its interfaces, `Fault`).
+const MAX_PUBLISH_TYPES: usize = 32;
+
 /// Where a message is published and what must exist first.
 #[derive(Debug, Clone)]
 enum Route {
@@ -629,7 +633,18 @@ impl Transport for RabbitMq {
         // The first type names the exchange published to; the others are only bound to it.
         // One that cannot be an exchange name (a hostile `messageType` copied into a fault)
         // is left out, so the fault still reaches the consumers of the readable types.
-        let mut names = message_types.iter().map(entity);
+        //
+        // At most MAX_PUBLISH_TYPES are declared and bound: a message (or the fault of one)
+        // listing thousands of types would otherwise make the endpoint declare thousands of
+        // durable exchanges, one publish at a time.
+        if message_types.len() > MAX_PUBLISH_TYPES {
+            tracing::warn!(
+                types = message_types.len(),
+                bound = MAX_PUBLISH_TYPES,
+                "a publish lists more message types than are bound; the rest are left out"
+            );
+        }
+        let mut names = message_types.iter().take(MAX_PUBLISH_TYPES).map(entity);
         let mut types: Vec<String> = names.next().into_iter().collect();
         types.extend(names.filter(|name| {
             let fits = name.len() <= headers::MAX_SHORT;
