@@ -485,3 +485,70 @@ async fn an_envelope_with_forty_thousand_headers_is_consumed_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 3, "no redeliveries");
     running.shutdown().await.expect("shutdown");
 }
+
+/// Issue 12.13: delayed delivery with many distinct delays (jittered redelivery) leaves no
+/// exchange behind once the wait queues expire: each wait exchange is auto-delete and goes
+/// with its queue. Before: one durable exchange per distinct delay, forever (97 after 40
+/// messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_exchanges_for_distinct_delays_go_with_their_queues() {
+    init_tracing();
+    let vhost = TestVhost::create("delays");
+    let transport = transport_for(&vhost.url());
+    let queue = unique("delayed");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    let bus = Bus::builder()
+        .transport(transport.clone())
+        .receive_endpoint(queue.clone(), move |e| {
+            e.handler(move |_ctx: ConsumeContext<Ping>| {
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::ready(Ok(()))
+            })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    for n in 0..40u32 {
+        bus.send(format!("queue:{queue}"), Ping { n })
+            .delay(Duration::from_millis(200 + u64::from(n) * 7))
+            .await
+            .expect("delayed send");
+    }
+    wait_until(WAIT, "all 40 delayed messages arrived", || {
+        seen.load(Ordering::SeqCst) == 40
+    })
+    .await;
+    let waits = |what: &str| {
+        vhost
+            .list(what, &["name"])
+            .iter()
+            .filter_map(|row| row["name"].as_str().map(str::to_string))
+            .filter(|name| name.starts_with("busway.wait."))
+            .collect::<Vec<_>>()
+    };
+    let queues = waits("list_queues");
+    assert_eq!(queues.len(), 40, "one wait queue per distinct delay");
+    assert_eq!(waits("list_exchanges").len(), 40);
+    // What x-expires does a minute later, done now: the exchanges go with their queues.
+    let connection = raw_connection(&vhost.url()).await;
+    let channel = connection.create_channel().await.expect("channel");
+    for q in &queues {
+        channel
+            .queue_delete(ShortString::from(q.as_str()), Default::default())
+            .await
+            .expect("delete a wait queue");
+    }
+    assert_eq!(waits("list_exchanges"), Vec::<String>::new());
+    // A later delay of an expired length declares its wait queue and exchange again.
+    bus.send(format!("queue:{queue}"), Ping { n: 99 })
+        .delay(Duration::from_millis(200))
+        .await
+        .expect("delayed send after expiry");
+    wait_until(WAIT, "the delayed send after expiry arrived", || {
+        seen.load(Ordering::SeqCst) == 41
+    })
+    .await;
+    running.shutdown().await.expect("shutdown");
+}
