@@ -137,6 +137,17 @@ async fn tap(connection: &Connection, exchange: &str, queue: &str) {
         .expect("bind");
 }
 
+/// A consumer that counts its calls and succeeds.
+fn counting(
+    calls: Arc<AtomicUsize>,
+) -> impl Fn(ConsumeContext<Ping>) -> std::future::Ready<Result<(), ConsumeError>> + Send + Sync + 'static
+{
+    move |_ctx: ConsumeContext<Ping>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
+}
+
 /// A consumer that counts its calls and always fails.
 fn failing(
     calls: Arc<AtomicUsize>,
@@ -211,12 +222,7 @@ async fn an_endpoint_whose_queue_is_deleted_declares_it_again() {
     let s = seen.clone();
     let bus = Bus::builder()
         .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| {
-            e.handler(move |_ctx: ConsumeContext<Ping>| {
-                s.fetch_add(1, Ordering::SeqCst);
-                std::future::ready(Ok(()))
-            })
-        })
+        .receive_endpoint(queue.clone(), move |e| e.handler(counting(s)))
         .build()
         .await
         .expect("build");
@@ -451,12 +457,7 @@ async fn an_envelope_with_forty_thousand_headers_is_consumed_once() {
     let c = calls.clone();
     let bus = Bus::builder()
         .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| {
-            e.handler(move |_ctx: ConsumeContext<Ping>| {
-                c.fetch_add(1, Ordering::SeqCst);
-                std::future::ready(Ok(()))
-            })
-        })
+        .receive_endpoint(queue.clone(), move |e| e.handler(counting(c)))
         .build()
         .await
         .expect("build");
@@ -500,12 +501,7 @@ async fn wait_exchanges_for_distinct_delays_go_with_their_queues() {
     let s = seen.clone();
     let bus = Bus::builder()
         .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| {
-            e.handler(move |_ctx: ConsumeContext<Ping>| {
-                s.fetch_add(1, Ordering::SeqCst);
-                std::future::ready(Ok(()))
-            })
-        })
+        .receive_endpoint(queue.clone(), move |e| e.handler(counting(s)))
         .build()
         .await
         .expect("build");
