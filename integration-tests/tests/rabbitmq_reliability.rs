@@ -210,6 +210,56 @@ async fn refused_and_accepted_sends_are_told_apart_under_concurrency() {
     transport.close().await.expect("close");
 }
 
+/// Issue 12.1, returns: with concurrent sends through one transport, every send the broker
+/// returns (an exchange no queue is bound to) is an error and every routed one is OK. lapin
+/// hands a `basic.return` to whichever confirm it completes next, and completes the tags of
+/// one `multiple` ack in hash order, so a return could land on another task's publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn returned_and_routed_sends_are_told_apart_under_concurrency() {
+    init_tracing();
+    let vhost = TestVhost::create("returns");
+    let transport = transport_for(&vhost.url());
+    let bus = Bus::builder()
+        .transport(transport.clone())
+        .build()
+        .await
+        .expect("build");
+    let nowhere = unique("nowhere");
+    let routed = unique("routed");
+    bus.send(format!("queue:{routed}"), Ping { n: 0 })
+        .await
+        .expect("the first routed send");
+
+    const SENDS: u32 = 2_000;
+    let results: Vec<(bool, bool)> = futures_util::stream::iter(0..SENDS)
+        .map(|n| {
+            let bus = bus.clone();
+            let (nowhere, routed) = (nowhere.clone(), routed.clone());
+            async move {
+                let to_nowhere = n % 2 == 0;
+                let address = if to_nowhere {
+                    format!("exchange:{nowhere}")
+                } else {
+                    format!("queue:{routed}")
+                };
+                let ok = bus.send(address, Ping { n }).await.is_ok();
+                (to_nowhere, ok)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let returned_ok = results.iter().filter(|(r, ok)| *r && *ok).count();
+    let routed_err = results.iter().filter(|(r, ok)| !*r && !*ok).count();
+    assert_eq!(
+        (returned_ok, routed_err),
+        (0, 0),
+        "returned sends reported OK, routed sends reported failed (of {SENDS} at 32 in flight)"
+    );
+    assert_eq!(depth(&transport, &routed).await, SENDS / 2 + 1);
+    transport.close().await.expect("close");
+}
+
 /// Issue 12.2: an endpoint whose queue is deleted under it (by an operator) declares the
 /// queue and its bindings again and goes on consuming, for both sends and publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

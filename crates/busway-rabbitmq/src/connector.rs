@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::RabbitMqConfig;
+use crate::confirms::{Confirms, Identity, Outcome};
 
 /// What the connection is doing.
 #[derive(Clone)]
@@ -37,7 +38,7 @@ pub(crate) enum State {
 /// One established connection with its shared channels.
 pub(crate) struct Link {
     pub(crate) connection: Connection,
-    publisher: RwLock<Channel>,
+    publisher: RwLock<Publisher>,
     /// Held while a publish takes its delivery tag and queues its frames (see
     /// [`Link::publish_in_order`]).
     publish_order: Mutex<()>,
@@ -48,6 +49,20 @@ pub(crate) struct Link {
 }
 
 pub(crate) use tokio_util::sync::CancellationToken as Token;
+
+/// The publishing channel and, in confirm mode, the collector that settles its confirms.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    pub(crate) channel: Channel,
+    confirms: Option<Confirms>,
+}
+
+impl Publisher {
+    fn new(channel: Channel, confirms: bool) -> Self {
+        let confirms = confirms.then(|| Confirms::start(channel.clone()));
+        Self { channel, confirms }
+    }
+}
 
 fn lapin_error(what: &str, err: lapin::Error) -> Error {
     Error::transport(what.to_string(), err)
@@ -84,23 +99,76 @@ impl Link {
     }
 
     /// The publishing channel (confirm mode), reopened if the broker closed it.
-    pub(crate) async fn publisher(&self) -> Result<Channel> {
+    pub(crate) async fn publisher(&self) -> Result<Publisher> {
         let current = self
             .publisher
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        if current.status().connected() {
+        if current.channel.status().connected() {
             return Ok(current);
         }
         let fresh = self.open_channel(self.confirms).await?;
         let mut slot = self.publisher.write().unwrap_or_else(|e| e.into_inner());
-        if slot.status().connected() {
+        if slot.channel.status().connected() {
             // Someone else reopened it first.
             return Ok(slot.clone());
         }
-        *slot = fresh.clone();
-        Ok(fresh)
+        *slot = Publisher::new(fresh, self.confirms);
+        Ok(slot.clone())
+    }
+
+    /// Publishes on `publisher` and waits for the broker's word on this very message.
+    ///
+    /// `publish` is `publisher.channel.basic_publish(..)` for the message `identity`
+    /// describes. Its first poll (where lapin takes the delivery tag and queues the frames)
+    /// runs under a lock, and so does its registration with the confirm collector, so the
+    /// collector sees publishes in tag order (see [`crate::confirms`]).
+    pub(crate) async fn publish_confirmed<F>(
+        &self,
+        publisher: &Publisher,
+        publish: F,
+        identity: Identity,
+    ) -> lapin::Result<Outcome>
+    where
+        F: Future<Output = lapin::Result<lapin::PublisherConfirm>>,
+    {
+        let Some(confirms) = &publisher.confirms else {
+            let confirm = self.publish_in_order(publish).await?;
+            return Ok(match confirm.await? {
+                lapin::Confirmation::Nack(_) => Outcome::Refused,
+                _ => Outcome::Accepted,
+            });
+        };
+        let mut publish = std::pin::pin!(publish);
+        let first = std::future::poll_fn(|cx| {
+            let _order = self
+                .publish_order
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let polled = publish.as_mut().poll(cx);
+            // A publish refused before it took a tag (closed channel) is not registered.
+            let pending = match &polled {
+                std::task::Poll::Ready(Err(_)) => None,
+                _ => Some(confirms.register(identity.clone())),
+            };
+            std::task::Poll::Ready((polled, pending))
+        })
+        .await;
+        let (confirm, pending) = match first {
+            (std::task::Poll::Ready(Err(err)), _) => return Err(err),
+            (std::task::Poll::Ready(Ok(confirm)), pending) => (Ok(confirm), pending),
+            (std::task::Poll::Pending, pending) => (publish.await, pending),
+        };
+        let Some(mut pending) = pending else {
+            return confirm.map(|_| Outcome::Accepted);
+        };
+        let failed = confirm.as_ref().err().cloned();
+        pending.written(confirm);
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        Ok(pending.outcome().await)
     }
 
     /// Starts `publish` (a `basic.publish` future on this link's publishing channel) so that
@@ -258,7 +326,7 @@ impl Connector {
         let topology = open_channel(&connection, false).await?;
         Ok(Arc::new(Link {
             connection,
-            publisher: RwLock::new(publisher),
+            publisher: RwLock::new(Publisher::new(publisher, confirms)),
             publish_order: Mutex::new(()),
             topology: tokio::sync::Mutex::new(topology),
             generation,

@@ -31,6 +31,7 @@
 //! [lapin]: https://docs.rs/lapin
 
 mod config;
+mod confirms;
 mod connector;
 mod declare;
 mod headers;

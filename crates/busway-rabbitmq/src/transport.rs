@@ -13,17 +13,19 @@ use busway_core::{
     Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
     TransportMessage, Urn,
 };
+use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Acker, BasicProperties, Channel, Confirmation};
+use lapin::{Acker, BasicProperties, Channel};
 use tokio::time::Instant;
 
 use crate::config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
-use crate::connector::{Attempt, Connector, Link, Token};
+use crate::confirms::{Identity, Outcome};
+use crate::connector::{Attempt, Connector, Link, Publisher, Token};
 use crate::declare::{self, EndpointSpec, RabbitMqEndpointOptions, entity};
 use crate::headers;
 
@@ -472,10 +474,10 @@ async fn publish(
                 // then means someone deleted it since. Declaring again (on the retry) and
                 // publishing again brings it back, as MassTransit does.
                 let redeclare_on_return = matches!(*route, Route::Endpoint(_));
-                let channel = link.publisher().await.map_err(Attempt::Retry)?;
+                let publisher = link.publisher().await.map_err(Attempt::Retry)?;
                 confirm_publish(
                     &link,
-                    &channel,
+                    &publisher,
                     &exchange,
                     &routing_key,
                     mandatory,
@@ -513,16 +515,22 @@ fn strip_expiration(props: BasicProperties) -> BasicProperties {
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn confirm_publish(
     link: &Link,
-    channel: &Channel,
+    publisher: &Publisher,
     exchange: &str,
     routing_key: &str,
     mandatory: bool,
-    body: &[u8],
+    body: &Bytes,
     props: BasicProperties,
     target: &str,
     redeclare_on_return: bool,
 ) -> std::result::Result<(), Attempt> {
-    let publish = channel.basic_publish(
+    let identity = Identity {
+        exchange: exchange.to_string(),
+        routing_key: routing_key.to_string(),
+        message_id: props.message_id().as_ref().map(|m| m.as_str().to_string()),
+        body: body.clone(),
+    };
+    let publish = publisher.channel.basic_publish(
         ShortString::from(exchange),
         ShortString::from(routing_key),
         BasicPublishOptions {
@@ -532,19 +540,17 @@ async fn confirm_publish(
         body,
         props,
     );
-    let confirm = link
-        .publish_in_order(publish)
+    let outcome = link
+        .publish_confirmed(publisher, publish, identity)
         .await
         .map_err(|e| Attempt::from_lapin("basic.publish failed", e))?;
-    match confirm.await {
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-        Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+    match outcome {
+        Outcome::Accepted => Ok(()),
+        Outcome::Returned(code, text) => {
             let err = Error::new(
                 ErrorKind::Transport,
                 format!(
-                    "RabbitMQ returned the message sent to `{target}`: {} {} (no queue is bound to it)",
-                    returned.reply_code,
-                    returned.reply_text.as_str()
+                    "RabbitMQ returned the message sent to `{target}`: {code} {text} (no queue is bound to it)"
                 ),
             );
             if redeclare_on_return {
@@ -553,14 +559,18 @@ async fn confirm_publish(
                 Err(Attempt::Fatal(err))
             }
         }
-        Ok(Confirmation::Nack(None)) => Err(Attempt::Fatal(Error::new(
+        Outcome::Refused => Err(Attempt::Fatal(Error::new(
             ErrorKind::Transport,
             format!("RabbitMQ refused (nacked) the message sent to `{target}`"),
         ))),
-        Err(e) => Err(Attempt::from_lapin(
+        Outcome::Failed(e) => Err(Attempt::from_lapin(
             "waiting for the publisher confirm failed",
             e,
         )),
+        Outcome::Lost => Err(Attempt::Retry(Error::new(
+            ErrorKind::Unavailable,
+            "the publishing channel closed before RabbitMQ confirmed the message",
+        ))),
     }
 }
 
