@@ -720,4 +720,49 @@ mod servicebus_specific {
         got.sort_unstable();
         assert_eq!(got, (0..40).collect::<Vec<_>>(), "each once, none lost");
     }
+
+    /// Issue 12.12: a gateway that accepts connections and never answers (a half-open
+    /// connection) makes sends, receives and management calls fail within the request
+    /// timeout instead of stalling forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_gateway_fails_calls_within_the_request_timeout() {
+        init_tracing();
+        let standin = StandIn::start();
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                open.push(socket); // read nothing, answer nothing, keep it open
+            }
+        });
+        let t = ServiceBus::builder(&standin.connection_string())
+            .base_url(format!("http://127.0.0.1:{port}"))
+            .provision(false)
+            .receive_wait(Duration::from_secs(1))
+            .request_timeout(Duration::from_secs(1))
+            .build()
+            .expect("transport");
+        let started = Instant::now();
+        let address = busway::Address::parse("queue:silent").expect("address");
+        let sent = busway::Transport::send(
+            &t,
+            &address,
+            TransportMessage::default(),
+            &Default::default(),
+        )
+        .await;
+        assert!(sent.is_err(), "a send to a silent gateway fails");
+        let counted = t.active_message_count("silent").await;
+        assert!(
+            counted.is_err(),
+            "a management call to a silent gateway fails"
+        );
+        // Each call is bounded by the receive wait plus 1 s (2 s) here.
+        let elapsed = started.elapsed();
+        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+        held.abort();
+    }
 }

@@ -105,6 +105,45 @@ pub fn sas_token(connection: &ConnectionString, url: &str, ttl_seconds: i64) -> 
     ))
 }
 
+/// Bounds every request: a half-open connection or a stalled gateway makes the call fail
+/// after `timeout` instead of stalling a poller, a settlement or a send forever.
+#[derive(Debug)]
+pub(crate) struct Timed {
+    pub(crate) inner: Arc<dyn HttpClient>,
+    pub(crate) timeout: std::time::Duration,
+}
+
+#[async_trait]
+impl HttpClient for Timed {
+    async fn execute_request(&self, request: &Request) -> azure_core::Result<Response> {
+        match tokio::time::timeout(self.timeout, self.inner.execute_request(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(azure_core::Error::message(
+                azure_core::error::ErrorKind::Io,
+                format!(
+                    "Service Bus did not answer {} {} within {:?}",
+                    request.method(),
+                    request.url().path(),
+                    self.timeout
+                ),
+            )),
+        }
+    }
+}
+
+/// True when `base` names this machine (`localhost`, `127.0.0.0/8`, `[::1]`).
+pub(crate) fn is_loopback_url(base: &str) -> bool {
+    let Ok(url) = Url::parse(base) else {
+        return false;
+    };
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// Sends every request to `base` instead of `https://<ns>.servicebus.windows.net`, keeping
 /// path, query, headers and body (signatures are computed over the original URL).
 #[derive(Debug)]
@@ -136,6 +175,24 @@ impl HttpClient for Rebased {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_base_urls_count_as_local() {
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9/",
+        ] {
+            assert!(is_loopback_url(local), "{local}");
+        }
+        for remote in [
+            "https://evil.example.com",
+            "http://10.0.0.1:80",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(remote), "{remote}");
+        }
+    }
 
     #[test]
     fn parses_connection_strings_without_leaking_the_key() {

@@ -24,13 +24,17 @@ use sha1::{Digest, Sha1};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{ConnectionString, Rebased};
+use crate::connection::{ConnectionString, Rebased, Timed, is_loopback_url};
 use crate::management::{Management, QueueSettings};
 
 /// The environment variable with a connection string for tests against a real namespace.
 pub const CONNECTION_STRING_ENV: &str = "BUSWAY_ASB_CONNECTION_STRING";
 
 /// The environment variable with a base URL to use instead of the namespace's (optional).
+///
+/// [`ServiceBus::from_env`] honours it only for a loopback address (a local stand-in or
+/// proxy): requests carry tokens for the real namespace, which must not go to another host
+/// because a variable says so. Call [`ServiceBusBuilder::base_url`] to send them elsewhere.
 pub const BASE_URL_ENV: &str = "BUSWAY_ASB_BASE_URL";
 
 /// MassTransit's Service Bus entity name for a message type: `Namespace/TypeName`, with
@@ -89,6 +93,7 @@ pub struct ServiceBusBuilder {
     settings: QueueSettings,
     provision: bool,
     receive_wait: Duration,
+    request_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for ServiceBusBuilder {
@@ -139,10 +144,26 @@ impl ServiceBusBuilder {
         self
     }
 
+    /// How long any one request to Service Bus (send, receive, complete, abandon, renew,
+    /// management) may take before it fails (default 30 s or the receive wait plus 10 s,
+    /// whichever is longer; never less than the receive wait plus 1 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
+        self
+    }
+
     /// The transport.
     pub fn build(self) -> Result<ServiceBus> {
         let connection = self.connection?;
-        let inner = self.http.unwrap_or_else(azure_core::new_http_client);
+        // A receive waits up to `receive_wait` on the server: leave it room to answer.
+        let timeout = match self.request_timeout {
+            Some(t) => t.max(self.receive_wait + Duration::from_secs(1)),
+            None => Duration::from_secs(30).max(self.receive_wait + Duration::from_secs(10)),
+        };
+        let inner: Arc<dyn HttpClient> = Arc::new(Timed {
+            inner: self.http.unwrap_or_else(azure_core::new_http_client),
+            timeout,
+        });
         let http: Arc<dyn HttpClient> = match &self.base_url {
             Some(base) => Arc::new(Rebased {
                 inner,
@@ -181,6 +202,7 @@ impl ServiceBus {
             },
             provision: true,
             receive_wait: Duration::from_secs(1),
+            request_timeout: None,
         }
     }
 
@@ -199,8 +221,16 @@ impl ServiceBus {
         })?;
         let mut builder = Self::builder(&connection);
         if let Ok(base) = std::env::var(BASE_URL_ENV) {
-            if !base.trim().is_empty() {
-                builder = builder.base_url(base.trim());
+            let base = base.trim();
+            if !base.is_empty() {
+                if !is_loopback_url(base) {
+                    return Err(Error::config(format!(
+                        "{BASE_URL_ENV} is `{base}`, which is not a loopback address; from_env only \
+                         redirects requests (and the namespace's tokens) to this machine. Use \
+                         ServiceBus::builder(..).base_url(..) to send them elsewhere"
+                    )));
+                }
+                builder = builder.base_url(base);
             }
         }
         builder.build()
