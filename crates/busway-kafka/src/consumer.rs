@@ -62,6 +62,9 @@ impl Part {
 
 struct Lane {
     partition: PartitionKey,
+    /// The assignment of the partition this lane belongs to: a record of an earlier
+    /// assignment (revoked, then assigned again) must not release it.
+    generation: u64,
     waiting: VecDeque<Record>,
 }
 
@@ -141,6 +144,7 @@ impl State {
                             lane_key,
                             Lane {
                                 partition: pk.clone(),
+                                generation: record.generation,
                                 waiting: VecDeque::new(),
                             },
                         );
@@ -184,6 +188,46 @@ impl State {
         self.lanes
             .retain(|_, lane| !revoked.contains(&lane.partition));
         commits
+    }
+
+    /// Releases `record`'s key lane: the next record of the key becomes ready (returns
+    /// true), or the lane ends. A record of an earlier assignment of its partition leaves
+    /// the lane alone: after a rebalance the lane belongs to the new assignment's records,
+    /// and releasing it would run two records of one key at once.
+    fn release_lane(&mut self, record: &RecordRef) -> bool {
+        let Some(key) = &record.key else {
+            return false;
+        };
+        let lane_key = (record.topic.clone(), key.clone());
+        let Some(lane) = self
+            .lanes
+            .get_mut(&lane_key)
+            .filter(|l| l.generation == record.generation)
+        else {
+            return false;
+        };
+        match lane.waiting.pop_front() {
+            Some(next) => {
+                self.ready.push_back(next);
+                true
+            }
+            None => {
+                self.lanes.remove(&lane_key);
+                false
+            }
+        }
+    }
+
+    /// Forgets that these positions were committed (the commit failed), so the next due
+    /// check or revoke commits them again.
+    fn commit_failed(&mut self, commits: &[(PartitionKey, i64)]) {
+        for (pk, position) in commits {
+            if let Some(part) = self.parts.get_mut(pk) {
+                if part.committed == Some(*position) {
+                    part.committed = None;
+                }
+            }
+        }
     }
 
     /// Positions that moved since their last commit (all, or only those due).
@@ -240,6 +284,27 @@ impl ConsumerContext for Ctx {
         }
     }
 
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if let Err(e) = result {
+            // An asynchronous commit that the broker refused is not done: commit these
+            // positions again at the next tick.
+            let failed: Vec<(PartitionKey, i64)> = offsets
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect();
+            lock(&self.state).commit_failed(&failed);
+            tracing::warn!(group = %self.group, error = %e, "an offset commit failed; it is retried at the next tick");
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::debug!(group = %self.group, partitions = tpl.count(), "partitions assigned");
@@ -285,6 +350,8 @@ impl Shared {
             return;
         }
         if let Err(e) = self.consumer.commit(&to_list(commits), mode) {
+            // Not done: commit these positions again at the next tick.
+            lock(&self.state).commit_failed(commits);
             tracing::warn!(group = %self.group, error = %e, "offset commit failed; it is retried with the next one");
         }
     }
@@ -320,21 +387,8 @@ impl Shared {
                     resume = Some(pk.clone());
                 }
             }
-            if let Some(key) = &record.key {
-                let lane_key = (record.topic.clone(), key.clone());
-                let next = state
-                    .lanes
-                    .get_mut(&lane_key)
-                    .and_then(|l| l.waiting.pop_front());
-                match next {
-                    Some(next) => {
-                        state.ready.push_back(next);
-                        self.ready.notify_one();
-                    }
-                    None => {
-                        state.lanes.remove(&lane_key);
-                    }
-                }
+            if state.release_lane(record) {
+                self.ready.notify_one();
             }
             let commits = state.due_commits(config.commit_every, config.commit_interval, false);
             (resume, commits)
@@ -714,5 +768,78 @@ impl Drop for KafkaSettlement {
         if let Some(record) = self.record.take() {
             self.shared.requeue(record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: i64, key: &str) -> Record {
+        Record {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            key: Some(key.into()),
+            message: TransportMessage::default(),
+            redelivered: false,
+            generation: 0,
+        }
+    }
+
+    fn take_ready(state: &mut State) -> Record {
+        state.ready.pop_front().expect("a ready record")
+    }
+
+    /// Issue 12.13: after a rebalance (revoke, then the same partition assigned again), a
+    /// record still in flight from the old assignment must not release the new assignment's
+    /// lane for its key: two records of one key would then run at once.
+    #[test]
+    fn an_old_assignments_record_does_not_release_the_new_lane() {
+        let mut state = State::default();
+        state.file(record(0, "k"), 100);
+        let old = take_ready(&mut state);
+        state.revoke(&[("t".into(), 0)]);
+        // Assigned again: offset 0 comes back (not committed), then offset 1, same key.
+        state.file(record(0, "k"), 100);
+        state.file(record(1, "k"), 100);
+        let new_first = take_ready(&mut state);
+        assert!(
+            state.ready.is_empty(),
+            "offset 1 waits behind offset 0 in its lane"
+        );
+        assert!(!state.release_lane(&RecordRef::from(&old)));
+        assert!(state.ready.is_empty(), "the old record released nothing");
+        assert!(state.release_lane(&RecordRef::from(&new_first)));
+        assert_eq!(take_ready(&mut state).offset, 1);
+    }
+
+    /// Issue 12.13: a commit that failed is not recorded as done; the next due check offers
+    /// the same position again.
+    #[test]
+    fn a_failed_commit_is_offered_again() {
+        let mut state = State::default();
+        state.file(record(0, "k"), 100);
+        let r = take_ready(&mut state);
+        let part = state.parts.get_mut(&("t".into(), 0)).expect("part");
+        part.offsets.insert(r.offset, true);
+        part.offsets.remove(&r.offset);
+        part.position = Some(1);
+        let due = state.due_commits(1, Duration::from_secs(3600), false);
+        assert_eq!(due, vec![(("t".to_string(), 0), 1)]);
+        assert!(
+            state
+                .due_commits(1, Duration::from_secs(3600), false)
+                .is_empty()
+        );
+        state.commit_failed(&due);
+        assert_eq!(
+            state.due_commits(1, Duration::from_secs(3600), false),
+            due,
+            "offered again after the failure"
+        );
+        // A revoke commits it too.
+        state.commit_failed(&due);
+        assert_eq!(state.revoke(&[("t".into(), 0)]), due);
     }
 }
