@@ -902,6 +902,163 @@ async fn old_rows_are_cleaned_up<D: TestDb>() {
     db.close().await;
 }
 
+/// A send layer that makes every publish take `delay` (a slow broker).
+#[derive(Clone)]
+struct SlowSends(Duration);
+
+impl<S> tower::Layer<S> for SlowSends {
+    type Service = SlowSend<S>;
+    fn layer(&self, inner: S) -> SlowSend<S> {
+        SlowSend(inner, self.0)
+    }
+}
+
+#[derive(Clone)]
+struct SlowSend<S>(S, Duration);
+
+impl<S> tower::Service<busway::OutgoingMessage> for SlowSend<S>
+where
+    S: tower::Service<busway::OutgoingMessage, Response = (), Error = busway::Error>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = busway::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), busway::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), busway::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, m: busway::OutgoingMessage) -> Self::Future {
+        let delay = self.1;
+        let fut = self.0.call(m);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            fut.await
+        })
+    }
+}
+
+/// Issue 12.13: a batch that takes longer than its lease (SQLite) keeps the lease by
+/// renewing it, so a second dispatcher does not claim the same rows: 60 rows, one at a
+/// time at 25 ms each (1.5 s) against a 300 ms lease, each delivered once. Before, the
+/// lease ran out after 300 ms and the other dispatcher delivered the rest again.
+async fn a_batch_slower_than_its_lease_is_delivered_once<D: TestDb>() {
+    init_tracing();
+    let db = D::open().await;
+    let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let s = seen.clone();
+    let bus = Bus::builder()
+        .send_layer(SlowSends(Duration::from_millis(25)))
+        .receive_endpoint("slow-batch", move |e| {
+            e.handler(move |ctx: ConsumeContext<OrderPlaced>| {
+                *s.lock().expect("lock").entry(ctx.message().n).or_default() += 1;
+                std::future::ready(Ok(()))
+            })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    let options = OutboxOptions {
+        lease: Duration::from_millis(300),
+        batch_size: 100,
+        delivery_window: 1,
+        ..fast_options()
+    };
+    let first = Outbox::with_options(db.store(), &bus, options.clone())
+        .await
+        .expect("migrate");
+    let second = Outbox::with_options(db.second_store().await, &bus, options)
+        .await
+        .expect("migrate again");
+    let mut tx = db.begin().await;
+    for n in 0..60u32 {
+        first
+            .publish(&mut tx, OrderPlaced { n })
+            .await
+            .expect("store");
+    }
+    tx.commit().await.expect("commit");
+    let d1 = first.start_dispatcher();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let d2 = second.start_dispatcher();
+    wait_until(Duration::from_secs(30), "60 rows delivered", || {
+        seen.lock().expect("lock").len() == 60
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let twice: Vec<u32> = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(_, c)| **c > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    d1.stop().await;
+    d2.stop().await;
+    running.shutdown().await.expect("shutdown");
+    db.close().await;
+}
+
+/// Issue 12.13: cleanup runs while the dispatcher always has work (it only ran when a round
+/// found nothing): rows stream in for 2 s and the delivered ones are removed meanwhile.
+async fn cleanup_runs_under_a_constant_backlog<D: TestDb>() {
+    init_tracing();
+    let db = D::open().await;
+    let (bus, running, seen) = counting_bus().await;
+    let options = OutboxOptions {
+        retention: Duration::ZERO,
+        cleanup_interval: Duration::from_millis(100),
+        batch_size: 5,
+        ..fast_options()
+    };
+    let outbox = Outbox::with_options(db.store(), &bus, options)
+        .await
+        .expect("migrate");
+    let dispatcher = outbox.start_dispatcher();
+    let outbox_table = db.table("outbox");
+    let started = tokio::time::Instant::now();
+    let mut n = 0u32;
+    let mut peak_removed = 0i64;
+    while started.elapsed() < Duration::from_secs(2) {
+        let mut tx = db.begin().await;
+        for _ in 0..20 {
+            outbox
+                .publish(&mut tx, OrderPlaced { n })
+                .await
+                .expect("store");
+            n += 1;
+        }
+        tx.commit().await.expect("commit");
+        let rows = db
+            .scalar(&format!("SELECT COUNT(*) FROM {outbox_table}"))
+            .await;
+        peak_removed = peak_removed.max(i64::from(n) - rows);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        peak_removed > 0,
+        "no delivered row was removed while {n} rows streamed in"
+    );
+    wait_until(WAIT, "all delivered", || {
+        seen.lock().expect("lock").len() == n as usize
+    })
+    .await;
+    dispatcher.stop().await;
+    running.shutdown().await.expect("shutdown");
+    db.close().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod postgres {
@@ -936,4 +1093,6 @@ on_both!(
     undeliverable_messages_are_parked,
     stored_messages_wake_the_dispatcher,
     old_rows_are_cleaned_up,
+    a_batch_slower_than_its_lease_is_delivered_once,
+    cleanup_runs_under_a_constant_backlog,
 );

@@ -92,6 +92,12 @@ pub(crate) async fn run_dispatcher<S: OutboxStore>(
         tokio::pin!(notified);
         notified.as_mut().enable();
 
+        // Checked every round, busy or idle: under a constant backlog the loop never idles,
+        // and delivered rows would pile up forever.
+        if last_cleanup.elapsed() >= options.cleanup_interval {
+            last_cleanup = tokio::time::Instant::now();
+            cleanup(&outbox, &id).await;
+        }
         let round = match deliver_round(&outbox, &id).await {
             Ok(r) => r,
             Err(err) => {
@@ -125,25 +131,32 @@ pub(crate) async fn run_dispatcher<S: OutboxStore>(
                 backoff = (backoff * 2).min(options.max_backoff);
             }
         }
-        if last_cleanup.elapsed() >= options.cleanup_interval {
-            last_cleanup = tokio::time::Instant::now();
-            let now = Utc::now();
-            let retention = chrono::Duration::from_std(options.retention).unwrap_or_default();
-            let window = chrono::Duration::from_std(options.inbox_window).unwrap_or_default();
-            match inner.store.cleanup(now - retention, now - window).await {
-                Ok((outbox_rows, inbox_rows)) if outbox_rows + inbox_rows > 0 => {
-                    tracing::debug!(dispatcher = %id, outbox_rows, inbox_rows, "removed old outbox and inbox rows");
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(dispatcher = %id, error = %err, "outbox cleanup failed"),
-            }
-        }
     }
     listener_stop.cancel();
     if let Some(h) = listener {
         let _ = h.await;
     }
     tracing::debug!(dispatcher = %id, "outbox dispatcher stopped");
+}
+
+/// Removes delivered rows past their retention and inbox rows past the inbox window.
+async fn cleanup<S: OutboxStore>(outbox: &Outbox<S>, id: &str) {
+    let options = &outbox.inner.options;
+    let now = Utc::now();
+    let retention = chrono::Duration::from_std(options.retention).unwrap_or_default();
+    let window = chrono::Duration::from_std(options.inbox_window).unwrap_or_default();
+    match outbox
+        .inner
+        .store
+        .cleanup(now - retention, now - window)
+        .await
+    {
+        Ok((outbox_rows, inbox_rows)) if outbox_rows + inbox_rows > 0 => {
+            tracing::debug!(dispatcher = %id, outbox_rows, inbox_rows, "removed old outbox and inbox rows");
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(dispatcher = %id, error = %err, "outbox cleanup failed"),
+    }
 }
 
 async fn spawn_listener<S: OutboxStore>(
@@ -184,6 +197,12 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
     else {
         return Ok(Round::Idle);
     };
+    // A lease (SQLite) is renewed at a third of its length while the batch is delivered, so
+    // a slow batch keeps it; a lease found lost stops the batch (nothing new starts).
+    let mut renew = tokio::time::interval(options.lease / 3);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    renew.tick().await;
+    let mut lost = false;
     let messages = claim.messages();
     let window = options.delivery_window.max(1);
     let mut delivered = Vec::with_capacity(messages.len());
@@ -194,7 +213,7 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
     let mut in_flight = FuturesOrdered::new();
     let mut next = 0;
     loop {
-        while failure.is_none() && next < messages.len() && in_flight.len() < window {
+        while !lost && failure.is_none() && next < messages.len() && in_flight.len() < window {
             let stored = &messages[next];
             next += 1;
             let bus = &inner.bus;
@@ -206,7 +225,23 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
                 (stored, result)
             });
         }
-        let Some((stored, result)) = in_flight.next().await else {
+        let finished = tokio::select! {
+            f = in_flight.next() => f,
+            _ = renew.tick(), if !lost => {
+                match claim.renew().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        lost = true;
+                        tracing::warn!(dispatcher = %id, outbox = %claim.outbox_id(), "the outbox lease was lost; finishing what is in flight");
+                    }
+                    Err(err) => {
+                        tracing::warn!(dispatcher = %id, error = %err, "renewing the outbox lease failed");
+                    }
+                }
+                continue;
+            }
+        };
+        let Some((stored, result)) = finished else {
             break;
         };
         if failure.is_some() {

@@ -290,6 +290,7 @@ impl OutboxStore for SqliteStore {
             dispatcher: dispatcher.to_string(),
             outbox_id,
             messages,
+            lease,
         })))
     }
 
@@ -343,10 +344,27 @@ struct SqliteClaim {
     dispatcher: String,
     outbox_id: String,
     messages: Vec<StoredMessage>,
+    lease: Duration,
 }
 
 #[async_trait]
 impl Claim for SqliteClaim {
+    async fn renew(&self) -> Result<bool> {
+        let now = now_ms();
+        let renewed = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE {} SET locked_until = ? WHERE outbox_id = ? AND locked_by = ? AND locked_until >= ?",
+            self.names.state
+        )))
+        .bind(now.saturating_add(millis(self.lease)))
+        .bind(&self.outbox_id)
+        .bind(&self.dispatcher)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| db_error("could not renew the outbox lease", e))?;
+        Ok(renewed.rows_affected() == 1)
+    }
+
     fn outbox_id(&self) -> &str {
         &self.outbox_id
     }
@@ -387,7 +405,7 @@ impl Claim for SqliteClaim {
             .await
             .map_err(|e| db_error("could not record a delivery failure", e))?;
         }
-        sqlx::query(AssertSqlSafe(format!(
+        let released = sqlx::query(AssertSqlSafe(format!(
             "UPDATE {} SET locked_by = NULL, locked_until = NULL WHERE outbox_id = ? AND locked_by = ?",
             self.names.state
         )))
@@ -396,6 +414,11 @@ impl Claim for SqliteClaim {
         .execute(&mut *tx)
         .await
         .map_err(|e| db_error("could not release the outbox", e))?;
+        if released.rows_affected() == 0 {
+            // The messages marked above were delivered, so marking them is right; but another
+            // dispatcher holds the outbox now and may deliver some of them again.
+            tracing::warn!(outbox = %self.outbox_id, dispatcher = %self.dispatcher, "the outbox lease was lost before the batch finished");
+        }
         tx.commit()
             .await
             .map_err(|e| db_error("could not commit the dispatch update", e))

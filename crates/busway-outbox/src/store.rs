@@ -230,12 +230,19 @@ pub struct Failure {
 
 /// Messages of one outbox claimed by one dispatcher. Finish it to record what happened.
 #[async_trait]
-pub trait Claim: Send {
+pub trait Claim: Send + Sync {
     /// The outbox.
     fn outbox_id(&self) -> &str;
 
     /// The claimed messages, in delivery order.
     fn messages(&self) -> &[StoredMessage];
+
+    /// Extends the claim while its messages are still being delivered; false when it was
+    /// lost (it expired and another dispatcher took the outbox). Stores whose claims hold a
+    /// lock for as long as they live (PostgreSQL's `FOR UPDATE`) need not do anything.
+    async fn renew(&self) -> Result<bool> {
+        Ok(true)
+    }
 
     /// Marks `delivered` as delivered, records `failure`, and releases the claim.
     async fn finish(self: Box<Self>, delivered: &[i64], failure: Option<Failure>) -> Result<()>;
