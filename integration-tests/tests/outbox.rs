@@ -1059,6 +1059,73 @@ async fn cleanup_runs_under_a_constant_backlog<D: TestDb>() {
     db.close().await;
 }
 
+/// Issue 12.13: an endpoint whose concurrency (12) is above its pool's size (3 connections,
+/// 1 s acquire timeout) consumes every message through the transactional outbox; the
+/// attempts beyond the pool wait for a connection. Before, each waited in the pool, timed
+/// out after 1 s and faulted: healthy messages in `_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_endpoint_above_its_pool_size_waits_instead_of_faulting() {
+    init_tracing();
+    busway_integration_tests::db::require_postgres();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&busway_integration_tests::db::postgres_url())
+        .await
+        .expect("a PostgreSQL pool");
+    let prefix = unique("pool_").replace('-', "_");
+    let store = PostgresStore::new(pool)
+        .tables(None, &prefix)
+        .expect("prefix");
+    let transport = InMemory::new();
+    let bus = Bus::builder()
+        .transport(transport.clone())
+        .build()
+        .await
+        .expect("the bus the outbox delivers through");
+    let outbox = Outbox::with_options(store, &bus, fast_options())
+        .await
+        .expect("migrate");
+    let consumed = Counter::default();
+    let c = consumed.clone();
+    let queue = unique("pool-limited");
+    let consuming = Bus::builder()
+        .transport(transport.clone())
+        .receive_endpoint(queue.clone(), move |e| {
+            e.concurrency_limit(12)
+                .prefetch(12)
+                .transactional_outbox(&outbox)
+                .handler(move |_ctx: ConsumeContext<PlaceOrder>| {
+                    let c = c.clone();
+                    async move {
+                        // Holds the attempt's transaction (and its connection) a while.
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        c.incr();
+                        Ok(())
+                    }
+                })
+        })
+        .build()
+        .await
+        .expect("build");
+    let running = consuming.start().await.expect("start");
+    for n in 0..24 {
+        bus.send(format!("queue:{queue}"), PlaceOrder { n })
+            .await
+            .expect("send");
+    }
+    wait_until(Duration::from_secs(60), "24 consumed", || {
+        consumed.get() == 24
+    })
+    .await;
+    assert_eq!(
+        transport.queue_len(&format!("{queue}_error")),
+        0,
+        "none faulted"
+    );
+    running.shutdown().await.expect("shutdown");
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod postgres {

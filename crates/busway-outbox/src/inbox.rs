@@ -211,6 +211,16 @@ where
         Box::pin(async move {
             let store = &outbox.inner.store;
             let endpoint = rc.endpoint_name().to_string();
+            // Held for the attempt, like the transaction: attempts beyond the pool's size wait
+            // here (for as long as it takes) rather than for a pooled connection, whose
+            // acquire timeout would fault a healthy message.
+            let _slot = outbox
+                .inner
+                .consumers
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| outbox_error("begin", e))?;
             let tx = store.begin().await.map_err(|e| outbox_error("begin", e))?;
             let handle = OutboxTransaction::new(tx);
             if let Some(message_id) = rc.message_id() {

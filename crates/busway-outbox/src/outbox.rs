@@ -75,6 +75,9 @@ pub(crate) struct OutboxInner<S: OutboxStore> {
     pub(crate) bus: Bus,
     pub(crate) options: OutboxOptions,
     pub(crate) wake: Arc<Notify>,
+    /// Consume attempts that may hold a pooled connection at once (see
+    /// [`OutboxStore::max_connections`]): more wait here instead of timing out in the pool.
+    pub(crate) consumers: Arc<tokio::sync::Semaphore>,
 }
 
 impl<S: OutboxStore> Clone for Outbox<S> {
@@ -105,6 +108,9 @@ impl<S: OutboxStore> Outbox<S> {
         store.migrate().await?;
         Ok(Self {
             inner: Arc::new(OutboxInner {
+                consumers: Arc::new(tokio::sync::Semaphore::new(
+                    store.max_connections().saturating_sub(1).max(1),
+                )),
                 store,
                 bus: bus.clone(),
                 options,
@@ -127,6 +133,7 @@ impl<S: OutboxStore> Outbox<S> {
                 bus: self.inner.bus.clone(),
                 options,
                 wake: self.inner.wake.clone(),
+                consumers: self.inner.consumers.clone(),
             }),
         }
     }

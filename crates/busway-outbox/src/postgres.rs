@@ -177,6 +177,10 @@ impl OutboxStore for PostgresStore {
         Ok(())
     }
 
+    fn max_connections(&self) -> usize {
+        usize::try_from(self.pool.options().get_max_connections()).unwrap_or(usize::MAX)
+    }
+
     async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
         self.pool
             .begin()

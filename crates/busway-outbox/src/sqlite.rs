@@ -194,6 +194,10 @@ impl OutboxStore for SqliteStore {
         Ok(())
     }
 
+    fn max_connections(&self) -> usize {
+        usize::try_from(self.pool.options().get_max_connections()).unwrap_or(usize::MAX)
+    }
+
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
         // IMMEDIATE: take the write lock at once, so two consumers never both read and then
         // fail to upgrade to writing.

@@ -267,6 +267,12 @@ pub trait OutboxStore: Send + Sync + 'static {
         messages: &[NewMessage],
     ) -> Result<()>;
 
+    /// How many connections the store's pool opens at most. The consumer outbox lets one
+    /// fewer consume attempts hold a transaction at once (one is left for the dispatcher), so
+    /// an endpoint whose concurrency is above the pool size waits for a connection instead of
+    /// faulting healthy messages with pool timeouts.
+    fn max_connections(&self) -> usize;
+
     /// Opens a transaction for a consumer (the consumer outbox).
     async fn begin(&self) -> Result<sqlx::Transaction<'static, Self::Database>>;
 
