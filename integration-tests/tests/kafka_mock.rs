@@ -226,3 +226,86 @@ async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
     .await;
     running.shutdown().await.expect("shutdown");
 }
+
+/// Issue 12.6: a record whose dead-letter copy cannot be written (the mock refuses its
+/// topic) does not spin: with the default policy it is parked (consumed once, later records
+/// of its key wait, the write retried with back-off); with `SkipAfter(3)` it is logged as lost
+/// after 3 failed writes and its key goes on. Before: 76,251 retries in 20 s and the next
+/// record of the key never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_dead_letter_topic_parks_or_skips_as_configured() {
+    use busway::kafka::DeadLetterFailure;
+    init_tracing();
+    for policy in [DeadLetterFailure::Park, DeadLetterFailure::SkipAfter(3)] {
+        let endpoint = busway_integration_tests::support::unique("dlq-fails");
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let kafka = Kafka::builder(&cluster.bootstrap_servers())
+            .partitions(1)
+            .create_topics(false)
+            .publish_timeout(Duration::from_secs(1))
+            .dead_letter_failure(policy)
+            .build()
+            .expect("config");
+        let topic = kafka.config().topic_for(Keyed::message_type());
+        cluster.create_topic(&topic, 1, 1).expect("topic");
+        cluster
+            .topic_error(
+                &kafka.config().dead_letter_topic(&topic, &endpoint),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+            )
+            .expect("topic error");
+        let calls: Seen = Arc::default();
+        let c = calls.clone();
+        let bus = Bus::builder()
+            .transport(kafka.clone())
+            .receive_endpoint(endpoint.clone(), move |e| {
+                e.handler(move |ctx: ConsumeContext<Keyed>| {
+                    let seq = ctx.message().seq;
+                    c.lock().expect("lock").entry(seq).or_default().push(seq);
+                    std::future::ready(if seq == 0 {
+                        Err(ConsumeError::msg("the first record always fails"))
+                    } else {
+                        Ok(())
+                    })
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        for seq in 0..2 {
+            bus.publish(Keyed { key: 1, seq }).await.expect("publish");
+        }
+        let started = Instant::now();
+        match policy {
+            DeadLetterFailure::SkipAfter(_) => {
+                wait_until(
+                    Duration::from_secs(30),
+                    "the next record of the key ran",
+                    || calls.lock().expect("lock").contains_key(&1),
+                )
+                .await;
+            }
+            _ => tokio::time::sleep(Duration::from_secs(4)).await,
+        }
+        let calls = calls.lock().expect("lock").clone();
+        assert_eq!(
+            calls.get(&0).map(Vec::len),
+            Some(1),
+            "{policy:?}: the failing record ran once"
+        );
+        match policy {
+            DeadLetterFailure::Park => {
+                assert!(!calls.contains_key(&1), "parked: the key waits behind it");
+            }
+            _ => {
+                assert_eq!(calls.get(&1).map(Vec::len), Some(1));
+                println!(
+                    "{policy:?}: skipped after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        running.shutdown().await.expect("shutdown");
+    }
+}

@@ -206,6 +206,7 @@ impl Bus {
                 pipeline: plan.pipeline,
                 publish_faults: plan.publish_faults,
                 hand_backs: Default::default(),
+                stopping: stop.clone(),
             });
             let handle = tokio::spawn(run_endpoint(
                 runtime,

@@ -343,6 +343,10 @@ pub(crate) struct EndpointRuntime {
     /// Deliveries handed back (consumer said "cancelled") since the last one handled; sets
     /// how long the next hand-back waits.
     pub(crate) hand_backs: std::sync::atomic::AtomicU32,
+    /// Fires when the endpoint stops taking deliveries (graceful shutdown): deliveries that
+    /// are only waiting (a held move, a hand-back delay) go back to the broker then instead
+    /// of holding the shutdown until its deadline.
+    pub(crate) stopping: CancellationToken,
 }
 
 /// How long a failed move to `_error` / `_skipped` waits before its `attempt`-th retry:
@@ -639,7 +643,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
             .await;
         }
         Err(err) if err.kind() == ConsumeErrorKind::Cancelled => {
-            if !cancel.is_cancelled() {
+            if !cancel.is_cancelled() && !rt.stopping.is_cancelled() {
                 // Handed back by the consumer while the bus runs: wait before the broker
                 // has it again, longer the more hand-backs in a row.
                 let n = rt
@@ -650,6 +654,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
                 tracing::debug!(endpoint = %rt.info.name, message_id = ?rc.message_id(), ?delay, "the consumer handed the message back; requeuing it after a delay");
                 tokio::select! {
                     _ = cancel.cancelled() => {}
+                    _ = rt.stopping.cancelled() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
@@ -674,8 +679,8 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Moves a message to the endpoint's error or skipped queue. A failed move is tried again
-/// with [`move_backoff`] while the delivery is held, until it succeeds or `cancel` (the
-/// shutdown deadline) fires, which returns the message to the broker.
+/// with [`move_backoff`] while the delivery is held, until it succeeds or the endpoint stops
+/// (or `cancel`, the shutdown deadline, fires), which returns the message to the broker.
 async fn move_message(
     rt: &EndpointRuntime,
     mut settlement: Box<dyn Settlement>,
@@ -724,8 +729,8 @@ async fn move_message(
             );
         }
         tokio::select! {
-            _ = cancel.cancelled() => {
-                tracing::warn!(endpoint = %rt.info.name, failures, "shutdown deadline passed while moving a message; returning it to the queue");
+            _ = async { tokio::select! { _ = cancel.cancelled() => {}, _ = rt.stopping.cancelled() => {} } } => {
+                tracing::warn!(endpoint = %rt.info.name, failures, "the endpoint is stopping while a move keeps failing; returning the message to the queue");
                 settle(rt, held.requeue().await, "requeue");
                 return;
             }

@@ -34,6 +34,23 @@ pub struct KafkaConfig {
     pub(crate) dead_letter: String,
     pub(crate) skipped: String,
     pub(crate) prefix: String,
+    pub(crate) dead_letter_failure: DeadLetterFailure,
+}
+
+/// What a consumer does with a record whose dead-letter (or skipped) copy cannot be written
+/// (the topic is refused, the brokers are down). Either way the write is first tried again
+/// with back-off (100 ms doubling to 30 s); the record is never dropped silently.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetterFailure {
+    /// Hold the record and keep trying until the copy is written (the default). Records
+    /// with the same key wait behind it, and its partition commits no further: nothing is
+    /// lost, and the stall shows in the logs at every tenth failure.
+    #[default]
+    Park,
+    /// After this many failed writes, log the record as lost (at error level, with its
+    /// topic, partition, offset and key) and move past it, so its key and partition go on.
+    SkipAfter(u32),
 }
 
 /// True for librdkafka properties whose values must not be printed.
@@ -79,6 +96,7 @@ impl fmt::Debug for KafkaConfig {
             .field("dead_letter", &self.dead_letter)
             .field("skipped", &self.skipped)
             .field("prefix", &self.prefix)
+            .field("dead_letter_failure", &self.dead_letter_failure)
             .finish()
     }
 }
@@ -101,6 +119,7 @@ impl KafkaConfig {
             dead_letter: "{topic}.{group}.error".to_string(),
             skipped: "{topic}.{group}.skipped".to_string(),
             prefix: String::new(),
+            dead_letter_failure: DeadLetterFailure::Park,
         }
     }
 

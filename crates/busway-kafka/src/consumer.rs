@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, from_record, kafka_error};
+use crate::config::DeadLetterFailure;
 
 type PartitionKey = (String, i32);
 
@@ -630,6 +631,7 @@ impl Receiver for KafkaReceiver {
                         settlement: Box::new(KafkaSettlement {
                             shared: self.shared.clone(),
                             record: Some(record),
+                            move_failures: 0,
                         }),
                     }));
                 }
@@ -691,6 +693,8 @@ impl From<&Record> for RecordRef {
 struct KafkaSettlement {
     shared: Arc<Shared>,
     record: Option<Record>,
+    /// Failed writes of this record's dead-letter or skipped copy.
+    move_failures: u32,
 }
 
 impl KafkaSettlement {
@@ -743,6 +747,24 @@ impl Settlement for KafkaSettlement {
         }
         message.headers.remove(names::CONTENT_TYPE);
         if let Err(err) = self.shared.client.produce(&topic, &message).await {
+            self.move_failures = self.move_failures.saturating_add(1);
+            if let DeadLetterFailure::SkipAfter(limit) = config.dead_letter_failure {
+                if self.move_failures >= limit {
+                    tracing::error!(
+                        group = %self.shared.group,
+                        topic = %record.topic,
+                        partition = record.partition,
+                        offset = record.offset,
+                        key = ?record.key,
+                        dead_letter_topic = %topic,
+                        failures = self.move_failures,
+                        error = %err,
+                        "MESSAGE LOST: its dead-letter copy could not be written; skipping it as configured (DeadLetterFailure::SkipAfter)"
+                    );
+                    self.complete();
+                    return Ok(());
+                }
+            }
             // The record stays unfinished (its offset is not committed): the bus backs off
             // and writes the dead-letter copy again.
             return Err(MoveError::retry(err, self));

@@ -36,5 +36,7 @@ mod config;
 mod consumer;
 mod transport;
 
-pub use config::{BROKERS_ENV, DEFAULT_BROKERS, KafkaConfig, sanitize as topic_name};
+pub use config::{
+    BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig, sanitize as topic_name,
+};
 pub use transport::{Kafka, KafkaBuilder, KafkaBusExt, KafkaEndpointExt, KafkaEndpointOptions};

@@ -13,7 +13,7 @@ use busway_core::{
 };
 
 use crate::client::Client;
-use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, KafkaConfig, sanitize};
+use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig, sanitize};
 use crate::consumer;
 
 /// The Kafka transport. Clone it to share one producer between buses.
@@ -141,6 +141,13 @@ impl KafkaBuilder {
     /// The dead-letter topic pattern (default `{topic}.{group}.error`).
     pub fn dead_letter_topic(mut self, pattern: impl Into<String>) -> Self {
         self.config.dead_letter = pattern.into();
+        self
+    }
+
+    /// What to do with a record whose dead-letter or skipped copy cannot be written
+    /// (default [`DeadLetterFailure::Park`]).
+    pub fn dead_letter_failure(mut self, policy: DeadLetterFailure) -> Self {
+        self.config.dead_letter_failure = policy;
         self
     }
 
