@@ -765,4 +765,95 @@ mod servicebus_specific {
         assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
         held.abort();
     }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Tests:LongJob")]
+    struct LongJob {
+        n: u32,
+    }
+
+    /// Issue 12.12: when a message's lock cannot be renewed before it runs out (Service Bus
+    /// unreachable), the consumer's cancellation fires; Service Bus delivers the message
+    /// again and it is consumed then. Before, a failed renewal was only logged and the
+    /// consumer went on with work it could no longer complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_lock_cancels_the_consumer() {
+        init_tracing();
+        let standin = StandIn::start();
+        let target = standin.base_url().trim_start_matches("http://").to_string();
+        let proxy = ToggleProxy::start(&target).await;
+        let t = ServiceBus::builder(&standin.connection_string())
+            .base_url(format!("http://127.0.0.1:{}", proxy.port()))
+            .lock_duration(Duration::from_secs(2))
+            .request_timeout(Duration::from_secs(2))
+            .build()
+            .expect("transport");
+        let queue = unique("lost-lock");
+        type Outcomes = Arc<Mutex<Vec<(Option<u32>, &'static str)>>>;
+        let outcomes: Outcomes = Arc::default();
+        let o = outcomes.clone();
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(queue.clone(), move |e| {
+                e.handler(move |ctx: ConsumeContext<LongJob>| {
+                    let o = o.clone();
+                    async move {
+                        let count = ctx.delivery_count();
+                        if count == Some(1) {
+                            let cancelled = tokio::time::timeout(
+                                Duration::from_secs(15),
+                                ctx.cancellation().cancelled(),
+                            )
+                            .await
+                            .is_ok();
+                            let what = if cancelled {
+                                "cancelled"
+                            } else {
+                                "not cancelled"
+                            };
+                            o.lock().expect("lock").push((count, what));
+                            return Err(ConsumeError::with_kind(
+                                ConsumeErrorKind::Cancelled,
+                                "Tests::LockLost",
+                                "the lock was lost",
+                            ));
+                        }
+                        o.lock().expect("lock").push((count, "consumed"));
+                        Ok(())
+                    }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        bus.send(format!("queue:{queue}"), LongJob { n: 1 })
+            .await
+            .expect("send");
+        // Let the first delivery start, then cut the consumer off from Service Bus until its
+        // lock has run out.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.down();
+        wait_until(WAIT, "the first delivery ended", || {
+            !outcomes.lock().expect("lock").is_empty()
+        })
+        .await;
+        proxy.up();
+        wait_until(WAIT, "the message was delivered again and consumed", || {
+            outcomes
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|(_, w)| *w == "consumed")
+        })
+        .await;
+        let outcomes = outcomes.lock().expect("lock").clone();
+        assert_eq!(outcomes[0], (Some(1), "cancelled"), "{outcomes:?}");
+        assert!(
+            outcomes[1..].iter().all(|(c, _)| c.unwrap_or(0) >= 2),
+            "{outcomes:?}"
+        );
+        running.shutdown().await.expect("shutdown");
+    }
 }

@@ -823,17 +823,20 @@ async fn poll(
         };
         failures = 0;
         let renew = CancellationToken::new();
+        let lost = CancellationToken::new();
         let lock = Arc::new(lock);
         tokio::spawn(renew_lock(
             lock.clone(),
             received.lock_left,
             renew.clone(),
+            lost.clone(),
             queue.clone(),
         ));
         let delivery = Delivery {
             message: received.message,
             redelivered: received.delivery_count > 1,
             delivery_count: Some(received.delivery_count),
+            lost: Some(lost),
             settlement: Box::new(SbSettlement {
                 bus: bus.clone(),
                 queue: queue.clone(),
@@ -850,27 +853,48 @@ async fn poll(
     }
 }
 
-/// Renews the lock at half its remaining time until the delivery is settled.
+/// Renews the lock at half its remaining time until the delivery is settled. When the lock
+/// runs out without a successful renewal, it is lost: `lost` fires (the consumer's
+/// cancellation), since Service Bus delivers the message again and this delivery can no
+/// longer be completed.
 async fn renew_lock(
     lock: Arc<PeekLockResponse>,
     first: Option<Duration>,
     settled: CancellationToken,
+    lost: CancellationToken,
     queue: String,
 ) {
     let period = first
         .unwrap_or(Duration::from_secs(30))
         .max(Duration::from_millis(400));
+    let mut held_until = tokio::time::Instant::now() + period;
     let mut wait = period / 2;
     loop {
         tokio::select! {
             _ = settled.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        match lock.renew_message_lock().await {
-            Ok(()) => wait = period / 2,
+        let asked = tokio::time::Instant::now();
+        let renewed = tokio::select! {
+            _ = settled.cancelled() => return,
+            r = lock.renew_message_lock() => r,
+        };
+        match renewed {
+            Ok(()) => {
+                held_until = asked + period;
+                wait = period / 2;
+            }
+            Err(e) if tokio::time::Instant::now() >= held_until => {
+                tracing::warn!(queue = %queue, error = %e, "the message lock was lost (not renewed in time); cancelling the consumer, Service Bus delivers the message again");
+                lost.cancel();
+                return;
+            }
             Err(e) => {
-                tracing::warn!(queue = %queue, error = %e, "renewing a message lock failed; Service Bus may deliver it again");
-                wait = (period / 4).max(Duration::from_millis(200));
+                tracing::warn!(queue = %queue, error = %e, "renewing a message lock failed; trying again before it runs out");
+                let left = held_until.saturating_duration_since(tokio::time::Instant::now());
+                wait = (period / 4)
+                    .max(Duration::from_millis(200))
+                    .min(left.max(Duration::from_millis(50)));
             }
         }
     }

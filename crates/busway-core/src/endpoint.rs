@@ -556,8 +556,22 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
         message,
         redelivered,
         delivery_count,
+        lost,
         settlement,
     } = delivery;
+    // A transport that can lose a delivery (a Service Bus lock) says so through `lost`: the
+    // consumer's cancellation fires. The watcher ends with the delivery.
+    let _watch = lost.map(|lost| {
+        let done = CancellationToken::new();
+        let (cancel, until) = (cancel.clone(), done.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => cancel.cancel(),
+                _ = until.cancelled() => {}
+            }
+        });
+        done.drop_guard()
+    });
     let received = match rt.bus.serializers.deserialize(&message) {
         Ok(received) => received,
         Err(err) => {
@@ -608,7 +622,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
     };
     let result = match outcome {
         None => {
-            tracing::info!(endpoint = %rt.info.name, message_id = ?rc.message_id(), "shutdown deadline passed; returning the message to the queue");
+            tracing::info!(endpoint = %rt.info.name, message_id = ?rc.message_id(), "the delivery was cancelled (shutdown deadline, or its lock was lost); returning the message to the queue");
             settle(&rt, settlement.requeue().await, "requeue");
             return;
         }

@@ -523,6 +523,7 @@ impl Receiver for InMemoryReceiver {
                     message,
                     redelivered: delivery_count > 1,
                     delivery_count: Some(delivery_count),
+                    lost: None,
                     settlement: Box::new(InMemorySettlement {
                         broker: self.broker.clone(),
                         queue: self.queue.clone(),

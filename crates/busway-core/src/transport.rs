@@ -199,6 +199,11 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The broker's delivery count, when it keeps one (1 for a first delivery).
     pub delivery_count: Option<u32>,
+    /// Cancelled by the transport when it can no longer settle the delivery (a Service Bus
+    /// lock that could not be renewed): the consumer's cancellation token fires, so it can
+    /// stop work whose result could not be acknowledged anyway. `None` when that cannot
+    /// happen.
+    pub lost: Option<tokio_util::sync::CancellationToken>,
     /// How to settle the delivery.
     pub settlement: Box<dyn Settlement>,
 }

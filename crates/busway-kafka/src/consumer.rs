@@ -628,6 +628,7 @@ impl Receiver for KafkaReceiver {
                         message,
                         redelivered,
                         delivery_count: None,
+                        lost: None,
                         settlement: Box::new(KafkaSettlement {
                             shared: self.shared.clone(),
                             record: Some(record),

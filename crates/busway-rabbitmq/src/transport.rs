@@ -798,6 +798,7 @@ impl Receiver for RabbitReceiver {
                         message,
                         redelivered: d.redelivered,
                         delivery_count: None,
+                        lost: None,
                         settlement: Box::new(RabbitSettlement {
                             acker: Some(d.acker),
                             connector: self.connector.clone(),
