@@ -159,6 +159,27 @@ fn failing(
     }
 }
 
+/// Sends `SENDS` messages at 32 in flight, alternating between `failing` and `working`
+/// addresses; returns how many sends to `failing` reported OK and how many to `working`
+/// reported an error.
+async fn send_alternating(bus: &Bus, failing: &str, working: &str) -> (usize, usize) {
+    let results: Vec<(bool, bool)> = futures_util::stream::iter(0..SENDS)
+        .map(|n| {
+            let bus = bus.clone();
+            let to_failing = n % 2 == 0;
+            let address = if to_failing { failing } else { working }.to_string();
+            async move { (to_failing, bus.send(address, Ping { n }).await.is_ok()) }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let failing_ok = results.iter().filter(|(f, ok)| *f && *ok).count();
+    let working_err = results.iter().filter(|(f, ok)| !*f && !*ok).count();
+    (failing_ok, working_err)
+}
+
+const SENDS: u32 = 2_000;
+
 /// Issue 12.1: with concurrent sends through one transport, every publish refused by the
 /// broker (nack) is reported as an error and every accepted one as OK. Before the fix, 58 of
 /// 2,000 refused sends were reported OK at 32 in flight: lapin could queue two publishes'
@@ -183,23 +204,12 @@ async fn refused_and_accepted_sends_are_told_apart_under_concurrency() {
     let first_refused = bus.send(format!("queue:{refused}"), Ping { n: 0 }).await;
     assert!(first_refused.is_err(), "the policy refuses publishes");
 
-    const SENDS: u32 = 2_000;
-    let results: Vec<(bool, bool)> = futures_util::stream::iter(0..SENDS)
-        .map(|n| {
-            let bus = bus.clone();
-            let (refused, accepted) = (refused.clone(), accepted.clone());
-            async move {
-                let to_refused = n % 2 == 0;
-                let queue = if to_refused { refused } else { accepted };
-                let ok = bus.send(format!("queue:{queue}"), Ping { n }).await.is_ok();
-                (to_refused, ok)
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let refused_ok = results.iter().filter(|(r, ok)| *r && *ok).count();
-    let accepted_err = results.iter().filter(|(r, ok)| !*r && !*ok).count();
+    let (refused_ok, accepted_err) = send_alternating(
+        &bus,
+        &format!("queue:{refused}"),
+        &format!("queue:{accepted}"),
+    )
+    .await;
     assert_eq!(
         (refused_ok, accepted_err),
         (0, 0),
@@ -230,27 +240,12 @@ async fn returned_and_routed_sends_are_told_apart_under_concurrency() {
         .await
         .expect("the first routed send");
 
-    const SENDS: u32 = 2_000;
-    let results: Vec<(bool, bool)> = futures_util::stream::iter(0..SENDS)
-        .map(|n| {
-            let bus = bus.clone();
-            let (nowhere, routed) = (nowhere.clone(), routed.clone());
-            async move {
-                let to_nowhere = n % 2 == 0;
-                let address = if to_nowhere {
-                    format!("exchange:{nowhere}")
-                } else {
-                    format!("queue:{routed}")
-                };
-                let ok = bus.send(address, Ping { n }).await.is_ok();
-                (to_nowhere, ok)
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let returned_ok = results.iter().filter(|(r, ok)| *r && *ok).count();
-    let routed_err = results.iter().filter(|(r, ok)| !*r && !*ok).count();
+    let (returned_ok, routed_err) = send_alternating(
+        &bus,
+        &format!("exchange:{nowhere}"),
+        &format!("queue:{routed}"),
+    )
+    .await;
     assert_eq!(
         (returned_ok, routed_err),
         (0, 0),

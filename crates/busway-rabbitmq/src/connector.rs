@@ -134,32 +134,19 @@ impl Link {
         F: Future<Output = lapin::Result<lapin::PublisherConfirm>>,
     {
         let Some(confirms) = &publisher.confirms else {
-            let confirm = self.publish_in_order(publish).await?;
-            return Ok(match confirm.await? {
+            let (confirm, ()) = self.publish_in_order(publish, |_| ()).await;
+            return Ok(match confirm?.await? {
                 lapin::Confirmation::Nack(_) => Outcome::Refused,
                 _ => Outcome::Accepted,
             });
         };
-        let mut publish = std::pin::pin!(publish);
-        let first = std::future::poll_fn(|cx| {
-            let _order = self
-                .publish_order
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let polled = publish.as_mut().poll(cx);
-            // A publish refused before it took a tag (closed channel) is not registered.
-            let pending = match &polled {
+        // A publish refused before it took a tag (closed channel) is not registered.
+        let (confirm, pending) = self
+            .publish_in_order(publish, |first| match first {
                 std::task::Poll::Ready(Err(_)) => None,
-                _ => Some(confirms.register(identity.clone())),
-            };
-            std::task::Poll::Ready((polled, pending))
-        })
-        .await;
-        let (confirm, pending) = match first {
-            (std::task::Poll::Ready(Err(err)), _) => return Err(err),
-            (std::task::Poll::Ready(Ok(confirm)), pending) => (Ok(confirm), pending),
-            (std::task::Poll::Pending, pending) => (publish.await, pending),
-        };
+                _ => Some(confirms.register(identity)),
+            })
+            .await;
         let Some(mut pending) = pending else {
             return confirm.map(|_| Outcome::Accepted);
         };
@@ -171,32 +158,40 @@ impl Link {
         Ok(pending.outcome().await)
     }
 
-    /// Starts `publish` (a `basic.publish` future on this link's publishing channel) so that
-    /// its frames reach the wire in the order of the delivery tags.
+    /// Runs `publish` (a `basic.publish` future on this link's publishing channel) so that
+    /// its frames reach the wire in the order of the delivery tags, and `in_order` (given
+    /// the first poll's result) in that same order.
     ///
     /// lapin takes a publish's delivery tag and queues its frames in the future's first
     /// poll, without a lock across the two: two tasks polling publishes at once on two
     /// threads can take tags 1 and 2 and queue their frames as 2, 1. The broker numbers
-    /// messages by arrival, so each confirm (and each `basic.return`) then resolves the
-    /// other publish: a refused message reported as accepted, and the reverse. The first
-    /// poll runs under a lock here; the rest of the future (waiting for the write and the
-    /// confirm) does not, so publishes still pipeline.
-    pub(crate) async fn publish_in_order<F, T>(&self, publish: F) -> T
+    /// messages by arrival, so each confirm then resolves the other publish: a refused
+    /// message reported as accepted, and the reverse. The first poll runs under a lock here;
+    /// the rest of the future (waiting for the write) does not, so publishes still pipeline.
+    pub(crate) async fn publish_in_order<F, T, R>(
+        &self,
+        publish: F,
+        in_order: impl FnOnce(&std::task::Poll<T>) -> R,
+    ) -> (T, R)
     where
         F: Future<Output = T>,
     {
         let mut publish = std::pin::pin!(publish);
-        let first = std::future::poll_fn(|cx| {
+        let mut in_order = Some(in_order);
+        let (first, registered) = std::future::poll_fn(|cx| {
             let _order = self
                 .publish_order
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            std::task::Poll::Ready(publish.as_mut().poll(cx))
+            let polled = publish.as_mut().poll(cx);
+            let registered = in_order.take().map(|f| f(&polled));
+            std::task::Poll::Ready((polled, registered))
         })
         .await;
+        let registered = registered.expect("poll_fn runs its closure once");
         match first {
-            std::task::Poll::Ready(out) => out,
-            std::task::Poll::Pending => publish.await,
+            std::task::Poll::Ready(out) => (out, registered),
+            std::task::Poll::Pending => (publish.await, registered),
         }
     }
 
