@@ -949,15 +949,15 @@ where
 
 /// Issue 12.13: a batch that takes longer than its lease (SQLite) keeps the lease by
 /// renewing it, so a second dispatcher does not claim the same rows: 60 rows, one at a
-/// time at 25 ms each (1.5 s) against a 300 ms lease, each delivered once. Before, the
-/// lease ran out after 300 ms and the other dispatcher delivered the rest again.
+/// time at 50 ms each (3 s) against a 1 s lease, each delivered once. Before, the lease ran
+/// out after 1 s and the other dispatcher delivered the rest again.
 async fn a_batch_slower_than_its_lease_is_delivered_once<D: TestDb>() {
     init_tracing();
     let db = D::open().await;
     let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
     let s = seen.clone();
     let bus = Bus::builder()
-        .send_layer(SlowSends(Duration::from_millis(25)))
+        .send_layer(SlowSends(Duration::from_millis(50)))
         .receive_endpoint("slow-batch", move |e| {
             e.handler(move |ctx: ConsumeContext<OrderPlaced>| {
                 *s.lock().expect("lock").entry(ctx.message().n).or_default() += 1;
@@ -969,7 +969,7 @@ async fn a_batch_slower_than_its_lease_is_delivered_once<D: TestDb>() {
         .expect("build");
     let running = bus.start().await.expect("start");
     let options = OutboxOptions {
-        lease: Duration::from_millis(300),
+        lease: Duration::from_secs(1),
         batch_size: 100,
         delivery_window: 1,
         ..fast_options()
