@@ -137,6 +137,26 @@ async fn tap(connection: &Connection, exchange: &str, queue: &str) {
         .expect("bind");
 }
 
+/// A started bus on `transport` with one endpoint, `queue`, handled by `handler`.
+async fn one_endpoint<H, Fut>(
+    transport: &RabbitMq,
+    queue: &str,
+    handler: H,
+) -> (Bus, busway::RunningBus)
+where
+    H: Fn(ConsumeContext<Ping>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), ConsumeError>> + Send + 'static,
+{
+    let bus = Bus::builder()
+        .transport(transport.clone())
+        .receive_endpoint(queue.to_string(), move |e| e.handler(handler))
+        .build()
+        .await
+        .expect("build");
+    let running = bus.start().await.expect("start");
+    (bus, running)
+}
+
 /// A consumer that counts its calls and succeeds.
 fn counting(
     calls: Arc<AtomicUsize>,
@@ -265,13 +285,7 @@ async fn an_endpoint_whose_queue_is_deleted_declares_it_again() {
     let queue = unique("victim");
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
-    let bus = Bus::builder()
-        .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| e.handler(counting(s)))
-        .build()
-        .await
-        .expect("build");
-    let running = bus.start().await.expect("start");
+    let (bus, running) = one_endpoint(&transport, &queue, counting(s)).await;
     bus.publish(Ping { n: 1 }).await.expect("publish");
     wait_until(WAIT, "the first message was consumed", || {
         seen.load(Ordering::SeqCst) == 1
@@ -326,13 +340,7 @@ async fn hostile_message_types_and_addresses_fault_once_into_the_error_queue() {
     let queue = unique("hostile");
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let bus = Bus::builder()
-        .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| e.handler(failing(c)))
-        .build()
-        .await
-        .expect("build");
-    let running = bus.start().await.expect("start");
+    let (_bus, running) = one_endpoint(&transport, &queue, failing(c)).await;
     let connection = raw_connection(&vhost.url()).await;
     let faults = unique("fault-tap");
     tap(
@@ -414,13 +422,7 @@ async fn a_refused_move_to_the_error_queue_backs_off_and_faults_once() {
     refuse_publishes(&vhost, "full-error", &error_queue);
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let bus = Bus::builder()
-        .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| e.handler(failing(c)))
-        .build()
-        .await
-        .expect("build");
-    let running = bus.start().await.expect("start");
+    let (bus, running) = one_endpoint(&transport, &queue, failing(c)).await;
     bus.send(format!("queue:{queue}"), Ping { n: 1 })
         .await
         .expect("send");
@@ -500,13 +502,7 @@ async fn an_envelope_with_forty_thousand_headers_is_consumed_once() {
     let queue = unique("many-headers");
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    let bus = Bus::builder()
-        .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| e.handler(counting(c)))
-        .build()
-        .await
-        .expect("build");
-    let running = bus.start().await.expect("start");
+    let (bus, running) = one_endpoint(&transport, &queue, counting(c)).await;
     let mut headers = String::from("{");
     for i in 0..40_000 {
         if i > 0 {
@@ -544,13 +540,7 @@ async fn wait_exchanges_for_distinct_delays_go_with_their_queues() {
     let queue = unique("delayed");
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
-    let bus = Bus::builder()
-        .transport(transport.clone())
-        .receive_endpoint(queue.clone(), move |e| e.handler(counting(s)))
-        .build()
-        .await
-        .expect("build");
-    let running = bus.start().await.expect("start");
+    let (bus, running) = one_endpoint(&transport, &queue, counting(s)).await;
     for n in 0..40u32 {
         bus.send(format!("queue:{queue}"), Ping { n })
             .delay(Duration::from_millis(200 + u64::from(n) * 7))
