@@ -15,7 +15,9 @@
 //!   resumes when half of its records are done.
 //!
 //! Offsets are committed when a partition's position moved by `commit_every`, every
-//! `commit_interval`, when partitions are revoked, and when the endpoint closes.
+//! `commit_interval`, when partitions are revoked, and when the endpoint closes. A committer
+//! task sends one synchronous commit at a time (on a blocking thread) with the latest
+//! positions, so the result of every commit is known and a failed one is sent again.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,6 +41,10 @@ type PartitionKey = (String, i32);
 
 /// How long the pump waits for room in a full partition before pausing it.
 const PAUSE_AFTER: Duration = Duration::from_secs(5);
+
+/// The first pause after a failed commit; it doubles up to [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_MIN: Duration = Duration::from_millis(100);
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(5);
 
 struct Part {
     /// Offsets handed out and not yet committed past: offset → finished.
@@ -290,6 +296,9 @@ impl ConsumerContext for Ctx {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
+        // rust-rdkafka 0.39 does not call this for manual commits (fede1024/rust-rdkafka#856),
+        // which is why busway commits synchronously on a task of its own; it is kept for the
+        // commits librdkafka itself reports.
         if let Err(e) = result {
             // An asynchronous commit that the broker refused is not done: commit these
             // positions again at the next tick.
@@ -335,6 +344,8 @@ pub(crate) struct Shared {
     ready: Notify,
     /// Wakes the pump when a full partition has room again.
     room: Notify,
+    /// Wakes the committer: a position may have moved, or the commit interval passed.
+    commit_due: Notify,
     client: Arc<Client>,
     group: String,
     window: usize,
@@ -346,20 +357,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn commit(&self, commits: &[(PartitionKey, i64)], mode: CommitMode) {
+    /// Commits `commits` now; a failure marks them not committed (they go in the next
+    /// commit). Returns whether the broker took them.
+    fn commit(&self, commits: &[(PartitionKey, i64)], mode: CommitMode) -> bool {
         if commits.is_empty() {
-            return;
+            return true;
         }
         if let Err(e) = self.consumer.commit(&to_list(commits), mode) {
-            // Not done: commit these positions again at the next tick.
             lock(&self.state).commit_failed(commits);
             tracing::warn!(group = %self.group, error = %e, "offset commit failed; it is retried with the next one");
+            return false;
         }
+        true
     }
 
     fn finish(&self, record: &RecordRef) {
-        let config = &self.client.config;
-        let (resume, commits) = {
+        let resume = {
             let mut state = lock(&self.state);
             state.handed_out = state.handed_out.saturating_sub(1);
             let pk = (record.topic.clone(), record.partition);
@@ -391,10 +404,10 @@ impl Shared {
             if state.release_lane(record) {
                 self.ready.notify_one();
             }
-            let commits = state.due_commits(config.commit_every, config.commit_interval, false);
-            (resume, commits)
+            resume
         };
         self.ready.notify_one();
+        self.commit_due.notify_one();
         if let Some(pk) = resume {
             match self.consumer.resume(&one_partition(&pk)) {
                 Ok(()) => {
@@ -405,7 +418,6 @@ impl Shared {
                 }
             }
         }
-        self.commit(&commits, CommitMode::Async);
     }
 
     fn requeue(&self, record: Record) {
@@ -489,6 +501,7 @@ pub(crate) async fn start(
         state,
         ready: Notify::new(),
         room: Notify::new(),
+        commit_due: Notify::new(),
         client,
         group: group.to_string(),
         window: window.max(1),
@@ -502,6 +515,7 @@ pub(crate) async fn start(
     tokio::pin!(joined);
     joined.as_mut().enable();
     let pump = tokio::spawn(pump(shared.clone()));
+    let committer = tokio::spawn(committer(shared.clone()));
     if tokio::time::timeout(Duration::from_secs(30), joined)
         .await
         .is_err()
@@ -511,6 +525,7 @@ pub(crate) async fn start(
     Ok(KafkaReceiver {
         shared,
         pump: Some(pump),
+        committer: Some(committer),
     })
 }
 
@@ -529,10 +544,7 @@ async fn pump(shared: Arc<Shared>) {
         }
         tokio::select! {
             _ = shared.stop.cancelled() => break,
-            _ = tick.tick() => {
-                let commits = lock(&shared.state).due_commits(config.commit_every, config.commit_interval, false);
-                shared.commit(&commits, CommitMode::Async);
-            }
+            _ = tick.tick() => shared.commit_due.notify_one(),
             received = shared.consumer.recv() => match received {
                 Ok(m) => {
                     failures = 0;
@@ -565,11 +577,44 @@ async fn pump(shared: Arc<Shared>) {
     }
 }
 
-/// Waits, without polling, while a partition's in-flight window is full; commits on the tick
+/// Commits what is due, one commit at a time: positions that move while a commit waits for
+/// the broker go in the next one, so commits never queue up behind a slow coordinator, and
+/// the result of each is known (rust-rdkafka does not report asynchronous commits, #856). A
+/// commit runs synchronously on a blocking thread; a failed one is retried with back-off.
+async fn committer(shared: Arc<Shared>) {
+    let config = &shared.client.config;
+    let mut pause = COMMIT_RETRY_MIN;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            _ = shared.commit_due.notified() => {}
+        }
+        let commits =
+            lock(&shared.state).due_commits(config.commit_every, config.commit_interval, false);
+        if commits.is_empty() {
+            continue;
+        }
+        let s = shared.clone();
+        let done = tokio::task::spawn_blocking(move || s.commit(&commits, CommitMode::Sync))
+            .await
+            .unwrap_or(false);
+        if done {
+            pause = COMMIT_RETRY_MIN;
+        } else {
+            tokio::select! {
+                _ = shared.stop.cancelled() => break,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(COMMIT_RETRY_MAX);
+            shared.commit_due.notify_one();
+        }
+    }
+}
+
+/// Waits, without polling, while a partition's in-flight window is full; wakes the committer on the tick
 /// meanwhile. After [`PAUSE_AFTER`] with no room the full partitions are paused so polling
 /// can go on. Returns whether a window is still full.
 async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> bool {
-    let config = &shared.client.config;
     let deadline = tokio::time::sleep(PAUSE_AFTER);
     tokio::pin!(deadline);
     loop {
@@ -582,10 +627,7 @@ async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> boo
         tokio::select! {
             _ = shared.stop.cancelled() => return false,
             _ = &mut room => {}
-            _ = tick.tick() => {
-                let commits = lock(&shared.state).due_commits(config.commit_every, config.commit_interval, false);
-                shared.commit(&commits, CommitMode::Async);
-            }
+            _ = tick.tick() => shared.commit_due.notify_one(),
             _ = &mut deadline => {
                 let paused = lock(&shared.state).pause_full(shared.window);
                 for pk in paused {
@@ -604,6 +646,7 @@ async fn wait_for_room(shared: &Shared, tick: &mut tokio::time::Interval) -> boo
 pub(crate) struct KafkaReceiver {
     shared: Arc<Shared>,
     pump: Option<tokio::task::JoinHandle<()>>,
+    committer: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[async_trait]
@@ -654,6 +697,11 @@ impl Receiver for KafkaReceiver {
         self.shared.ready.notify_waiters();
         if let Some(pump) = self.pump.take() {
             let _ = pump.await;
+        }
+        // The committer's last commit ends before `close` commits the final positions, so
+        // an older position never lands after a newer one.
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.await;
         }
         Ok(())
     }
