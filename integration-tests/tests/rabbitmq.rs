@@ -661,4 +661,157 @@ mod rabbit_specific {
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("rabbitmq-server -detached"), "{text}");
     }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:CheckOrder")]
+    struct CheckOrder {
+        order_id: Uuid,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:OrderStatus")]
+    struct OrderStatus {
+        order_id: Uuid,
+        status: String,
+    }
+
+    /// Issue 14.1: a MassTransit request client gets its answer. Its bus endpoint is declared
+    /// as MassTransit declares it (`RabbitMqBusFactoryConfigurator`: exchange and queue
+    /// non-durable, auto-delete, `x-expires` 60000 from `RabbitMqReceiveEndpointBuilder`), and
+    /// its request carries `responseAddress = rabbitmq://host/vhost/<queue>?temporary=true`
+    /// (`ClientRequestHandle` sets `RequestId` and `ResponseAddress`). busway publishes the
+    /// response to that exchange without declaring the queue again (which the broker refused
+    /// with PRECONDITION_FAILED, so the caller timed out).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_masstransit_request_client_gets_its_response() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-request");
+        let service = unique("check-order");
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint(service.clone(), |e| {
+                e.handler(|ctx: ConsumeContext<CheckOrder>| async move {
+                    ctx.respond(OrderStatus {
+                        order_id: ctx.message().order_id,
+                        status: "shipped".into(),
+                    })
+                    .await
+                    .map_err(ConsumeError::from)?;
+                    Ok(())
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        let bus_queue = "DESKTOP_OrderClient_bus_7kyoyyfqw4rbyx8ibdq3ruuu8z";
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-expires"),
+            AMQPValue::LongLongInt(60_000),
+        );
+        let temporary = || ExchangeDeclareOptions {
+            durable: false,
+            auto_delete: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                ShortString::from(bus_queue),
+                ExchangeKind::Fanout,
+                temporary(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("the bus endpoint's exchange");
+        channel
+            .queue_declare(
+                ShortString::from(bus_queue),
+                QueueDeclareOptions {
+                    durable: false,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .expect("the bus endpoint's queue");
+        channel
+            .queue_bind(
+                ShortString::from(bus_queue),
+                ShortString::from(bus_queue),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let response_address = format!(
+            "rabbitmq://127.0.0.1/{}/{bus_queue}?temporary=true",
+            vhost.name()
+        );
+        let request_id = "181c0000-6393-3630-a1b2-08daf4e7c6dd";
+        let order_id = "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4";
+        let envelope = format!(
+            r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6dc","requestId":"{request_id}","correlationId":null,"conversationId":"181c0000-6393-3630-7cc2-08daf4e7c6de","initiatorId":null,"sourceAddress":"{response_address}","destinationAddress":"rabbitmq://127.0.0.1/{vhost}/{service}","responseAddress":"{response_address}","faultAddress":null,"messageType":["urn:message:Contracts:CheckOrder"],"message":{{"orderId":"{order_id}"}},"expirationTime":"2026-12-02T10:00:30Z","sentTime":"2026-12-02T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"OrderClient","processId":4242,"assembly":"OrderClient","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
+            vhost = vhost.name()
+        );
+        channel
+            .basic_publish(
+                ShortString::from(service.as_str()),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6dc"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from(bus_queue),
+                ShortString::from("client"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume the bus queue");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("the response reached the MassTransit bus queue in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
+        assert_eq!(body["requestId"], request_id);
+        assert_eq!(
+            body["messageType"],
+            serde_json::json!(["urn:message:Contracts:OrderStatus"])
+        );
+        assert_eq!(body["message"]["orderId"], order_id);
+        assert_eq!(body["message"]["status"], "shipped");
+        assert_eq!(body["destinationAddress"], response_address.as_str());
+        // The queue is still the one the client declared: nothing re-declared it.
+        let queues = vhost.list(
+            "list_queues",
+            &["name", "durable", "auto_delete", "arguments"],
+        );
+        let q = queues
+            .iter()
+            .find(|q| q["name"] == bus_queue)
+            .expect("the bus queue still exists");
+        assert_eq!(q["durable"], false);
+        assert_eq!(q["auto_delete"], true);
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
 }

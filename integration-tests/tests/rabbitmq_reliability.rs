@@ -583,3 +583,80 @@ async fn wait_exchanges_for_distinct_delays_go_with_their_queues() {
     .await;
     running.shutdown().await.expect("shutdown");
 }
+
+/// Issue 12.8: what one message can make the endpoint declare is bounded. Fifty faulting
+/// messages that each name a fault address of their own (`rabbitmq://host/vhost/fault-N`)
+/// create no queue: a full address declares only its exchange, as MassTransit's
+/// `RabbitMqEndpointAddress` (`bind=false` unless asked) and
+/// `RabbitMqSendSettings.GetBrokerTopology` do. One faulting message listing 5,000 message
+/// types binds at most 32 fault exchanges, and nothing is redelivered (the connection stays
+/// up). Before the fix: 50 durable queues, and thousands of exchanges with connection losses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_chosen_fault_addresses_and_type_lists_declare_a_bounded_topology() {
+    init_tracing();
+    let vhost = TestVhost::create("amplify");
+    let transport = transport_for(&vhost.url());
+    let queue = unique("amplify");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (_bus, running) = one_endpoint(&transport, &queue, failing(calls.clone())).await;
+    let connection = raw_connection(&vhost.url()).await;
+    let ping = "urn:message:Reliability:Ping".to_string();
+    const ADDRESSED: usize = 50;
+    for n in 0..ADDRESSED {
+        let fault = format!("rabbitmq://127.0.0.1/{}/fault-{n}", vhost.name());
+        publish_raw(
+            &connection,
+            &queue,
+            envelope(std::slice::from_ref(&ping), Some(&fault), "{}").as_bytes(),
+        )
+        .await;
+    }
+    let mut many: Vec<String> = vec![ping.clone()];
+    many.extend((1..5_000).map(|n| format!("urn:message:Reliability:T{n}")));
+    publish_raw(&connection, &queue, envelope(&many, None, "{}").as_bytes()).await;
+
+    let error_queue = format!("{queue}_error");
+    let total = ADDRESSED as u32 + 1;
+    wait_until_async(
+        Duration::from_secs(60),
+        "every message reached the error queue",
+        || async { depth(&transport, &error_queue).await == total },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        total as usize,
+        "each message consumed once: no redelivery, no connection loss"
+    );
+    let queues: Vec<String> = vhost
+        .list("list_queues", &["name"])
+        .iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_string))
+        .collect();
+    let mut expected = vec![queue.clone(), error_queue.clone()];
+    expected.sort();
+    let mut found = queues.clone();
+    found.sort();
+    assert_eq!(found, expected, "no queue besides the endpoint's own");
+    let exchanges: Vec<String> = vhost
+        .list("list_exchanges", &["name"])
+        .iter()
+        .filter_map(|q| q["name"].as_str().map(str::to_string))
+        .collect();
+    let fault_exchanges = exchanges
+        .iter()
+        .filter(|e| e.starts_with("MassTransit:Fault--"))
+        .count();
+    assert!(
+        fault_exchanges <= 32,
+        "{fault_exchanges} fault exchanges declared for one message (bound 32)"
+    );
+    let addressed = exchanges.iter().filter(|e| e.starts_with("fault-")).count();
+    assert_eq!(
+        addressed, ADDRESSED,
+        "each fault address is an exchange, not a queue"
+    );
+    running.shutdown().await.expect("shutdown");
+}
+

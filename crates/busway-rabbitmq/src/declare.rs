@@ -55,6 +55,9 @@ pub(crate) fn entity(urn: &Urn) -> String {
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointSpec {
     pub(crate) name: String,
+    /// The queue bound to exchange `name`, when it has another name (MassTransit's
+    /// `?bind=true&queue=other`).
+    pub(crate) queue: Option<String>,
     pub(crate) durable: bool,
     pub(crate) auto_delete: bool,
     pub(crate) queue_arguments: FieldTable,
@@ -65,6 +68,7 @@ impl EndpointSpec {
     pub(crate) fn plain(name: &str) -> Self {
         Self {
             name: name.to_string(),
+            queue: None,
             durable: true,
             auto_delete: false,
             queue_arguments: FieldTable::default(),
@@ -120,6 +124,11 @@ impl EndpointSpec {
         spec
     }
 
+    /// The queue's name (the exchange's, unless the address named another).
+    pub(crate) fn queue_name(&self) -> &str {
+        self.queue.as_deref().unwrap_or(&self.name)
+    }
+
     /// The spec of this endpoint's error or skipped queue: durable, same queue type.
     pub(crate) fn companion(&self, suffix: &str) -> Self {
         let mut args = FieldTable::default();
@@ -128,6 +137,7 @@ impl EndpointSpec {
         }
         Self {
             name: format!("{}{suffix}", self.name),
+            queue: None,
             durable: true,
             auto_delete: false,
             queue_arguments: args,
@@ -289,14 +299,14 @@ pub(crate) async fn endpoint(
     queue(
         connector,
         link,
-        &spec.name,
+        spec.queue_name(),
         spec.durable,
         spec.auto_delete,
         &spec.queue_arguments,
         true,
     )
     .await?;
-    bind_queue(connector, link, &spec.name, &spec.name, true).await?;
+    bind_queue(connector, link, spec.queue_name(), &spec.name, true).await?;
     for t in &spec.message_types {
         exchange(connector, link, t, ExchangeKind::Fanout, true, false).await?;
         bind_exchange(connector, link, &spec.name, t, "").await?;

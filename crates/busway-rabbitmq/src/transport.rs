@@ -293,17 +293,28 @@ impl RabbitMq {
         result
     }
 
+    /// Where a send to `address` goes and what it declares, by MassTransit's rule
+    /// (`RabbitMqEndpointAddress`, `RabbitMqSendSettings.GetBrokerTopology`): `queue:name`
+    /// declares and binds exchange and queue `name`; `exchange:name` and a full
+    /// `rabbitmq://host/vhost/name` declare only the exchange (`bind=false` is the default),
+    /// unless `bind=true` asks for the queue too (named by `queue=`, else `name`).
+    /// `temporary`, `durable` and `autodelete` set the flags of what is declared. So a
+    /// `responseAddress` or `faultAddress` chosen by a message's sender never makes this
+    /// endpoint create a queue, and a .NET bus endpoint (a temporary queue with `x-expires`)
+    /// is published to as it stands rather than declared again with other arguments.
     fn route_for(&self, address: &Address) -> Result<Route> {
         let name = address.name().to_string();
-        match address.kind() {
-            AddressKind::Queue => Ok(Route::Endpoint(EndpointSpec::plain(&name))),
-            AddressKind::Exchange => Ok(Route::Exchange(name)),
-            AddressKind::Topic => Err(Error::new(
-                ErrorKind::Address,
-                format!(
-                    "RabbitMQ has no topics; send to `exchange:{name}` or `queue:{name}` instead of `{address}`"
-                ),
-            )),
+        let bind_default = match address.kind() {
+            AddressKind::Queue => true,
+            AddressKind::Exchange => false,
+            AddressKind::Topic => {
+                return Err(Error::new(
+                    ErrorKind::Address,
+                    format!(
+                        "RabbitMQ has no topics; send to `exchange:{name}` or `queue:{name}` instead of `{address}`"
+                    ),
+                ));
+            }
             _ => {
                 let scheme = address.scheme().unwrap_or_default();
                 if !matches!(scheme, "rabbitmq" | "rabbitmqs" | "amqp" | "amqps") {
@@ -314,23 +325,40 @@ impl RabbitMq {
                         ),
                     ));
                 }
-                let flag = |key: &str| address.query(key).map(|v| v.eq_ignore_ascii_case("true"));
-                if flag("temporary") == Some(true) {
-                    return Ok(Route::Endpoint(EndpointSpec::temporary(&name)));
-                }
-                let mut spec = EndpointSpec::plain(&name);
-                if let Some(durable) = flag("durable") {
-                    spec.durable = durable;
-                }
-                if let Some(auto_delete) = flag("autodelete") {
-                    spec.auto_delete = auto_delete;
-                }
-                if flag("bind") == Some(false) {
-                    return Ok(Route::Exchange(name));
-                }
-                Ok(Route::Endpoint(spec))
+                false
             }
+        };
+        let flag = |key: &str| {
+            address
+                .query(key)
+                .and_then(|v| v.to_ascii_lowercase().parse::<bool>().ok())
+        };
+        let (mut durable, mut auto_delete) = (true, false);
+        if let Some(temporary) = flag("temporary") {
+            durable = !temporary;
+            auto_delete = temporary;
         }
+        if let Some(d) = flag("durable") {
+            durable = d;
+        }
+        if let Some(a) = flag("autodelete") {
+            auto_delete = a;
+        }
+        if !flag("bind").unwrap_or(bind_default) {
+            return Ok(Route::Exchange(ExchangeSpec {
+                name,
+                durable,
+                auto_delete,
+            }));
+        }
+        let mut spec = EndpointSpec::plain(&name);
+        spec.durable = durable;
+        spec.auto_delete = auto_delete;
+        spec.queue = address
+            .query("queue")
+            .filter(|q| !q.trim().is_empty() && *q != name)
+            .map(str::to_string);
+        Ok(Route::Endpoint(spec))
     }
 
     async fn deliver(
@@ -353,13 +381,21 @@ impl RabbitMq {
 /// handful: the type, its interfaces, `Fault`).
 const MAX_PUBLISH_TYPES: usize = 32;
 
+/// An exchange a send declares by itself (no queue).
+#[derive(Debug, Clone)]
+struct ExchangeSpec {
+    name: String,
+    durable: bool,
+    auto_delete: bool,
+}
+
 /// Where a message is published and what must exist first.
 #[derive(Debug, Clone)]
 enum Route {
     /// An endpoint's exchange (declared with its queue and binding).
     Endpoint(EndpointSpec),
     /// An exchange alone.
-    Exchange(String),
+    Exchange(ExchangeSpec),
     /// The message type exchanges of a publish.
     MessageTypes(Vec<String>),
 }
@@ -368,7 +404,7 @@ impl Route {
     fn exchange(&self) -> &str {
         match self {
             Route::Endpoint(spec) => &spec.name,
-            Route::Exchange(name) => name,
+            Route::Exchange(spec) => &spec.name,
             Route::MessageTypes(types) => types.first().map(String::as_str).unwrap_or(""),
         }
     }
@@ -378,10 +414,12 @@ impl Route {
     /// address error here rather than a panic inside the client.
     fn check_names(&self) -> Result<()> {
         let names: Box<dyn Iterator<Item = &String>> = match self {
-            Route::Endpoint(spec) => {
-                Box::new(std::iter::once(&spec.name).chain(&spec.message_types))
-            }
-            Route::Exchange(name) => Box::new(std::iter::once(name)),
+            Route::Endpoint(spec) => Box::new(
+                std::iter::once(&spec.name)
+                    .chain(&spec.queue)
+                    .chain(&spec.message_types),
+            ),
+            Route::Exchange(spec) => Box::new(std::iter::once(&spec.name)),
             Route::MessageTypes(types) => Box::new(types.iter()),
         };
         for name in names {
@@ -408,14 +446,14 @@ impl Route {
     async fn ensure(&self, connector: &Arc<Connector>, link: &Link) -> Result<()> {
         match self {
             Route::Endpoint(spec) => declare::endpoint(connector, link, spec).await,
-            Route::Exchange(name) => {
+            Route::Exchange(spec) => {
                 declare::exchange(
                     connector,
                     link,
-                    name,
+                    &spec.name,
                     lapin::ExchangeKind::Fanout,
-                    true,
-                    false,
+                    spec.durable,
+                    spec.auto_delete,
                 )
                 .await
             }
@@ -682,9 +720,29 @@ impl Transport for RabbitMq {
 
     async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
         self.connector.ensure_started();
+        let spec = EndpointSpec::from_topology(endpoint);
+        if endpoint.temporary {
+            // A temporary endpoint (the bus's response endpoint) is not part of the deployed
+            // topology: declare it before its address is handed out, since a send to a
+            // `?temporary=true` address declares only the exchange (MassTransit's rule) and
+            // a response published before the binding exists would find no queue.
+            let connector = self.connector.clone();
+            let declared = spec.clone();
+            self.connector
+                .with_link("declaring a temporary endpoint", move |link| {
+                    let connector = connector.clone();
+                    let spec = declared.clone();
+                    async move {
+                        declare::endpoint(&connector, &link, &spec)
+                            .await
+                            .map_err(Attempt::Retry)
+                    }
+                })
+                .await?;
+        }
         Ok(Box::new(RabbitReceiver {
             connector: self.connector.clone(),
-            spec: EndpointSpec::from_topology(endpoint),
+            spec,
             prefetch: endpoint.prefetch.max(1),
             tag: format!("busway-{}", uuid::Uuid::new_v4().simple()),
             active: None,
