@@ -660,3 +660,239 @@ async fn sender_chosen_fault_addresses_and_type_lists_declare_a_bounded_topology
     running.shutdown().await.expect("shutdown");
 }
 
+/// A hand-written AMQP 0-9-1 client that publishes one message frame by frame: lapin cannot
+/// write the header tables the test needs (its serialiser recurses on its io thread, as its
+/// parser does), and the bytes should not come from the client under test anyway.
+mod raw_amqp {
+    use std::time::Duration;
+
+    use lapin::uri::AMQPUri;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const STEP: Duration = Duration::from_secs(10);
+
+    fn short(out: &mut Vec<u8>, s: &str) {
+        out.push(u8::try_from(s.len()).expect("a short string"));
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    fn long(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&u32::try_from(b.len()).expect("a long string").to_be_bytes());
+        out.extend_from_slice(b);
+    }
+
+    fn method(class: u16, id: u16, args: &[u8]) -> Vec<u8> {
+        let mut p = class.to_be_bytes().to_vec();
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(args);
+        p
+    }
+
+    async fn send(stream: &mut TcpStream, kind: u8, channel: u16, payload: &[u8]) {
+        let mut f = vec![kind];
+        f.extend_from_slice(&channel.to_be_bytes());
+        f.extend_from_slice(&u32::try_from(payload.len()).expect("a frame").to_be_bytes());
+        f.extend_from_slice(payload);
+        f.push(0xCE);
+        tokio::time::timeout(STEP, stream.write_all(&f))
+            .await
+            .expect("writing to RabbitMQ timed out")
+            .expect("write a frame");
+    }
+
+    /// Reads frames until method `class.id` arrives (heartbeats skipped); returns its
+    /// arguments. A `connection.close` or `channel.close` from the broker fails the test with
+    /// the broker's reason.
+    async fn expect(stream: &mut TcpStream, class: u16, id: u16) -> Vec<u8> {
+        loop {
+            let mut head = [0u8; 7];
+            tokio::time::timeout(STEP, stream.read_exact(&mut head))
+                .await
+                .expect("RabbitMQ did not answer in time")
+                .expect("read a frame header");
+            let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+            let mut payload = vec![0u8; size + 1];
+            tokio::time::timeout(STEP, stream.read_exact(&mut payload))
+                .await
+                .expect("RabbitMQ did not answer in time")
+                .expect("read a frame");
+            if head[0] != 1 {
+                continue;
+            }
+            let got = (
+                u16::from_be_bytes([payload[0], payload[1]]),
+                u16::from_be_bytes([payload[2], payload[3]]),
+            );
+            if got == (class, id) {
+                payload.truncate(size);
+                return payload.split_off(4);
+            }
+            if matches!(got, (10, 50) | (20, 40)) {
+                let code = u16::from_be_bytes([payload[4], payload[5]]);
+                let text = String::from_utf8_lossy(&payload[7..7 + usize::from(payload[6])]);
+                panic!("RabbitMQ closed on the raw publisher: {code} {text}");
+            }
+        }
+    }
+
+    /// Publishes `body` to the default exchange with routing key `queue`, its `headers`
+    /// property being `table` (an encoded field table, length prefix included), persistent,
+    /// and waits for the broker's confirm.
+    pub(crate) async fn publish(url: &str, queue: &str, table: &[u8], body: &[u8]) {
+        let uri: AMQPUri = url.parse().expect("an AMQP URL");
+        let mut stream = tokio::time::timeout(
+            STEP,
+            TcpStream::connect((uri.authority.host.as_str(), uri.authority.port)),
+        )
+        .await
+        .expect("connecting to RabbitMQ timed out")
+        .expect("connect to RabbitMQ");
+        stream
+            .write_all(b"AMQP\x00\x00\x09\x01")
+            .await
+            .expect("write");
+        expect(&mut stream, 10, 10).await; // connection.start
+        let mut args = 0u32.to_be_bytes().to_vec(); // no client properties
+        short(&mut args, "PLAIN");
+        let user = &uri.authority.userinfo;
+        long(
+            &mut args,
+            format!("\0{}\0{}", user.username, user.password).as_bytes(),
+        );
+        short(&mut args, "en_US");
+        send(&mut stream, 1, 0, &method(10, 11, &args)).await;
+        let tune = expect(&mut stream, 10, 30).await;
+        let frame_max = u32::from_be_bytes([tune[2], tune[3], tune[4], tune[5]]);
+        let mut args = tune[..2].to_vec(); // channel max as offered
+        args.extend_from_slice(&frame_max.to_be_bytes());
+        args.extend_from_slice(&0u16.to_be_bytes()); // no heartbeats
+        send(&mut stream, 1, 0, &method(10, 31, &args)).await;
+        let mut args = Vec::new();
+        short(&mut args, &uri.vhost);
+        short(&mut args, "");
+        args.push(0);
+        send(&mut stream, 1, 0, &method(10, 40, &args)).await;
+        expect(&mut stream, 10, 41).await;
+        send(&mut stream, 1, 1, &method(20, 10, &[0])).await; // channel.open
+        expect(&mut stream, 20, 11).await;
+        send(&mut stream, 1, 1, &method(85, 10, &[0])).await; // confirm.select
+        expect(&mut stream, 85, 11).await;
+        let mut args = 0u16.to_be_bytes().to_vec();
+        short(&mut args, "");
+        short(&mut args, queue);
+        args.push(0);
+        send(&mut stream, 1, 1, &method(60, 40, &args)).await; // basic.publish
+        let mut header = 60u16.to_be_bytes().to_vec();
+        header.extend_from_slice(&0u16.to_be_bytes());
+        header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        // content-type, headers, delivery-mode
+        header.extend_from_slice(&(0x8000u16 | 0x2000 | 0x1000).to_be_bytes());
+        short(&mut header, "application/vnd.masstransit+json");
+        header.extend_from_slice(table);
+        header.push(2);
+        assert!(
+            header.len() + 8 <= frame_max as usize,
+            "the header frame fits the broker's frame_max"
+        );
+        send(&mut stream, 2, 1, &header).await;
+        send(&mut stream, 3, 1, body).await;
+        expect(&mut stream, 60, 80).await; // basic.ack (a nack is 60.120 and times out here)
+        let mut args = 200u16.to_be_bytes().to_vec();
+        short(&mut args, "done");
+        args.extend_from_slice(&[0, 0, 0, 0]);
+        send(&mut stream, 1, 0, &method(10, 50, &args)).await;
+        expect(&mut stream, 10, 51).await;
+    }
+
+    /// A header table (length prefix included): `kept` = "yes", and `deep` nesting `levels`
+    /// tables (`F`) or arrays (`A`).
+    pub(crate) fn deep_table(levels: usize, kind: u8) -> Vec<u8> {
+        let mut value: Vec<u8> = vec![kind, 0, 0, 0, 0];
+        for _ in 1..levels {
+            let mut inner = Vec::new();
+            if kind == b'F' {
+                short(&mut inner, "k");
+            }
+            inner.extend_from_slice(&value);
+            value = vec![kind];
+            long(&mut value, &inner);
+        }
+        let mut entries = Vec::new();
+        short(&mut entries, "kept");
+        entries.push(b'S');
+        long(&mut entries, b"yes");
+        short(&mut entries, "deep");
+        entries.extend_from_slice(&value);
+        let mut table = Vec::new();
+        long(&mut table, &entries);
+        table
+    }
+}
+
+/// Issue 12.3: a delivery whose AMQP header table nests 3,000 levels (21 KB; tables, then
+/// arrays) is consumed like any other, and the endpoint keeps consuming. Before the fix
+/// lapin's recursive parser overflowed its io thread's stack at about 300 levels and aborted
+/// the process, and every restart aborted again on the redelivery. The guard under lapin
+/// (`frame_guard.rs`) replaces the too-deep value with a marker and keeps the other headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_nested_thousands_deep_are_consumed_without_a_crash() {
+    init_tracing();
+    let vhost = TestVhost::create("deep");
+    let transport = transport_for(&vhost.url());
+    let queue = unique("deep-headers");
+    // (the `deep` header, the `kept` header) of each consumed message
+    type Seen = Vec<(Option<String>, Option<String>)>;
+    let seen: Arc<std::sync::Mutex<Seen>> = Arc::default();
+    let s = seen.clone();
+    let (bus, running) = one_endpoint(&transport, &queue, move |ctx: ConsumeContext<Ping>| {
+        let text = |name: &str| {
+            ctx.headers()
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        s.lock().expect("lock").push((text("deep"), text("kept")));
+        std::future::ready(Ok(()))
+    })
+    .await;
+    let ping = "urn:message:Reliability:Ping".to_string();
+    let body = envelope(std::slice::from_ref(&ping), None, "{}");
+    let tables = raw_amqp::deep_table(3_000, b'F');
+    assert!(tables.len() > 20_000, "{} bytes of headers", tables.len());
+    raw_amqp::publish(&vhost.url(), &queue, &tables, body.as_bytes()).await;
+    raw_amqp::publish(
+        &vhost.url(),
+        &queue,
+        &raw_amqp::deep_table(3_000, b'A'),
+        body.as_bytes(),
+    )
+    .await;
+    bus.send(format!("queue:{queue}"), Ping { n: 3 })
+        .await
+        .expect("send");
+    wait_until(WAIT, "all three consumed", || {
+        seen.lock().expect("lock").len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 3, "each consumed once: {seen:?}");
+    let marker = "[removed by busway: nested deeper than 32 levels]";
+    let deep: Vec<&(Option<String>, Option<String>)> = seen
+        .iter()
+        .filter(|(deep, _)| deep.as_deref() == Some(marker))
+        .collect();
+    assert_eq!(deep.len(), 2, "both deep values replaced: {seen:?}");
+    assert!(
+        deep.iter().all(|(_, kept)| kept.as_deref() == Some("yes")),
+        "the other headers kept: {seen:?}"
+    );
+    assert_eq!(depth(&transport, &queue).await, 0);
+    let queues = vhost.list("list_queues", &["name"]);
+    assert!(
+        !queues.iter().any(|q| q["name"] == format!("{queue}_error")),
+        "nothing faulted: {queues:?}"
+    );
+    running.shutdown().await.expect("shutdown");
+}

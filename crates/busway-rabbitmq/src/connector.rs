@@ -298,7 +298,7 @@ impl Connector {
     async fn connect(&self) -> Result<Arc<Link>> {
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.config.connection_name.as_str()));
-        let connect = Connection::connect_uri(self.config.uri.clone(), props);
+        let connect = crate::frame_guard::connect(self.config.uri.clone(), props);
         let connection = match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {

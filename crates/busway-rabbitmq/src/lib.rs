@@ -34,6 +34,7 @@ mod config;
 mod confirms;
 mod connector;
 mod declare;
+mod frame_guard;
 mod headers;
 mod transport;
 

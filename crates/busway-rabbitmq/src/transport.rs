@@ -264,7 +264,7 @@ impl RabbitMq {
             .await;
             return result;
         }
-        let connect = lapin::Connection::connect_uri(config.uri.clone(), Default::default());
+        let connect = crate::frame_guard::connect(config.uri.clone(), Default::default());
         let connection = tokio::time::timeout(config.connect_timeout, connect)
             .await
             .map_err(|_| {
