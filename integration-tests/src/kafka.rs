@@ -1,4 +1,4 @@
-//! Helpers for tests against the local Kafka-protocol broker (tansu on 127.0.0.1:9092).
+//! Helpers for tests against the local Kafka-protocol broker (nisshi on 127.0.0.1:9092).
 
 use std::net::TcpStream;
 use std::time::Duration;
@@ -27,10 +27,10 @@ pub fn require_broker() {
         .unwrap_or(false);
     assert!(
         reachable,
-        "no Kafka-protocol broker is reachable at {first} (BUSWAY_KAFKA_BROKERS={brokers}). Start tansu with \
-         `scripts/services` (it installs it with `cargo install tansu --locked --version 0.6.0 --features dynostore` \
-         if missing), or run `tansu broker --listener-url tcp://127.0.0.1:9092 \
-         --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/`."
+        "no Kafka-protocol broker is reachable at {first} (BUSWAY_KAFKA_BROKERS={brokers}). Start nisshi with \
+         `scripts/services` (it installs it with `cargo +1.96.0 install nisshi --locked --version 0.8.1 \
+         --no-default-features --features dynostore` if missing), or run `nisshi broker --listener-url \
+         tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://nisshi/`."
     );
 }
 
@@ -45,11 +45,6 @@ pub fn isolated_transport(partitions: i32) -> Kafka {
         .publish_timeout(Duration::from_secs(20))
         .consumer_property("session.timeout.ms", "6000")
         .consumer_property("heartbeat.interval.ms", "1000")
-        // tansu 0.6 answers a fetch that starts inside a record batch with the batches after
-        // it, so records are skipped when a paused partition resumes mid-batch. One record
-        // per batch avoids that; a real Kafka (and librdkafka's mock cluster, see
-        // tests/kafka_mock.rs) does not need it.
-        .producer_property("batch.num.messages", "1")
         .build()
         .expect("a valid Kafka configuration")
 }

@@ -1,4 +1,4 @@
-//! Kafka behaviour a tansu broker cannot show, on librdkafka's own mock cluster
+//! Kafka behaviour a single-node Kafka-protocol broker cannot show, on librdkafka's own mock cluster
 //! (`rdkafka::mocking::MockCluster`, in-process): heavy back-pressure with multi-record
 //! batches, a stuck record that pauses its partition, and a broker that goes down and comes
 //! back.

@@ -55,23 +55,46 @@ ensure_postgres() {
   fi
 }
 
-TANSU_VERSION=0.6.0
+# The Kafka-protocol broker the tests use: nisshi (tansu's new name) with memory storage.
+# 0.8.1 fixes fetches that start inside a record batch; its dependencies need rustc 1.96,
+# so it is built with that toolchain (installed by rustup when missing).
+NISSHI_VERSION=0.8.1
+NISSHI_RUST=1.96.0
 
-ensure_tansu() {
+ensure_kafka_broker() {
   if port_open 127.0.0.1 9092; then
     log "a Kafka-protocol broker is up on 127.0.0.1:9092"
     return 0
   fi
-  if ! command -v tansu >/dev/null 2>&1; then
-    log "installing tansu $TANSU_VERSION (cargo install; about 10 minutes on 2 cores)"
-    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  if ! command -v nisshi >/dev/null 2>&1; then
+    if ! rustup run "$NISSHI_RUST" rustc --version >/dev/null 2>&1; then
+      log "installing the Rust $NISSHI_RUST toolchain nisshi needs (rustup, minimal profile)"
+      rustup toolchain install "$NISSHI_RUST" --profile minimal
+    fi
+    log "installing nisshi $NISSHI_VERSION (cargo install, memory storage only; about 20 minutes on 2 cores)"
+    cargo "+$NISSHI_RUST" install nisshi --locked --version "$NISSHI_VERSION" \
+      --no-default-features --features dynostore
   fi
-  local dir="${TMPDIR:-/tmp}/busway-tansu"
+  local dir="${TMPDIR:-/tmp}/busway-nisshi"
   mkdir -p "$dir"
-  log "starting tansu on 127.0.0.1:9092 (memory storage; log in $dir/broker.log)"
-  nohup tansu broker \
+  log "starting nisshi on 127.0.0.1:9092 (memory storage; log in $dir/broker.log)"
+  nohup nisshi broker \
     --listener-url tcp://127.0.0.1:9092 \
     --advertised-listener-url tcp://127.0.0.1:9092 \
-    --storage-engine memory://tansu/ >"$dir/broker.log" 2>&1 &
-  wait_port 127.0.0.1 9092 30 tansu
+    --storage-engine memory://nisshi/ >"$dir/broker.log" 2>&1 &
+  wait_port 127.0.0.1 9092 30 nisshi
+}
+
+ensure_redis() {
+  if port_open 127.0.0.1 6379; then
+    log "Redis is up on 127.0.0.1:6379"
+    return 0
+  fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "Redis is not installed: install it (apt-get install redis-server) and run this again"
+    return 1
+  fi
+  log "starting Redis on 127.0.0.1:6379"
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  wait_port 127.0.0.1 6379 30 redis
 }

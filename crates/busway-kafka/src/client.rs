@@ -110,7 +110,7 @@ impl Client {
                 Error::with_source(
                     ErrorKind::Unavailable,
                     format!(
-                        "could not reach Kafka at {brokers}; is it running? (tests use tansu: `scripts/services` starts it)"
+                        "could not reach Kafka at {brokers}; is it running? (the tests use a local Kafka-protocol broker: `scripts/services` starts one)"
                     ),
                     e,
                 )
