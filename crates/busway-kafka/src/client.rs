@@ -37,6 +37,24 @@ fn config_error(err: KafkaError) -> Error {
     )
 }
 
+/// Refuses, with the fix, a security protocol this build of librdkafka cannot speak (it
+/// would otherwise say only that OpenSSL was not available at build time).
+fn check_security(config: &KafkaConfig) -> Result<()> {
+    let protocol = config
+        .properties
+        .get("security.protocol")
+        .map(|p| p.to_ascii_uppercase());
+    let wants_tls = matches!(protocol.as_deref(), Some("SSL" | "SASL_SSL"));
+    if wants_tls && !cfg!(feature = "ssl") {
+        return Err(Error::config(
+            "security.protocol asks for TLS, but busway's Kafka transport was built without \
+             it: enable the busway feature `kafka-tls` (busway-kafka's `ssl`), which builds \
+             librdkafka with the system's OpenSSL",
+        ));
+    }
+    Ok(())
+}
+
 /// A Kafka error as a busway error: timeouts and unreachable brokers are `Unavailable`.
 pub(crate) fn kafka_error(what: String, err: KafkaError) -> Error {
     let unavailable = matches!(
@@ -72,6 +90,7 @@ impl Client {
     }
 
     pub(crate) fn new(config: KafkaConfig) -> Result<Self> {
+        check_security(&config)?;
         let mut producer_config = Self::base_config(&config);
         for (k, v) in [
             ("enable.idempotence", "true"),
@@ -102,6 +121,12 @@ impl Client {
     pub(crate) async fn check_connection(&self, timeout: Duration) -> Result<()> {
         let producer = self.producer.clone();
         let brokers = self.config.brokers.clone();
+        let protocol = self
+            .config
+            .properties
+            .get("security.protocol")
+            .cloned()
+            .unwrap_or_else(|| "PLAINTEXT".to_string());
         tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
             .await
             .map_err(|e| Error::transport("the metadata request did not finish", e))?
@@ -110,7 +135,9 @@ impl Client {
                 Error::with_source(
                     ErrorKind::Unavailable,
                     format!(
-                        "could not reach Kafka at {brokers}; is it running? (the tests use a local Kafka-protocol broker: `scripts/services` starts one)"
+                        "could not reach Kafka at {brokers} over {protocol}: is it running, and does its \
+                         listener speak {protocol}? (a TLS or SASL failure is in librdkafka's log; \
+                         the tests use a local Kafka-protocol broker: `scripts/services` starts one)"
                     ),
                     e,
                 )
@@ -304,4 +331,33 @@ fn looks_like_envelope(body: &[u8]) -> bool {
     };
     let has = |k: &str| map.keys().any(|key| key.eq_ignore_ascii_case(k));
     has("message") && has("messageType")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SSL` / `SASL_SSL` need librdkafka built with OpenSSL (feature `ssl`, busway's
+    /// `kafka-tls`); without it the error names the feature to enable.
+    #[test]
+    fn tls_is_refused_with_the_fix_unless_built_in() {
+        for protocol in ["SSL", "sasl_ssl"] {
+            let mut config = KafkaConfig::new("127.0.0.1:9092");
+            config
+                .properties
+                .insert("security.protocol".into(), protocol.into());
+            let checked = check_security(&config);
+            if cfg!(feature = "ssl") {
+                assert!(checked.is_ok(), "{protocol}: {checked:?}");
+            } else {
+                let err = checked.expect_err("refused").to_string();
+                assert!(err.contains("kafka-tls"), "{protocol}: {err}");
+            }
+        }
+        let mut plain = KafkaConfig::new("127.0.0.1:9092");
+        plain
+            .properties
+            .insert("security.protocol".into(), "SASL_PLAINTEXT".into());
+        assert!(check_security(&plain).is_ok());
+    }
 }
