@@ -5,8 +5,14 @@
 //!
 //! - SAS tokens (`SharedAccessSignature sr=..&sig=..&se=..&skn=..`) are checked: known key
 //!   name, HMAC-SHA256 of the URL-encoded resource and expiry keyed with the key's text, the
-//!   audience covering the requested entity, not expired. Anything else is `401`. Keys can be
-//!   made without Manage rights (management operations are then `401`).
+//!   audience (`sb://`, `https://` or `http://`, any case, a signed query ignored) being the
+//!   namespace or a prefix of the requested entity, not expired. The namespace is
+//!   `busway-standin.servicebus.windows.net` or the stand-in's own `127.0.0.1:<port>`, which is
+//!   what a client pointed at it signs. Anything else is `401`. Keys can be made without
+//!   Manage rights (management operations are then `401`).
+//! - `Messages`, `Head`, `Subscriptions` and `$DeadLetterQueue` are read without regard to
+//!   case, as Service Bus does (Microsoft's clients write `Messages`); entity names are
+//!   compared as written.
 //! - Management (`PUT`/`DELETE`/`GET` `/{entity}?api-version=..` with Atom entries): queues,
 //!   topics and subscriptions with `LockDuration`, `MaxDeliveryCount` and `ForwardTo`;
 //!   creating an existing entity is `409`.
@@ -14,7 +20,14 @@
 //!   headers, `ScheduledEnqueueTimeUtc`), `POST /{entity}/messages/head?timeout=N` (peek-lock,
 //!   long-polling up to N seconds, `201` with `BrokerProperties` and a `Location` to settle
 //!   with, `204` when empty), `DELETE /{entity}/messages/head` (receive-and-delete) and, on
-//!   the `Location`, `DELETE` (complete), `PUT` (unlock), `POST` (renew lock).
+//!   the `Location`, `DELETE` (complete), `PUT` (unlock), `POST` (renew lock). The `Location`
+//!   names the host the request was sent to, as Service Bus's does.
+//! - Creating and reading an entity answer with an Atom entry (`id`, `title`, `updated`, and a
+//!   `QueueDescription` / `TopicDescription` / `SubscriptionDescription` with the settings
+//!   and counts).
+//! - Microsoft's Node.js REST client, `azure-sb` 0.11.2, runs a create / send / peek-lock /
+//!   renew / unlock / complete / fan-out / dead-letter / delete sequence against it in
+//!   `tests/servicebus_azure_sb.rs`; every step passes.
 //! - Topics fan out to their subscriptions; a subscription with `ForwardTo` delivers into the
 //!   target entity, one without keeps its own queue (`{topic}/subscriptions/{name}`).
 //! - Locks expire after the entity's lock duration; an expired or unlocked message returns
@@ -148,6 +161,9 @@ struct Entities {
 #[derive(Debug)]
 struct State {
     keys: HashMap<String, Key>,
+    /// `127.0.0.1:<port>`: the stand-in is the namespace at this address too, so tokens for
+    /// it (what a client pointed at it signs) are accepted like tokens for the namespace.
+    addr: String,
     entities: Mutex<Entities>,
     changed: Notify,
     counters: Counters,
@@ -189,18 +205,19 @@ impl StandInBuilder {
                 secret: root_secret,
                 manage: true,
             });
-        let state = Arc::new(State {
-            keys,
-            entities: Mutex::new(Entities::default()),
-            changed: Notify::new(),
-            counters: Counters::default(),
-        });
         let listener =
             std::net::TcpListener::bind("127.0.0.1:0").expect("the stand-in binds a local port");
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
         let port = listener.local_addr().expect("local address").port();
+        let state = Arc::new(State {
+            keys,
+            addr: format!("127.0.0.1:{port}"),
+            entities: Mutex::new(Entities::default()),
+            changed: Notify::new(),
+            counters: Counters::default(),
+        });
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
         std::thread::Builder::new()
@@ -511,15 +528,26 @@ fn authorize(state: &State, header: Option<&str>, path: &str, manage: bool) -> R
     if percent_decode(sig) != expected {
         return deny("InvalidSignature: The token has an invalid signature.");
     }
-    let audience = percent_decode(sr);
-    let audience = audience
-        .split('?')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .to_ascii_lowercase();
-    let resource = service_url(path).to_ascii_lowercase();
-    if !resource.starts_with(&audience) {
+    // The audience is a URL (any of sb, http, https; the query, if signed, is not part of
+    // it) that must be the namespace or a prefix of the entity, compared without case.
+    let audience = percent_decode(sr).to_ascii_lowercase();
+    let audience = audience.split('?').next().unwrap_or_default();
+    let audience = ["sb://", "https://", "http://"]
+        .iter()
+        .find_map(|scheme| audience.strip_prefix(scheme))
+        .unwrap_or(audience)
+        .trim_end_matches('/');
+    let path = path.to_ascii_lowercase();
+    let covered = [
+        format!("{NAMESPACE}.servicebus.windows.net"),
+        state.addr.clone(),
+    ]
+    .iter()
+    .any(|host| {
+        let resource = format!("{host}/{path}");
+        audience == host || resource == audience || resource.starts_with(&format!("{audience}/"))
+    });
+    if !covered {
         return deny("InvalidAudience: the token's audience does not cover this entity.");
     }
     if manage && !key.manage {
@@ -533,7 +561,14 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
         return error(StatusCode::BAD_REQUEST, "could not read the request body");
     };
-    let path = percent_decode(parts.uri.path().trim_start_matches('/'));
+    let path = canonical(&percent_decode(parts.uri.path().trim_start_matches('/')));
+    // Lock locations name the host the client asked for, as Service Bus's do.
+    let host = parts
+        .headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(&state.addr)
+        .to_string();
     let query: HashMap<String, String> =
         url::form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
             .into_owned()
@@ -556,7 +591,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     .and_then(|t| t.parse::<u64>().ok())
                     .unwrap_or(60)
                     .min(60);
-                receive(state, &entity, Duration::from_secs(wait), true).await
+                receive(state, &entity, &host, Duration::from_secs(wait), true).await
             }
             (Method::DELETE, "/head") => {
                 let wait = query
@@ -564,7 +599,7 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     .and_then(|t| t.parse::<u64>().ok())
                     .unwrap_or(0)
                     .min(60);
-                receive(state, &entity, Duration::from_secs(wait), false).await
+                receive(state, &entity, &host, Duration::from_secs(wait), false).await
             }
             (method, lock) => settle(state, &entity, &method, lock),
         };
@@ -575,23 +610,54 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
     match parts.method {
         Method::PUT => create(state, &path, &body),
         Method::DELETE => delete(state, &path),
-        Method::GET => describe(state, &path),
+        Method::GET => describe(state, &path, StatusCode::OK),
         _ => error(StatusCode::METHOD_NOT_ALLOWED, "unsupported operation"),
     }
 }
 
-const NOT_CUSTOM: [&str; 10] = [
+/// Request headers that are HTTP's, not custom message properties.
+const NOT_CUSTOM: [&str; 17] = [
     "authorization",
     "content-type",
     "content-length",
     "brokerproperties",
     "host",
     "accept",
+    "accept-charset",
     "accept-encoding",
+    "accept-language",
     "user-agent",
     "connection",
+    "keep-alive",
     "transfer-encoding",
+    "expect",
+    "te",
+    "cache-control",
+    "pragma",
 ];
+
+/// `path` with the protocol's own segments in one spelling: Service Bus reads `Messages`,
+/// `Head`, `Subscriptions` and `$DeadLetterQueue` without regard to case (Microsoft's
+/// clients write `Messages` and `Subscriptions`; busway writes them in lower case).
+fn canonical(path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.iter().enumerate() {
+        let after_messages = i > 0 && segments[i - 1].eq_ignore_ascii_case("messages");
+        out.push(if segment.eq_ignore_ascii_case("messages") && i > 0 {
+            "messages"
+        } else if segment.eq_ignore_ascii_case("subscriptions") && i > 0 {
+            "subscriptions"
+        } else if segment.eq_ignore_ascii_case("head") && after_messages {
+            "head"
+        } else if segment.eq_ignore_ascii_case("$deadletterqueue") && i > 0 {
+            "$DeadLetterQueue"
+        } else {
+            segment
+        });
+    }
+    out.join("/")
+}
 
 fn send(
     state: &State,
@@ -719,6 +785,7 @@ fn rfc1123(t: chrono::DateTime<chrono::Utc>) -> String {
 async fn receive(
     state: &State,
     entity: &str,
+    host: &str,
     wait: Duration,
     peek_lock: bool,
 ) -> Response<Full<Bytes>> {
@@ -754,7 +821,7 @@ async fn receive(
                 if peek_lock {
                     q.locked.insert(token, (m.clone(), now + q.lock_duration));
                 }
-                return delivered(entity, &m, token, until, peek_lock);
+                return delivered(entity, host, &m, token, until, peek_lock);
             }
         }
         tokio::select! {
@@ -766,6 +833,7 @@ async fn receive(
 
 fn delivered(
     entity: &str,
+    host: &str,
     m: &Stored,
     token: Uuid,
     until: chrono::DateTime<chrono::Utc>,
@@ -818,7 +886,7 @@ fn delivered(
     if peek_lock {
         put(
             "Location",
-            &format!("{}/messages/{}/{token}", service_url(entity), m.sequence),
+            &format!("http://{host}/{entity}/messages/{}/{token}", m.sequence),
         );
     }
     for (k, v) in &m.custom {
@@ -987,14 +1055,8 @@ fn create(state: &State, path: &str, body: &[u8]) -> Response<Full<Bytes>> {
             "expected a QueueDescription, TopicDescription or SubscriptionDescription entry",
         );
     }
-    let mut r = respond(StatusCode::CREATED, Bytes::from(xml.into_owned()));
-    r.headers_mut().insert(
-        "content-type",
-        "application/atom+xml;type=entry;charset=utf-8"
-            .parse()
-            .expect("a header value"),
-    );
-    r
+    drop(e);
+    describe(state, path, StatusCode::CREATED)
 }
 
 fn delete(state: &State, path: &str) -> Response<Full<Bytes>> {
@@ -1025,35 +1087,85 @@ fn delete(state: &State, path: &str) -> Response<Full<Bytes>> {
     error(StatusCode::NOT_FOUND, "MessagingEntityNotFound")
 }
 
-fn describe(state: &State, path: &str) -> Response<Full<Bytes>> {
+/// The Atom entry describing the queue, topic or subscription at `path` (`status` on
+/// success), as Service Bus writes it: `id`, `title`, `updated` and the description with the
+/// entity's settings and counts.
+fn describe(state: &State, path: &str, status: StatusCode) -> Response<Full<Bytes>> {
     let e = state.lock();
-    let Some(q) = e.queues.get(path) else {
-        return if e.topics.contains_key(path) {
-            respond(
-                StatusCode::OK,
-                format!(
-                    "<entry xmlns=\"http://www.w3.org/2005/Atom\"><title type=\"text\">{path}</title><content type=\"application/xml\"><TopicDescription xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\"/></content></entry>"
-                ),
-            )
-        } else {
-            error(StatusCode::NOT_FOUND, "MessagingEntityNotFound")
-        };
-    };
-    let dead = e
-        .queues
-        .get(&format!("{path}/$DeadLetterQueue"))
-        .map(|d| d.active.len())
-        .unwrap_or(0);
-    respond(
-        StatusCode::OK,
-        format!(
-            "<entry xmlns=\"http://www.w3.org/2005/Atom\"><title type=\"text\">{path}</title><content type=\"application/xml\"><QueueDescription xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\"><MaxDeliveryCount>{}</MaxDeliveryCount><MessageCount>{}</MessageCount><CountDetails xmlns:d2p1=\"http://schemas.microsoft.com/netservices/2011/06/servicebus\"><d2p1:ActiveMessageCount>{}</d2p1:ActiveMessageCount><d2p1:DeadLetterMessageCount>{dead}</d2p1:DeadLetterMessageCount><d2p1:ScheduledMessageCount>{}</d2p1:ScheduledMessageCount></CountDetails></QueueDescription></content></entry>",
-            q.max_delivery_count,
+    let (kind, name, inner) = if let Some(q) = e.queues.get(path) {
+        let dead = e
+            .queues
+            .get(&format!("{path}/$DeadLetterQueue"))
+            .map(|d| d.active.len())
+            .unwrap_or(0);
+        let counts = format!(
+            "<MessageCount>{}</MessageCount><CountDetails xmlns:d2p1=\"http://schemas.microsoft.com/netservices/2011/06/servicebus\"><d2p1:ActiveMessageCount>{}</d2p1:ActiveMessageCount><d2p1:DeadLetterMessageCount>{dead}</d2p1:DeadLetterMessageCount><d2p1:ScheduledMessageCount>{}</d2p1:ScheduledMessageCount><d2p1:TransferMessageCount>0</d2p1:TransferMessageCount><d2p1:TransferDeadLetterMessageCount>0</d2p1:TransferDeadLetterMessageCount></CountDetails>",
             q.active.len() + q.locked.len() + q.scheduled.len(),
             q.active.len(),
             q.scheduled.len(),
+        );
+        let lock = format!(
+            "<LockDuration>PT{}S</LockDuration>",
+            q.lock_duration.as_secs_f64()
+        );
+        let expiry = "<DefaultMessageTimeToLive>P10675199DT2H48M5.4775807S</DefaultMessageTimeToLive><DeadLetteringOnMessageExpiration>false</DeadLetteringOnMessageExpiration>";
+        let delivery = format!(
+            "<MaxDeliveryCount>{}</MaxDeliveryCount><EnableBatchedOperations>true</EnableBatchedOperations>",
+            q.max_delivery_count
+        );
+        match path.split_once("/subscriptions/") {
+            Some((topic, name)) => {
+                let forward = e
+                    .topics
+                    .get(topic)
+                    .and_then(|subs| subs.get(name))
+                    .and_then(|s| s.forward_to.clone())
+                    .map(|f| format!("<ForwardTo>{}</ForwardTo>", service_url(&f)))
+                    .unwrap_or_default();
+                (
+                    "SubscriptionDescription",
+                    name.to_string(),
+                    format!(
+                        "{lock}<RequiresSession>false</RequiresSession>{expiry}{delivery}{counts}<Status>Active</Status>{forward}"
+                    ),
+                )
+            }
+            None => (
+                "QueueDescription",
+                path.to_string(),
+                format!(
+                    "{lock}<MaxSizeInMegabytes>1024</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><RequiresSession>false</RequiresSession>{expiry}{delivery}<SizeInBytes>0</SizeInBytes>{counts}<Status>Active</Status>"
+                ),
+            ),
+        }
+    } else if let Some(subs) = e.topics.get(path) {
+        (
+            "TopicDescription",
+            path.to_string(),
+            format!(
+                "<DefaultMessageTimeToLive>P10675199DT2H48M5.4775807S</DefaultMessageTimeToLive><MaxSizeInMegabytes>1024</MaxSizeInMegabytes><RequiresDuplicateDetection>false</RequiresDuplicateDetection><EnableBatchedOperations>true</EnableBatchedOperations><SizeInBytes>0</SizeInBytes><Status>Active</Status><SubscriptionCount>{}</SubscriptionCount>",
+                subs.len()
+            ),
+        )
+    } else {
+        return error(StatusCode::NOT_FOUND, "MessagingEntityNotFound");
+    };
+    let updated = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut r = respond(
+        status,
+        format!(
+            "<entry xmlns=\"http://www.w3.org/2005/Atom\"><id>{}</id><title type=\"text\">{name}</title><published>{updated}</published><updated>{updated}</updated><link rel=\"self\" href=\"{}\"/><content type=\"application/xml\"><{kind} xmlns=\"http://schemas.microsoft.com/netservices/2010/10/servicebus/connect\" xmlns:i=\"http://www.w3.org/2001/XMLSchema-instance\">{inner}</{kind}></content></entry>",
+            service_url(path),
+            service_url(path),
         ),
-    )
+    );
+    r.headers_mut().insert(
+        "content-type",
+        "application/atom+xml;type=entry;charset=utf-8"
+            .parse()
+            .expect("a header value"),
+    );
+    r
 }
 
 #[cfg(test)]

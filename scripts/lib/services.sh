@@ -98,3 +98,22 @@ ensure_redis() {
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
   wait_port 127.0.0.1 6379 30 redis
 }
+
+# Build and test tools beyond cargo: OpenSSL headers for the `kafka-tls` feature (librdkafka
+# links the system's OpenSSL), the openssl command (the Kafka TLS test makes a certificate)
+# and Node.js with npm (the Service Bus stand-in is checked with Microsoft's REST client).
+ensure_tools() {
+  local missing=0
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    log "OpenSSL development files are missing: apt-get install libssl-dev pkg-config"
+    missing=1
+  fi
+  local tool
+  for tool in openssl node npm; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      log "$tool is missing (Debian: apt-get install openssl nodejs npm)"
+      missing=1
+    fi
+  done
+  return "$missing"
+}
