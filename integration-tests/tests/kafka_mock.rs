@@ -309,3 +309,129 @@ async fn an_unwritable_dead_letter_topic_parks_or_skips_as_configured() {
         running.shutdown().await.expect("shutdown");
     }
 }
+
+/// Issue 12.6, the third policy: with `StopAfter(3)` an unwritable dead-letter copy stops
+/// the endpoint after 3 failed writes. The record's key waits behind it meanwhile (other
+/// keys may run during the back-off); once stopped the endpoint runs nothing more, nothing
+/// past the record is committed, and a new bus on the same endpoint, once the dead-letter
+/// topic takes writes again, runs the record again, dead-letters it and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_dead_letter_topic_stops_the_endpoint_when_asked() {
+    use busway::kafka::DeadLetterFailure;
+    use rdkafka::types::RDKafkaRespErr;
+    init_tracing();
+    let endpoint = busway_integration_tests::support::unique("dlq-stops");
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = Kafka::builder(&cluster.bootstrap_servers())
+        .partitions(1)
+        .create_topics(false)
+        .publish_timeout(Duration::from_secs(1))
+        .dead_letter_failure(DeadLetterFailure::StopAfter(3))
+        .build()
+        .expect("config");
+    let topic = kafka.config().topic_for(Keyed::message_type());
+    let dead_letters = kafka.config().dead_letter_topic(&topic, &endpoint);
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster
+        .create_topic(&dead_letters, 1, 1)
+        .expect("dead-letter topic");
+    cluster
+        .topic_error(
+            &dead_letters,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .expect("topic error");
+    let calls: Seen = Arc::default();
+    let start = |kafka: Kafka, calls: Seen| {
+        let endpoint = endpoint.clone();
+        async move {
+            let bus = Bus::builder()
+                .transport(kafka)
+                .receive_endpoint(endpoint, move |e| {
+                    e.handler(move |ctx: ConsumeContext<Keyed>| {
+                        let seq = ctx.message().seq;
+                        calls
+                            .lock()
+                            .expect("lock")
+                            .entry(seq)
+                            .or_default()
+                            .push(seq);
+                        std::future::ready(if seq == 0 {
+                            Err(ConsumeError::msg("the first record always fails"))
+                        } else {
+                            Ok(())
+                        })
+                    })
+                })
+                .build()
+                .await
+                .expect("build");
+            let running = bus.start().await.expect("start");
+            (bus, running)
+        }
+    };
+    let (bus, running) = start(kafka.clone(), calls.clone()).await;
+    bus.publish(Keyed { key: 1, seq: 0 })
+        .await
+        .expect("publish");
+    bus.publish(Keyed { key: 1, seq: 1 })
+        .await
+        .expect("publish");
+    bus.publish(Keyed { key: 2, seq: 2 })
+        .await
+        .expect("publish");
+    wait_until(Duration::from_secs(30), "the failing record ran", || {
+        calls.lock().expect("lock").contains_key(&0)
+    })
+    .await;
+    // Three failed writes take well under 2 s (100 ms doubling to 400 ms).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    bus.publish(Keyed { key: 3, seq: 3 })
+        .await
+        .expect("publish");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    {
+        let calls = calls.lock().expect("lock");
+        assert_eq!(calls.get(&0).map(Vec::len), Some(1), "{calls:?}");
+        assert!(
+            !calls.contains_key(&1),
+            "the record's key waited behind it: {calls:?}"
+        );
+        assert!(
+            !calls.contains_key(&3),
+            "the stopped endpoint ran nothing sent after it stopped: {calls:?}"
+        );
+    }
+    running.shutdown().await.expect("shutdown");
+    assert_eq!(
+        kafka.lag(&endpoint, &topic).await.expect("lag"),
+        4,
+        "nothing was committed past the record"
+    );
+
+    // Fixed: the dead-letter topic takes writes again, and the endpoint starts again.
+    cluster
+        .topic_error(&dead_letters, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .expect("clear the topic error");
+    let (_bus, running) = start(kafka.clone(), calls.clone()).await;
+    wait_until(Duration::from_secs(30), "the other records ran", || {
+        let calls = calls.lock().expect("lock");
+        calls.contains_key(&1) && calls.contains_key(&2) && calls.contains_key(&3)
+    })
+    .await;
+    running.shutdown().await.expect("shutdown");
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(
+        calls.get(&0).map(Vec::len),
+        Some(2),
+        "the record ran again: {calls:?}"
+    );
+    assert_eq!(calls.get(&1).map(Vec::len), Some(1), "{calls:?}");
+    assert_eq!(calls.get(&3).map(Vec::len), Some(1), "{calls:?}");
+    let dead = kafka
+        .read(&dead_letters, "dlq-reader")
+        .await
+        .expect("read the dead letters");
+    assert_eq!(dead.len(), 1, "the record was dead-lettered once");
+    assert_eq!(kafka.lag(&endpoint, &topic).await.expect("lag"), 0);
+}

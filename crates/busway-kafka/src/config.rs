@@ -51,6 +51,11 @@ pub enum DeadLetterFailure {
     /// After this many failed writes, log the record as lost (at error level, with its
     /// topic, partition, offset and key) and move past it, so its key and partition go on.
     SkipAfter(u32),
+    /// After this many failed writes, stop the endpoint: it consumes nothing more (the bus's
+    /// other endpoints go on), commits nothing past the record, and logs why at error
+    /// level. The record runs again when the endpoint is started again (a new bus or
+    /// process), once whatever refused the dead-letter copy is fixed.
+    StopAfter(u32),
 }
 
 /// True for librdkafka properties whose values must not be printed.

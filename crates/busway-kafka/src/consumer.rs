@@ -420,6 +420,12 @@ impl Shared {
         }
     }
 
+    /// Stops handing out records (the endpoint's `next` ends), for `DeadLetterFailure::StopAfter`.
+    fn halt(&self) {
+        lock(&self.state).stopped = true;
+        self.ready.notify_waiters();
+    }
+
     fn requeue(&self, record: Record) {
         let mut state = lock(&self.state);
         state.handed_out = state.handed_out.saturating_sub(1);
@@ -812,6 +818,24 @@ impl Settlement for KafkaSettlement {
                     );
                     self.complete();
                     return Ok(());
+                }
+            }
+            if let DeadLetterFailure::StopAfter(limit) = config.dead_letter_failure {
+                if self.move_failures >= limit {
+                    tracing::error!(
+                        group = %self.shared.group,
+                        topic = %record.topic,
+                        partition = record.partition,
+                        offset = record.offset,
+                        key = ?record.key,
+                        dead_letter_topic = %topic,
+                        failures = self.move_failures,
+                        error = %err,
+                        "ENDPOINT STOPPED: a dead-letter copy could not be written (DeadLetterFailure::StopAfter); the record is not committed and runs again when the endpoint starts again"
+                    );
+                    self.shared.halt();
+                    // Dropping the settlement hands the record back unfinished.
+                    return Err(MoveError::from(err));
                 }
             }
             // The record stays unfinished (its offset is not committed): the bus backs off
