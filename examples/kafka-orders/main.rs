@@ -5,8 +5,8 @@
 //! Run with:
 //!
 //! ```text
-//! cargo run --example kafka-orders -- consume --count 10   # consumer group order-confirmation
-//! cargo run --example kafka-orders -- publish --count 10
+//! cargo run --example kafka-orders --features kafka -- consume --count 10   # consumer group order-confirmation
+//! cargo run --example kafka-orders --features kafka -- publish --count 10
 //! ```
 //!
 //! The brokers come from `BUSWAY_KAFKA_BROKERS` (default `127.0.0.1:9092`). Consumed orders

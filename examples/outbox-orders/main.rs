@@ -2,8 +2,9 @@
 //! `OrderPlaced` event are written in one database transaction; a dispatcher delivers the
 //! event after the commit. A rolled-back order publishes nothing.
 //!
-//! Run with `cargo run --example outbox-orders` (SQLite file in a temporary directory), or
-//! with `DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example outbox-orders`.
+//! Run with `cargo run --example outbox-orders --features outbox` (SQLite file in a
+//! temporary directory), or with
+//! `DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo run --example outbox-orders --features outbox`.
 
 use std::time::Duration;
 

@@ -4,8 +4,8 @@
 //! Run with:
 //!
 //! ```text
-//! cargo run --example rabbitmq-orders -- consume --count 10   # endpoint order-confirmation
-//! cargo run --example rabbitmq-orders -- publish --count 10
+//! cargo run --example rabbitmq-orders --features rabbitmq -- consume --count 10   # endpoint order-confirmation
+//! cargo run --example rabbitmq-orders --features rabbitmq -- publish --count 10
 //! ```
 //!
 //! The broker URL comes from `BUSWAY_RABBITMQ_URL` (default

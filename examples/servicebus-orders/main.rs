@@ -6,8 +6,8 @@
 //!
 //! ```text
 //! export BUSWAY_ASB_CONNECTION_STRING='Endpoint=sb://<ns>.servicebus.windows.net/;SharedAccessKeyName=..;SharedAccessKey=..'
-//! cargo run --example servicebus-orders -- consume --count 10
-//! cargo run --example servicebus-orders -- publish --count 10
+//! cargo run --example servicebus-orders --features azure-servicebus -- consume --count 10
+//! cargo run --example servicebus-orders --features azure-servicebus -- publish --count 10
 //! ```
 //!
 //! `BUSWAY_ASB_BASE_URL` (optional) sends the requests somewhere else than

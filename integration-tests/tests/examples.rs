@@ -15,7 +15,7 @@ fn example(name: &str) -> PathBuf {
     let path = dir.join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing; build the examples with `cargo test --workspace` or `cargo build --examples`",
+        "{} is missing; build the examples with `cargo test --workspace --all-features` or `cargo build -p busway-examples --examples --all-features`",
         path.display()
     );
     path
