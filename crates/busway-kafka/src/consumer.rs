@@ -95,6 +95,15 @@ struct State {
     handed_out: usize,
 }
 
+/// What finishing a record asks of the caller.
+#[derive(Debug, Default)]
+struct Finished {
+    /// A full partition has room again: wake the pump.
+    room: bool,
+    /// A paused partition is down to half its window: resume it.
+    resume: Option<PartitionKey>,
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -195,6 +204,39 @@ impl State {
         self.lanes
             .retain(|_, lane| !revoked.contains(&lane.partition));
         commits
+    }
+
+    /// Marks a handed-out record finished: its partition's commit position moves past every
+    /// finished offset at the front, and its key's lane lets the next record go. Says what
+    /// the caller must do next (wake the pump, resume a paused partition).
+    fn finish(&mut self, record: &RecordRef, window: usize) -> Finished {
+        self.handed_out = self.handed_out.saturating_sub(1);
+        let pk = (record.topic.clone(), record.partition);
+        let mut finished = Finished::default();
+        if let Some(part) = self
+            .parts
+            .get_mut(&pk)
+            .filter(|p| p.generation == record.generation)
+        {
+            if let Some(done) = part.offsets.get_mut(&record.offset) {
+                *done = true;
+            }
+            let was_full = part.offsets.len() >= window;
+            while let Some((&offset, &done)) = part.offsets.iter().next() {
+                if !done {
+                    break;
+                }
+                part.offsets.remove(&offset);
+                part.position = Some(offset + 1);
+            }
+            finished.room = was_full && part.offsets.len() < window;
+            if part.paused && part.offsets.len() <= window / 2 {
+                part.paused = false;
+                finished.resume = Some(pk);
+            }
+        }
+        self.release_lane(record);
+        finished
     }
 
     /// Releases `record`'s key lane: the next record of the key becomes ready (returns
@@ -372,40 +414,11 @@ impl Shared {
     }
 
     fn finish(&self, record: &RecordRef) {
-        let resume = {
-            let mut state = lock(&self.state);
-            state.handed_out = state.handed_out.saturating_sub(1);
-            let pk = (record.topic.clone(), record.partition);
-            let mut resume = None;
-            if let Some(part) = state
-                .parts
-                .get_mut(&pk)
-                .filter(|p| p.generation == record.generation)
-            {
-                if let Some(done) = part.offsets.get_mut(&record.offset) {
-                    *done = true;
-                }
-                let was_full = part.offsets.len() >= self.window;
-                while let Some((&offset, &done)) = part.offsets.iter().next() {
-                    if !done {
-                        break;
-                    }
-                    part.offsets.remove(&offset);
-                    part.position = Some(offset + 1);
-                }
-                if was_full && part.offsets.len() < self.window {
-                    self.room.notify_one();
-                }
-                if part.paused && part.offsets.len() <= self.window / 2 {
-                    part.paused = false;
-                    resume = Some(pk.clone());
-                }
-            }
-            if state.release_lane(record) {
-                self.ready.notify_one();
-            }
-            resume
-        };
+        let finished = lock(&self.state).finish(record, self.window);
+        if finished.room {
+            self.room.notify_one();
+        }
+        let resume = finished.resume;
         self.ready.notify_one();
         self.commit_due.notify_one();
         if let Some(pk) = resume {
@@ -936,5 +949,144 @@ mod tests {
         // A revoke commits it too.
         state.commit_failed(&due);
         assert_eq!(state.revoke(&[("t".into(), 0)]), due);
+    }
+}
+
+/// Property tests of the offset bookkeeping: random interleavings of receiving, handing
+/// out, finishing, handing back, revoking and committing, against a model of the broker.
+#[cfg(test)]
+mod properties {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// The broker delivers the next record of the key's partition (key % 2).
+        Receive(u8),
+        HandOut,
+        Finish(usize),
+        HandBack(usize),
+        Revoke(i32),
+        Commit,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..6u8).prop_map(Op::Receive),
+            3 => Just(Op::HandOut),
+            3 => any::<usize>().prop_map(Op::Finish),
+            1 => any::<usize>().prop_map(Op::HandBack),
+            1 => (0..2i32).prop_map(Op::Revoke),
+            2 => Just(Op::Commit),
+        ]
+    }
+
+    fn record(partition: i32, offset: i64, key: u8) -> Record {
+        Record {
+            topic: "t".into(),
+            partition,
+            offset,
+            key: Some(key.to_string()),
+            message: TransportMessage::default(),
+            redelivered: false,
+            generation: 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// No commit (due or at a revoke) ever passes an offset that was not finished, and
+        /// no two records of one key of one assignment are in flight at once.
+        #[test]
+        fn no_commit_passes_an_unfinished_offset(ops in proptest::collection::vec(op(), 1..300)) {
+            let window = 6;
+            let mut state = State::default();
+            // The broker: committed positions, and where the current assignment reads next.
+            let mut committed: HashMap<i32, i64> = HashMap::new();
+            let mut next: HashMap<i32, i64> = HashMap::new();
+            let mut keys: HashMap<(i32, i64), u8> = HashMap::new();
+            let mut finished: HashSet<(i32, i64)> = HashSet::new();
+            let mut in_flight: Vec<Record> = Vec::new();
+            let check = |commits: Vec<(PartitionKey, i64)>,
+                             committed: &mut HashMap<i32, i64>,
+                             finished: &HashSet<(i32, i64)>|
+             -> Result<(), TestCaseError> {
+                for ((_, partition), position) in commits {
+                    let from = committed.get(&partition).copied().unwrap_or(0);
+                    for offset in from.min(position)..position {
+                        prop_assert!(
+                            finished.contains(&(partition, offset)),
+                            "partition {} committed at {} past unfinished offset {}",
+                            partition, position, offset
+                        );
+                    }
+                    committed.insert(partition, position);
+                }
+                Ok(())
+            };
+            for op in ops {
+                match op {
+                    Op::Receive(key) => {
+                        let partition = i32::from(key % 2);
+                        let start = committed.get(&partition).copied().unwrap_or(0);
+                        let offset = *next.entry(partition).or_insert(start);
+                        // A partition's records keep their keys when read again.
+                        let key = *keys.entry((partition, offset)).or_insert(key);
+                        let key = if i32::from(key % 2) == partition { key } else { key + 1 };
+                        next.insert(partition, offset + 1);
+                        state.file(record(partition, offset, key), window);
+                    }
+                    Op::HandOut => {
+                        if let Some(r) = state.ready.pop_front() {
+                            state.handed_out += 1;
+                            prop_assert!(
+                                !in_flight
+                                    .iter()
+                                    .any(|o| o.key == r.key && o.generation == r.generation),
+                                "two records of key {:?} in flight at once", r.key
+                            );
+                            in_flight.push(r);
+                        }
+                    }
+                    Op::Finish(i) => {
+                        if !in_flight.is_empty() {
+                            let r = in_flight.remove(i % in_flight.len());
+                            finished.insert((r.partition, r.offset));
+                            state.finish(&RecordRef::from(&r), window);
+                        }
+                    }
+                    Op::HandBack(i) => {
+                        if !in_flight.is_empty() {
+                            let r = in_flight.remove(i % in_flight.len());
+                            // As `Shared::requeue`: back to the front, if still assigned.
+                            state.handed_out = state.handed_out.saturating_sub(1);
+                            let alive = state
+                                .parts
+                                .get(&(r.topic.clone(), r.partition))
+                                .is_some_and(|p| p.generation == r.generation);
+                            if alive {
+                                state.ready.push_front(Record { redelivered: true, ..r });
+                            }
+                        }
+                    }
+                    Op::Revoke(partition) => {
+                        let commits = state.revoke(&[("t".to_string(), partition)]);
+                        check(commits, &mut committed, &finished)?;
+                        // Assigned again later: read from the committed position.
+                        next.remove(&partition);
+                    }
+                    Op::Commit => {
+                        let commits = state.due_commits(1, Duration::ZERO, false);
+                        check(commits, &mut committed, &finished)?;
+                    }
+                }
+            }
+            let commits = state.due_commits(0, Duration::ZERO, true);
+            check(commits, &mut committed, &finished)?;
+        }
     }
 }
