@@ -723,10 +723,10 @@ impl Transport for ServiceBus {
     async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
         self.ensure_queue(&endpoint.name, endpoint.temporary)
             .await?;
-        if endpoint.temporary {
-            if let Ok(mut t) = self.shared.temporaries.lock() {
-                t.push(endpoint.name.clone());
-            }
+        if endpoint.temporary
+            && let Ok(mut t) = self.shared.temporaries.lock()
+        {
+            t.push(endpoint.name.clone());
         }
         let prefetch = usize::from(endpoint.prefetch.max(1));
         let pollers = prefetch.clamp(1, 8);
@@ -800,7 +800,7 @@ async fn poll(
             Err(e) => {
                 drop(permit);
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(queue = %queue, error = %e, failures, "Service Bus receive failed");
                 }
                 if e.is_config() && failures == 1 {
@@ -1004,12 +1004,12 @@ impl Settlement for SbSettlement {
 impl Drop for SbSettlement {
     fn drop(&mut self) {
         self.renew.cancel();
-        if let Some(lock) = self.lock.take() {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = lock.unlock_message().await;
-                });
-            }
+        if let Some(lock) = self.lock.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                let _ = lock.unlock_message().await;
+            });
         }
     }
 }

@@ -188,10 +188,10 @@ impl Tally {
             .first_ns
             .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
         self.last_ns.fetch_max(now, Ordering::AcqRel);
-        if let Ok(mut l) = self.latencies.lock() {
-            if let Some(l) = l.as_mut() {
-                l.push(now.saturating_sub(message.sent_ns));
-            }
+        if let Ok(mut l) = self.latencies.lock()
+            && let Some(l) = l.as_mut()
+        {
+            l.push(now.saturating_sub(message.sent_ns));
         }
         let n = self.count.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.target.load(Ordering::Acquire) {

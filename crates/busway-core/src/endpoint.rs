@@ -732,7 +732,7 @@ async fn move_message(
             return;
         };
         let backoff = move_backoff(failures);
-        if failures == 1 || failures % 10 == 0 {
+        if failures == 1 || failures.is_multiple_of(10) {
             tracing::error!(
                 endpoint = %rt.info.name,
                 queue = %kind.queue_name(&rt.info.name),

@@ -252,10 +252,10 @@ impl<'de> Deserialize<'de> for SharedHost {
         };
         let text = raw.get();
         LAST.with(|last| {
-            if let Some((seen, host)) = last.borrow().as_ref() {
-                if seen == text {
-                    return Ok(SharedHost(Some(host.clone())));
-                }
+            if let Some((seen, host)) = last.borrow().as_ref()
+                && seen == text
+            {
+                return Ok(SharedHost(Some(host.clone())));
             }
             let fields: Option<HostFields<'_>> =
                 serde_json::from_str(text).map_err(de::Error::custom)?;

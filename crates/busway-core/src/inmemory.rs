@@ -207,10 +207,10 @@ impl Broker {
                 continue;
             };
             for q in &e.to_queues {
-                if seen_queues.insert(q.clone()) {
-                    if let Some(queue) = state.queues.get(q) {
-                        out.push(queue.clone());
-                    }
+                if seen_queues.insert(q.clone())
+                    && let Some(queue) = state.queues.get(q)
+                {
+                    out.push(queue.clone());
                 }
             }
             stack.extend(e.to_exchanges.iter().cloned());
@@ -429,15 +429,13 @@ impl Transport for InMemory {
         message: TransportMessage,
         options: &DeliveryOptions,
     ) -> Result<()> {
-        if let Some(scheme) = address.scheme() {
-            if scheme != "loopback" {
-                return Err(Error::new(
-                    ErrorKind::Address,
-                    format!(
-                        "the in-memory transport cannot send to `{address}` (scheme `{scheme}`)"
-                    ),
-                ));
-            }
+        if let Some(scheme) = address.scheme()
+            && scheme != "loopback"
+        {
+            return Err(Error::new(
+                ErrorKind::Address,
+                format!("the in-memory transport cannot send to `{address}` (scheme `{scheme}`)"),
+            ));
         }
         let name = address.name().to_string();
         {

@@ -47,10 +47,10 @@ fn separated(name: &str, separator: char) -> String {
     let mut prev: Option<char> = None;
     for c in name.chars() {
         if c.is_ascii_uppercase() {
-            if let Some(p) = prev {
-                if p.is_ascii_lowercase() || p.is_ascii_digit() {
-                    out.push(separator);
-                }
+            if let Some(p) = prev
+                && (p.is_ascii_lowercase() || p.is_ascii_digit())
+            {
+                out.push(separator);
             }
             out.push(c.to_ascii_lowercase());
         } else if c == '_' || c == '-' {

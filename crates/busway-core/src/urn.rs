@@ -118,10 +118,10 @@ impl Urn {
             return name;
         }
         let name: Arc<str> = Arc::from(self.format_entity_name(style));
-        if let Ok(mut c) = cache.write() {
-            if c.len() < MAX_CACHED {
-                c.insert(key, name.clone());
-            }
+        if let Ok(mut c) = cache.write()
+            && c.len() < MAX_CACHED
+        {
+            c.insert(key, name.clone());
         }
         name
     }
@@ -361,11 +361,11 @@ impl EntityNameStyle {
     }
 
     fn write(&self, name: &TypeName, enclosing_ns: Option<&str>, out: &mut String) {
-        if let Some(ns) = &name.namespace {
-            if enclosing_ns != Some(ns.as_str()) {
-                out.push_str(ns);
-                out.push_str(self.namespace_separator);
-            }
+        if let Some(ns) = &name.namespace
+            && enclosing_ns != Some(ns.as_str())
+        {
+            out.push_str(ns);
+            out.push_str(self.namespace_separator);
         }
         out.push_str(&name.name.replace('+', self.nested_separator));
         if !name.arguments.is_empty() {

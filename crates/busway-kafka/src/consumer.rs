@@ -128,16 +128,16 @@ impl State {
         // Offsets of a plain topic are contiguous; a jump means records this consumer never
         // saw (transaction markers and compaction make legitimate gaps too). The commit
         // position follows what was received, so such records are not consumed again.
-        if let Some(last) = part.last_received {
-            if record.offset > last + 1 {
-                tracing::debug!(
-                    topic = %pk.0,
-                    partition = pk.1,
-                    after = last,
-                    next = record.offset,
-                    "offset gap: records between were not received"
-                );
-            }
+        if let Some(last) = part.last_received
+            && record.offset > last + 1
+        {
+            tracing::debug!(
+                topic = %pk.0,
+                partition = pk.1,
+                after = last,
+                next = record.offset,
+                "offset gap: records between were not received"
+            );
         }
         part.last_received = Some(
             part.last_received
@@ -193,10 +193,10 @@ impl State {
     fn revoke(&mut self, revoked: &[PartitionKey]) -> Vec<(PartitionKey, i64)> {
         let mut commits = Vec::new();
         for pk in revoked {
-            if let Some(part) = self.parts.remove(pk) {
-                if let Some(position) = part.position.filter(|p| Some(*p) != part.committed) {
-                    commits.push((pk.clone(), position));
-                }
+            if let Some(part) = self.parts.remove(pk)
+                && let Some(position) = part.position.filter(|p| Some(*p) != part.committed)
+            {
+                commits.push((pk.clone(), position));
             }
         }
         self.ready
@@ -271,10 +271,10 @@ impl State {
     /// check or revoke commits them again.
     fn commit_failed(&mut self, commits: &[(PartitionKey, i64)]) {
         for (pk, position) in commits {
-            if let Some(part) = self.parts.get_mut(pk) {
-                if part.committed == Some(*position) {
-                    part.committed = None;
-                }
+            if let Some(part) = self.parts.get_mut(pk)
+                && part.committed == Some(*position)
+            {
+                part.committed = None;
             }
         }
     }
@@ -586,7 +586,7 @@ async fn pump(shared: Arc<Shared>) {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 50 == 0 {
+                    if failures == 1 || failures.is_multiple_of(50) {
                         tracing::warn!(group = %shared.group, error = %e, "Kafka consume error");
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -816,40 +816,40 @@ impl Settlement for KafkaSettlement {
         message.headers.remove(names::CONTENT_TYPE);
         if let Err(err) = self.shared.client.produce(&topic, &message).await {
             self.move_failures = self.move_failures.saturating_add(1);
-            if let DeadLetterFailure::SkipAfter(limit) = config.dead_letter_failure {
-                if self.move_failures >= limit {
-                    tracing::error!(
-                        group = %self.shared.group,
-                        topic = %record.topic,
-                        partition = record.partition,
-                        offset = record.offset,
-                        key = ?record.key,
-                        dead_letter_topic = %topic,
-                        failures = self.move_failures,
-                        error = %err,
-                        "MESSAGE LOST: its dead-letter copy could not be written; skipping it as configured (DeadLetterFailure::SkipAfter)"
-                    );
-                    self.complete();
-                    return Ok(());
-                }
+            if let DeadLetterFailure::SkipAfter(limit) = config.dead_letter_failure
+                && self.move_failures >= limit
+            {
+                tracing::error!(
+                    group = %self.shared.group,
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    key = ?record.key,
+                    dead_letter_topic = %topic,
+                    failures = self.move_failures,
+                    error = %err,
+                    "MESSAGE LOST: its dead-letter copy could not be written; skipping it as configured (DeadLetterFailure::SkipAfter)"
+                );
+                self.complete();
+                return Ok(());
             }
-            if let DeadLetterFailure::StopAfter(limit) = config.dead_letter_failure {
-                if self.move_failures >= limit {
-                    tracing::error!(
-                        group = %self.shared.group,
-                        topic = %record.topic,
-                        partition = record.partition,
-                        offset = record.offset,
-                        key = ?record.key,
-                        dead_letter_topic = %topic,
-                        failures = self.move_failures,
-                        error = %err,
-                        "ENDPOINT STOPPED: a dead-letter copy could not be written (DeadLetterFailure::StopAfter); the record is not committed and runs again when the endpoint starts again"
-                    );
-                    self.shared.halt();
-                    // Dropping the settlement hands the record back unfinished.
-                    return Err(MoveError::from(err));
-                }
+            if let DeadLetterFailure::StopAfter(limit) = config.dead_letter_failure
+                && self.move_failures >= limit
+            {
+                tracing::error!(
+                    group = %self.shared.group,
+                    topic = %record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    key = ?record.key,
+                    dead_letter_topic = %topic,
+                    failures = self.move_failures,
+                    error = %err,
+                    "ENDPOINT STOPPED: a dead-letter copy could not be written (DeadLetterFailure::StopAfter); the record is not committed and runs again when the endpoint starts again"
+                );
+                self.shared.halt();
+                // Dropping the settlement hands the record back unfinished.
+                return Err(MoveError::from(err));
             }
             // The record stays unfinished (its offset is not committed): the bus backs off
             // and writes the dead-letter copy again.

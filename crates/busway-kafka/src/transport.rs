@@ -412,13 +412,13 @@ impl Transport for Kafka {
         options: &DeliveryOptions,
     ) -> Result<()> {
         Self::no_delay(options)?;
-        if let Some(scheme) = address.scheme() {
-            if scheme != "kafka" {
-                return Err(Error::new(
-                    ErrorKind::Address,
-                    format!("the Kafka transport cannot send to `{address}` (scheme `{scheme}`)"),
-                ));
-            }
+        if let Some(scheme) = address.scheme()
+            && scheme != "kafka"
+        {
+            return Err(Error::new(
+                ErrorKind::Address,
+                format!("the Kafka transport cannot send to `{address}` (scheme `{scheme}`)"),
+            ));
         }
         let topic = match address.kind() {
             // A topic names itself; a full address already carries the prefixed name.
@@ -430,10 +430,10 @@ impl Transport for Kafka {
 
     async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
         let (topics, group, window, default_type) = self.endpoint_topics(endpoint);
-        if endpoint.temporary {
-            if let Ok(mut t) = self.temporaries.lock() {
-                t.extend(topics.iter().cloned());
-            }
+        if endpoint.temporary
+            && let Ok(mut t) = self.temporaries.lock()
+        {
+            t.extend(topics.iter().cloned());
         }
         let prefetch = usize::from(endpoint.prefetch);
         let receiver = consumer::start(

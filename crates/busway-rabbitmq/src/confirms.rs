@@ -233,10 +233,10 @@ fn harvest(entry: &mut Entry, returned: &mut VecDeque<BasicReturnMessage>) {
             Err(oneshot::error::TryRecvError::Closed) => State::Abandoned,
         };
     }
-    if let State::Waiting(confirm) = &mut entry.state {
-        if let Some(said) = confirm.now_or_never() {
-            entry.state = settle(said, returned);
-        }
+    if let State::Waiting(confirm) = &mut entry.state
+        && let Some(said) = confirm.now_or_never()
+    {
+        entry.state = settle(said, returned);
     }
 }
 

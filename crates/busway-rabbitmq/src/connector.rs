@@ -344,7 +344,7 @@ impl Connector {
                 Ok(link) => link,
                 Err(err) => {
                     attempts += 1;
-                    if attempts == 1 || attempts % 10 == 0 {
+                    if attempts == 1 || attempts.is_multiple_of(10) {
                         tracing::warn!(url = %self.config.url(), attempt = attempts, error = %err, "RabbitMQ connection failed; retrying");
                     }
                     last_error = Some(busway_core::error::chain_text(&err));
@@ -448,10 +448,10 @@ impl Connector {
                 Ok(Err(_)) => return Err(Error::closed("the RabbitMQ transport is closed")),
                 Err(_) => {
                     // The state may still say Connected with a link that just broke.
-                    if let State::Connected(link) = &*rx.borrow() {
-                        if link.healthy() {
-                            return Ok(link.clone());
-                        }
+                    if let State::Connected(link) = &*rx.borrow()
+                        && link.healthy()
+                    {
+                        return Ok(link.clone());
                     }
                     return Err(Error::new(
                         ErrorKind::Unavailable,

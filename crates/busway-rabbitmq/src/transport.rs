@@ -834,7 +834,7 @@ impl Receiver for RabbitReceiver {
                         // The queue may be gone (deleted, expired): declare everything again
                         // on the next try instead of trusting what this link declared before.
                         self.connector.forget_declarations();
-                        if self.failures == 1 || self.failures % 10 == 0 {
+                        if self.failures == 1 || self.failures.is_multiple_of(10) {
                             tracing::warn!(endpoint = %self.spec.name, attempt = self.failures, error = %err, "could not start consuming; retrying");
                         }
                         let backoff = Duration::from_millis(100 * u64::from(self.failures.min(50)));
@@ -1023,17 +1023,17 @@ impl Settlement for RabbitSettlement {
 
 impl Drop for RabbitSettlement {
     fn drop(&mut self) {
-        if let Some(acker) = self.acker.take() {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    let _ = acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await;
-                });
-            }
+        if let Some(acker) = self.acker.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(async move {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    })
+                    .await;
+            });
         }
     }
 }

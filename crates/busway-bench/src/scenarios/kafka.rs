@@ -261,10 +261,11 @@ async fn consume(
             match tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await {
                 Ok(r) => r?,
                 Err(_) => {
-                    if ready.is_some() && consumer.assignment().is_ok_and(|a| a.count() > 0) {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(());
-                        }
+                    if ready.is_some()
+                        && consumer.assignment().is_ok_and(|a| a.count() > 0)
+                        && let Some(r) = ready.take()
+                    {
+                        let _ = r.send(());
                     }
                     continue;
                 }

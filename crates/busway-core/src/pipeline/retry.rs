@@ -68,10 +68,10 @@ impl ErrorFilter {
         if self.ignored.contains(&err.kind()) {
             return false;
         }
-        if let Some(handled) = &self.handled {
-            if !handled.contains(&err.kind()) {
-                return false;
-            }
+        if let Some(handled) = &self.handled
+            && !handled.contains(&err.kind())
+        {
+            return false;
         }
         self.predicates
             .iter()
