@@ -1180,6 +1180,73 @@ pub async fn request_response<F: TransportFixture>(fixture: &F) {
     cleanup(fixture, &t, &[&failing]).await;
 }
 
+/// A message the bus's response endpoint cannot read goes to that endpoint's `_error`
+/// queue with the reason, like on any endpoint (it used to be acked and dropped), and
+/// requests still get their responses afterwards.
+pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) {
+    init_tracing();
+    let t = fixture.transport().await;
+    let answering = unique("answering");
+    let response_address = Arc::new(Mutex::new(None::<String>));
+    let seen = response_address.clone();
+    let bus = build::<F>(
+        &t,
+        Bus::builder().receive_endpoint(answering.clone(), move |e| {
+            let seen = seen.clone();
+            e.temporary().handler(move |ctx: ConsumeContext<Question>| {
+                *seen.lock().expect("lock") = ctx.response_address().map(str::to_string);
+                async move {
+                    ctx.respond(Answer {
+                        n: ctx.message().n * 2,
+                    })
+                    .await?;
+                    Ok(())
+                }
+            })
+        }),
+    )
+    .await;
+    let running = bus.start().await.expect("start");
+    let first = bus
+        .request_client::<Question>()
+        .get_response::<Answer>(Question { n: 1 })
+        .await
+        .expect("a response");
+    assert_eq!(first.n, 2);
+    let address = response_address
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("the request carried a response address");
+    let address = Address::parse(&address).expect("a response address");
+    let options = busway::transport::DeliveryOptions::default();
+    t.send(
+        &address,
+        raw(
+            b"{\"messageId\": oops",
+            Some(busway::serializer::MASSTRANSIT_JSON),
+        ),
+        &options,
+    )
+    .await
+    .expect("raw send to the response endpoint");
+    let error_queue = format!("{}_error", bus.response_endpoint_name());
+    let errors = take_queue(fixture, &t, &error_queue, 1, WAIT).await;
+    assert_eq!(errors.len(), 1);
+    assert_eq!(header(&errors[0], names::REASON), "fault");
+    assert_eq!(
+        header(&errors[0], names::FAULT_EXCEPTION_TYPE),
+        "busway::DeserializeError"
+    );
+    let second = bus
+        .request_client::<Question>()
+        .get_response::<Answer>(Question { n: 21 })
+        .await
+        .expect("a response after the unreadable one");
+    assert_eq!(second.n, 42);
+    running.shutdown().await.expect("shutdown");
+}
+
 /// A scheduled send is delivered after its delay, not before.
 pub async fn scheduled_send_waits<F: TransportFixture>(fixture: &F) {
     init_tracing();
@@ -1257,6 +1324,7 @@ macro_rules! conformance_suite {
             ids_propagate_through_publish_chains,
             traceparent_propagates,
             request_response,
+            unreadable_responses_go_to_error,
             scheduled_send_waits,
         );
     };

@@ -56,7 +56,7 @@ pub(crate) struct BusInner {
     pub(crate) topology: Topology,
     plans: Mutex<Option<Vec<EndpointPlan>>>,
     pub(crate) requests: Arc<Requests>,
-    response_topology: EndpointTopology,
+    pub(crate) response_topology: EndpointTopology,
     response: tokio::sync::OnceCell<ResponseEndpoint>,
     response_stop: CancellationToken,
     pub(crate) request_timeout: Duration,
@@ -167,6 +167,12 @@ impl Bus {
     /// published outside a consumer.
     pub fn address(&self) -> &str {
         &self.inner.address
+    }
+
+    /// The name of the bus's response endpoint (`{machine}_{process}_bus_{id}`): responses
+    /// come back there, and what it cannot read goes to `<name>_error`.
+    pub fn response_endpoint_name(&self) -> &str {
+        &self.inner.response_topology.name
     }
 
     /// The transport.

@@ -106,10 +106,12 @@ pub(crate) async fn run_response_endpoint(
                     ),
                 }
             }
-            Err(err) => tracing::warn!(
-                error = %err,
-                "the response endpoint could not read a message; discarding it"
-            ),
+            Err(err) => {
+                // Like any endpoint: an unreadable message goes to `<endpoint>_error` with the
+                // reason, not away.
+                unreadable_response(&bus, delivery, &err).await;
+                continue;
+            }
         }
         if let Err(err) = delivery.settlement.ack().await {
             tracing::debug!(error = %err, "response ack failed");
@@ -120,6 +122,40 @@ pub(crate) async fn run_response_endpoint(
     }
     if let Err(err) = receiver.close().await {
         tracing::debug!(error = %err, "closing the response receiver failed");
+    }
+}
+
+/// Moves a message the response endpoint could not read to its error queue, with the
+/// fault headers an ordinary endpoint writes. If the move fails the message goes back to the
+/// broker (requeued, or redelivered when the settlement is gone), never dropped.
+async fn unreadable_response(bus: &BusInner, delivery: crate::transport::Delivery, err: &Error) {
+    let topology = &bus.response_topology;
+    let details = crate::fault::FaultDetails {
+        exception_type: "busway::DeserializeError".to_string(),
+        message: err.to_string(),
+        stack_trace: crate::error::chain_text(err),
+        input_address: topology.address.clone(),
+        consumer_type: None,
+        message_type: None,
+        retry_count: 0,
+        redelivery_count: 0,
+        timestamp: chrono::Utc::now(),
+    };
+    tracing::error!(endpoint = %topology.name, error = %err, "the response endpoint could not read a message; moving it to the error queue");
+    let mut message = delivery.message;
+    details.write_headers(&mut message.headers);
+    bus.host.write_headers(&mut message.headers);
+    message.time_to_live = None;
+    let kind = crate::transport::MoveKind::Error;
+    bus.observers
+        .on_move(&topology.name, kind, &message, &details.message);
+    if let Err(failed) = delivery.settlement.move_to(kind, message).await {
+        tracing::error!(endpoint = %topology.name, error = %failed.error, "could not move an unreadable response to the error queue; returning it to the broker");
+        if let Some(held) = failed.settlement
+            && let Err(e) = held.requeue().await
+        {
+            tracing::warn!(endpoint = %topology.name, error = %e, "requeueing the unreadable response failed; the broker redelivers it");
+        }
     }
 }
 
