@@ -528,6 +528,19 @@ async fn configuration_mistakes_are_reported_at_build() {
         .expect_err("duplicate endpoint");
     assert!(err.to_string().contains("configured twice"), "{err}");
 
+    // An endpoint nobody consumes on would take messages off its queue and skip them all.
+    let err = Bus::builder()
+        .receive_endpoint("forgotten", |e| e.prefetch(4))
+        .build()
+        .await
+        .expect_err("an endpoint without consumers");
+    assert!(err.is_config());
+    assert!(
+        err.to_string()
+            .contains("the endpoint `forgotten` has no consumers"),
+        "{err}"
+    );
+
     let err = TestHarness::start(Bus::builder().transport(InMemory::new()))
         .await
         .expect_err("the harness picks the transport");

@@ -630,6 +630,12 @@ impl BusBuilder {
             let Some(config) = by_name.remove(&name) else {
                 continue;
             };
+            if config.registrations.is_empty() {
+                return Err(Error::config(format!(
+                    "the endpoint `{name}` has no consumers: give it a consumer or a handler \
+                     (`e.consumer(..)`, `e.handler(..)`), or remove it"
+                )));
+            }
             if config.has_redelivery(&defaults) && !capabilities.delayed_delivery {
                 return Err(Error::config(format!(
                     "endpoint `{name}` uses delayed redelivery, but the {} transport has no delayed delivery",
