@@ -18,6 +18,13 @@ use syn::{Data, DeriveInput, Fields, LitStr, Path, parse_macro_input};
 ///   `[MessageUrn]` does. Without it the URN is `urn:message:{module.path}:{TypeName}`.
 /// - `#[message(crate = "busway_core")]` names the crate that exports `Message` when `busway`
 ///   is not a direct dependency.
+/// - `#[message(snake_case)]` keeps multi-word field names as written on the wire (see below).
+///
+/// MassTransit (System.Text.Json) writes and reads camelCase names (`orderId`); serde writes a
+/// field as it is spelled (`order_id`), which a .NET service would not read. So a struct with
+/// a multi-word field and neither `#[serde(rename_all = "...")]` nor a `#[serde(rename)]` on
+/// that field is refused with a message saying what to write; `#[message(snake_case)]` says
+/// that snake_case is meant.
 ///
 /// Field attributes (on at most one field each):
 ///
@@ -37,11 +44,13 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 struct ContainerOptions {
     urn: Option<LitStr>,
     krate: Path,
+    snake_case: bool,
 }
 
 fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     let mut urn = None;
     let mut krate: Path = syn::parse_quote!(::busway);
+    let mut snake_case = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
         attr.parse_nested_meta(|meta| {
             if meta.path.is_ident("urn") {
@@ -64,14 +73,90 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 let value: LitStr = meta.value()?.parse()?;
                 krate = value.parse()?;
                 Ok(())
+            } else if meta.path.is_ident("snake_case") {
+                snake_case = true;
+                Ok(())
             } else {
                 Err(meta.error(
-                    "unknown message attribute; expected `urn = \"...\"` or `crate = \"...\"`",
+                    "unknown message attribute; expected `urn = \"...\"`, `crate = \"...\"` or `snake_case`",
                 ))
             }
         })?;
     }
-    Ok(ContainerOptions { urn, krate })
+    Ok(ContainerOptions {
+        urn,
+        krate,
+        snake_case,
+    })
+}
+
+/// Whether a `#[serde(..)]` attribute among `attrs` mentions `word` (`rename_all`, `rename`,
+/// `flatten`), read from its tokens so every serde form is understood.
+fn serde_mentions(attrs: &[syn::Attribute], word: &str) -> bool {
+    attrs
+        .iter()
+        .filter(|a| a.path().is_ident("serde"))
+        .any(|a| {
+            let syn::Meta::List(list) = &a.meta else {
+                return false;
+            };
+            list.tokens.clone().into_iter().any(|t| match t {
+                proc_macro2::TokenTree::Ident(i) => i == word,
+                _ => false,
+            })
+        })
+}
+
+/// Refuses a multi-word field that serde would write in snake_case, since MassTransit reads
+/// camelCase (see the derive's docs).
+fn check_wire_names(input: &DeriveInput, container: &ContainerOptions) -> syn::Result<()> {
+    if container.snake_case || serde_mentions(&input.attrs, "rename_all") {
+        return Ok(());
+    }
+    let Data::Struct(data) = &input.data else {
+        return Ok(());
+    };
+    let Fields::Named(named) = &data.fields else {
+        return Ok(());
+    };
+    for field in &named.named {
+        let Some(ident) = &field.ident else { continue };
+        let name = ident.to_string();
+        let name = name.trim_start_matches("r#");
+        if !name.trim_matches('_').contains('_')
+            || serde_mentions(&field.attrs, "rename")
+            || serde_mentions(&field.attrs, "flatten")
+        {
+            continue;
+        }
+        let camel = camel_case(name);
+        return Err(syn::Error::new(
+            ident.span(),
+            format!(
+                "field `{name}` would go on the wire as `{name}`, but MassTransit writes and \
+                 reads `{camel}`: add `#[serde(rename_all = \"camelCase\")]` to the struct, \
+                 or `#[serde(rename = \"...\")]` to the field, or `#[message(snake_case)]` to \
+                 keep snake_case names"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn camel_case(name: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in name.chars() {
+        if c == '_' {
+            upper = !out.is_empty();
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -132,6 +217,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         ));
     }
     let container = container_options(input)?;
+    check_wire_names(input, &container)?;
     let fields = field_options(input)?;
     let krate = container.krate.clone();
     let krate = &krate;

@@ -22,6 +22,43 @@ pub use busway_core::{
 };
 
 /// `#[derive(Message)]`: see [`busway_macros::Message`].
+///
+/// Multi-word field names must say how they go on the wire, since MassTransit reads
+/// camelCase and serde writes names as spelled. This is refused:
+///
+/// ```compile_fail
+/// use busway::prelude::*;
+///
+/// #[derive(Serialize, Deserialize, Message)]
+/// struct OrderPlaced {
+///     order_id: Uuid, // would be written `order_id`; MassTransit reads `orderId`
+/// }
+/// ```
+///
+/// These are accepted:
+///
+/// ```
+/// use busway::prelude::*;
+///
+/// #[derive(Serialize, Deserialize, Message)]
+/// #[serde(rename_all = "camelCase")]
+/// struct OrderPlaced {
+///     order_id: Uuid,
+/// }
+///
+/// #[derive(Serialize, Deserialize, Message)]
+/// struct Renamed {
+///     #[serde(rename = "orderId")]
+///     order_id: Uuid,
+///     total: Decimal,
+/// }
+///
+/// #[derive(Serialize, Deserialize, Message)]
+/// #[message(snake_case)] // snake_case on the wire, on purpose
+/// struct Internal {
+///     order_id: Uuid,
+/// }
+/// ```
 #[cfg(feature = "macros")]
 #[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
 pub use busway_macros::Message;
