@@ -777,7 +777,9 @@ async fn poll(
         }
     };
     let wait = bus.shared.receive_wait;
-    let mut failures = 0u32;
+    // Receive failures: 100 ms doubling to 5 s.
+    let mut failures =
+        busway_core::transport::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
@@ -799,20 +801,19 @@ async fn poll(
             Ok(received) => received,
             Err(e) => {
                 drop(permit);
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(20) {
-                    tracing::warn!(queue = %queue, error = %e, failures, "Service Bus receive failed");
+                let failed = failures.failures() + 1;
+                if failed == 1 || failed.is_multiple_of(20) {
+                    tracing::warn!(queue = %queue, error = %e, failures = failed, "Service Bus receive failed");
                 }
-                if e.is_config() && failures == 1 {
+                if e.is_config() && failed == 1 {
                     // The endpoint reports it (a key without Listen rights, a revoked key).
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         r = tx.send(Err(e)) => if r.is_err() { return },
                     }
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(50)))) => {}
+                if !failures.wait(&stop).await {
+                    return;
                 }
                 continue;
             }
@@ -821,7 +822,7 @@ async fn poll(
             drop(permit);
             continue;
         };
-        failures = 0;
+        failures.reset();
         let renew = CancellationToken::new();
         let lost = CancellationToken::new();
         let lock = Arc::new(lock);

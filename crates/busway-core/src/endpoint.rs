@@ -368,8 +368,7 @@ pub(crate) fn hand_back_delay(consecutive: u32) -> Duration {
 }
 
 fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
-    let doublings = attempt.saturating_sub(1).min(20);
-    first.saturating_mul(1u32 << doublings).min(max)
+    crate::transport::Backoff::delay_for(attempt, first, max)
 }
 
 /// Takes deliveries until `stop`, processing up to `concurrency` at once; then stops the
@@ -386,7 +385,9 @@ pub(crate) async fn run_endpoint(
     let concurrency = concurrency.max(1);
     let permits = Arc::new(Semaphore::new(concurrency));
     let workers = Workers::new(runtime.clone(), hard.clone(), concurrency);
-    let mut failures = 0u32;
+    // Receive failures: 50 ms doubling to 2 s.
+    let mut failures =
+        crate::transport::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     loop {
         let permit = tokio::select! {
             biased;
@@ -404,18 +405,14 @@ pub(crate) async fn run_endpoint(
         match next {
             None => break,
             Some(Err(err)) => {
-                failures = failures.saturating_add(1);
-                let backoff =
-                    Duration::from_millis(50u64.saturating_mul(u64::from(failures.min(40))));
-                tracing::warn!(endpoint = %runtime.info.name, error = %err, ?backoff, "receive failed");
+                tracing::warn!(endpoint = %runtime.info.name, error = %err, failures = failures.failures() + 1, "receive failed");
                 drop(permit);
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !failures.wait(&stop).await {
+                    break;
                 }
             }
             Some(Ok(delivery)) => {
-                failures = 0;
+                failures.reset();
                 workers.hand_over(delivery, permit);
             }
         }

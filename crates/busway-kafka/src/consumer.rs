@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway_core::headers::names;
-use busway_core::transport::{Delivery, MoveError, MoveKind, Receiver, Settlement};
+use busway_core::transport::{Backoff, Delivery, MoveError, MoveKind, Receiver, Settlement};
 use busway_core::{Error, ErrorKind, Result, TransportMessage};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -602,7 +602,7 @@ async fn pump(shared: Arc<Shared>) {
 /// commit runs synchronously on a blocking thread; a failed one is retried with back-off.
 async fn committer(shared: Arc<Shared>) {
     let config = &shared.client.config;
-    let mut pause = COMMIT_RETRY_MIN;
+    let mut failures = Backoff::new(COMMIT_RETRY_MIN, COMMIT_RETRY_MAX);
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => break,
@@ -618,13 +618,11 @@ async fn committer(shared: Arc<Shared>) {
             .await
             .unwrap_or(false);
         if done {
-            pause = COMMIT_RETRY_MIN;
+            failures.reset();
         } else {
-            tokio::select! {
-                _ = shared.stop.cancelled() => break,
-                _ = tokio::time::sleep(pause) => {}
+            if !failures.wait(&shared.stop).await {
+                break;
             }
-            pause = (pause * 2).min(COMMIT_RETRY_MAX);
             shared.commit_due.notify_one();
         }
     }

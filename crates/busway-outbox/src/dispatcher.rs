@@ -2,6 +2,7 @@
 //! delivered, backs off while the broker is away, and removes old rows.
 
 use busway_core::Result;
+use busway_core::transport::Backoff;
 use chrono::Utc;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
@@ -78,7 +79,7 @@ pub(crate) async fn run_dispatcher<S: OutboxStore>(
     let listener_stop = stop.child_token();
     let mut listener: Option<JoinHandle<()>> = None;
 
-    let mut backoff = options.min_backoff;
+    let mut failures = Backoff::new(options.min_backoff, options.max_backoff);
     let mut last_cleanup = tokio::time::Instant::now();
     tracing::debug!(dispatcher = %id, "outbox dispatcher started");
     loop {
@@ -109,11 +110,11 @@ pub(crate) async fn run_dispatcher<S: OutboxStore>(
         };
         match round {
             Round::Delivered => {
-                backoff = options.min_backoff;
+                failures.reset();
                 continue;
             }
             Round::Idle => {
-                backoff = options.min_backoff;
+                failures.reset();
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = &mut notified => {}
@@ -122,13 +123,11 @@ pub(crate) async fn run_dispatcher<S: OutboxStore>(
             }
             Round::Failed { unavailable } => {
                 if unavailable {
-                    tracing::info!(dispatcher = %id, ?backoff, "the broker is unavailable; outbox delivery waits");
+                    tracing::info!(dispatcher = %id, failures = failures.failures() + 1, "the broker is unavailable; outbox delivery waits");
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !failures.wait(&stop).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(options.max_backoff);
             }
         }
     }

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use busway_core::transport::Backoff;
 use busway_core::{Error, ErrorKind, Result, Topology};
 use futures_util::StreamExt;
 use lapin::options::ConfirmSelectOptions;
@@ -331,7 +332,7 @@ impl Connector {
     }
 
     async fn supervise(self: Arc<Self>) {
-        let mut delay = self.config.reconnect_min;
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let mut last_error: Option<String> = None;
         let mut attempts = 0u32;
         loop {
@@ -348,12 +349,13 @@ impl Connector {
                         tracing::warn!(url = %self.config.url(), attempt = attempts, error = %err, "RabbitMQ connection failed; retrying");
                     }
                     last_error = Some(busway_core::error::chain_text(&err));
+                    // Jittered, so many processes do not reconnect in step.
+                    let delay = backoff.next_delay();
                     let jitter = delay.mul_f64(fastrand::f64() * 0.2);
                     tokio::select! {
                         _ = self.closing.cancelled() => break,
                         _ = tokio::time::sleep(delay + jitter) => {}
                     }
-                    delay = (delay * 2).min(self.config.reconnect_max);
                     continue;
                 }
             };
@@ -366,11 +368,9 @@ impl Connector {
                     .connection
                     .close(320, "busway: topology failed".into())
                     .await;
-                tokio::select! {
-                    _ = self.closing.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
+                if !backoff.wait(&self.closing).await {
+                    break;
                 }
-                delay = (delay * 2).min(self.config.reconnect_max);
                 continue;
             }
             if attempts > 0 || link.generation > 1 {
@@ -379,7 +379,7 @@ impl Connector {
                 tracing::debug!(url = %self.config.url(), "connected to RabbitMQ");
             }
             attempts = 0;
-            delay = self.config.reconnect_min;
+            backoff.reset();
             self.state.send_replace(State::Connected(link.clone()));
 
             let mut events = link.connection.events_listener();

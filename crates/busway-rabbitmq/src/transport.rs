@@ -7,7 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
+    Backoff, Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement,
+    Transport,
 };
 use busway_core::{
     Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
@@ -837,7 +838,12 @@ impl Receiver for RabbitReceiver {
                         if self.failures == 1 || self.failures.is_multiple_of(10) {
                             tracing::warn!(endpoint = %self.spec.name, attempt = self.failures, error = %err, "could not start consuming; retrying");
                         }
-                        let backoff = Duration::from_millis(100 * u64::from(self.failures.min(50)));
+                        // 100 ms doubling to 5 s.
+                        let backoff = Backoff::delay_for(
+                            self.failures,
+                            Duration::from_millis(100),
+                            Duration::from_secs(5),
+                        );
                         tokio::select! {
                             _ = self.stop.cancelled() => return None,
                             _ = tokio::time::sleep(backoff) => {}
