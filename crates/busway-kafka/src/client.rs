@@ -40,11 +40,7 @@ fn config_error(err: KafkaError) -> Error {
 /// Refuses, with the fix, a security protocol this build of librdkafka cannot speak (it
 /// would otherwise say only that OpenSSL was not available at build time).
 fn check_security(config: &KafkaConfig) -> Result<()> {
-    let protocol = config
-        .properties
-        .get("security.protocol")
-        .map(|p| p.to_ascii_uppercase());
-    let wants_tls = matches!(protocol.as_deref(), Some("SSL" | "SASL_SSL"));
+    let wants_tls = matches!(config.security_protocol().as_str(), "SSL" | "SASL_SSL");
     if wants_tls && !cfg!(feature = "ssl") {
         return Err(Error::config(
             "security.protocol asks for TLS, but busway's Kafka transport was built without \
@@ -121,12 +117,7 @@ impl Client {
     pub(crate) async fn check_connection(&self, timeout: Duration) -> Result<()> {
         let producer = self.producer.clone();
         let brokers = self.config.brokers.clone();
-        let protocol = self
-            .config
-            .properties
-            .get("security.protocol")
-            .cloned()
-            .unwrap_or_else(|| "PLAINTEXT".to_string());
+        let protocol = self.config.security_protocol();
         tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
             .await
             .map_err(|e| Error::transport("the metadata request did not finish", e))?

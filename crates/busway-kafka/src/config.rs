@@ -138,6 +138,13 @@ impl KafkaConfig {
         &self.brokers
     }
 
+    /// The `security.protocol` property, upper case (`PLAINTEXT` when not set).
+    pub(crate) fn security_protocol(&self) -> String {
+        self.properties
+            .get("security.protocol")
+            .map_or_else(|| "PLAINTEXT".to_string(), |p| p.to_ascii_uppercase())
+    }
+
     /// The prefix of derived topic names (empty by default).
     pub fn topic_prefix(&self) -> &str {
         &self.prefix
