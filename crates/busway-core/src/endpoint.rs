@@ -572,17 +572,7 @@ async fn handle_delivery(rt: Arc<EndpointRuntime>, delivery: Delivery, cancel: C
     let received = match rt.bus.serializers.deserialize(&message) {
         Ok(received) => received,
         Err(err) => {
-            let details = FaultDetails {
-                exception_type: "busway::DeserializeError".to_string(),
-                message: err.to_string(),
-                stack_trace: crate::error::chain_text(&err),
-                input_address: rt.info.address.clone(),
-                consumer_type: None,
-                message_type: None,
-                retry_count: 0,
-                redelivery_count: 0,
-                timestamp: Utc::now(),
-            };
+            let details = FaultDetails::unreadable(&err, &rt.info.address);
             tracing::error!(endpoint = %rt.info.name, error = %err, "could not read a message; moving it to the error queue");
             // Rare paths are boxed so they do not enlarge every delivery's task.
             Box::pin(move_message(
@@ -689,6 +679,22 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-text panic payload".to_string())
 }
 
+/// Readies a copy for `_error` / `_skipped`: the reason headers, the host headers, no time
+/// to live, and the observers told.
+pub(crate) fn prepare_move(
+    bus: &BusInner,
+    endpoint: &str,
+    kind: MoveKind,
+    message: &mut TransportMessage,
+    reason: &str,
+    add_headers: impl FnOnce(&mut crate::headers::Headers),
+) {
+    add_headers(&mut message.headers);
+    bus.host.write_headers(&mut message.headers);
+    message.time_to_live = None;
+    bus.observers.on_move(endpoint, kind, message, reason);
+}
+
 /// Moves a message to the endpoint's error or skipped queue. A failed move is tried again
 /// with [`move_backoff`] while the delivery is held, until it succeeds or the endpoint stops
 /// (or `cancel`, the shutdown deadline, fires), which returns the message to the broker.
@@ -701,12 +707,14 @@ async fn move_message(
     add_headers: impl FnOnce(&mut crate::headers::Headers),
     cancel: &CancellationToken,
 ) {
-    add_headers(&mut message.headers);
-    rt.bus.host.write_headers(&mut message.headers);
-    message.time_to_live = None;
-    rt.bus
-        .observers
-        .on_move(&rt.info.name, kind, &message, reason);
+    prepare_move(
+        &rt.bus,
+        &rt.info.name,
+        kind,
+        &mut message,
+        reason,
+        add_headers,
+    );
     let mut failures = 0u32;
     loop {
         let err = match settlement.move_to(kind, message.clone()).await {

@@ -133,6 +133,22 @@ pub struct FaultDetails {
 }
 
 impl FaultDetails {
+    /// The details of a message an endpoint at `input_address` could not read
+    /// (`busway::DeserializeError`, no consumer, no retries).
+    pub(crate) fn unreadable(err: &crate::error::Error, input_address: &str) -> Self {
+        Self {
+            exception_type: "busway::DeserializeError".to_string(),
+            message: err.to_string(),
+            stack_trace: crate::error::chain_text(err),
+            input_address: input_address.to_string(),
+            consumer_type: None,
+            message_type: None,
+            retry_count: 0,
+            redelivery_count: 0,
+            timestamp: chrono::Utc::now(),
+        }
+    }
+
     /// Writes `MT-Reason: fault` and the `MT-Fault-*` headers.
     pub fn write_headers(&self, headers: &mut Headers) {
         headers.insert(names::REASON, "fault");

@@ -130,25 +130,18 @@ pub(crate) async fn run_response_endpoint(
 /// broker (requeued, or redelivered when the settlement is gone), never dropped.
 async fn unreadable_response(bus: &BusInner, delivery: crate::transport::Delivery, err: &Error) {
     let topology = &bus.response_topology;
-    let details = crate::fault::FaultDetails {
-        exception_type: "busway::DeserializeError".to_string(),
-        message: err.to_string(),
-        stack_trace: crate::error::chain_text(err),
-        input_address: topology.address.clone(),
-        consumer_type: None,
-        message_type: None,
-        retry_count: 0,
-        redelivery_count: 0,
-        timestamp: chrono::Utc::now(),
-    };
+    let details = crate::fault::FaultDetails::unreadable(err, &topology.address);
     tracing::error!(endpoint = %topology.name, error = %err, "the response endpoint could not read a message; moving it to the error queue");
     let mut message = delivery.message;
-    details.write_headers(&mut message.headers);
-    bus.host.write_headers(&mut message.headers);
-    message.time_to_live = None;
     let kind = crate::transport::MoveKind::Error;
-    bus.observers
-        .on_move(&topology.name, kind, &message, &details.message);
+    crate::endpoint::prepare_move(
+        bus,
+        &topology.name,
+        kind,
+        &mut message,
+        &details.message,
+        |h| details.write_headers(h),
+    );
     if let Err(failed) = delivery.settlement.move_to(kind, message).await {
         tracing::error!(endpoint = %topology.name, error = %failed.error, "could not move an unreadable response to the error queue; returning it to the broker");
         if let Some(held) = failed.settlement
