@@ -504,6 +504,21 @@ fn raw(body: &'static [u8], content_type: Option<&str>) -> TransportMessage {
     }
 }
 
+/// Sends `body` as it is (no envelope written by busway) to `address`.
+async fn send_raw(
+    t: &impl Transport,
+    address: &Address,
+    body: &'static [u8],
+    content_type: Option<&str>,
+) {
+    t.send(address, raw(body, content_type), &Default::default())
+        .await
+        .expect("raw send");
+}
+
+/// A MassTransit envelope cut short: not valid JSON.
+const BROKEN_ENVELOPE: &[u8] = b"{\"messageId\": oops";
+
 /// Malformed JSON, an unknown content type and a missing content type each end in
 /// `<endpoint>_error` with a reason; the endpoint keeps consuming good messages.
 pub async fn unreadable_messages_go_to_error<F: TransportFixture>(fixture: &F) {
@@ -519,27 +534,10 @@ pub async fn unreadable_messages_go_to_error<F: TransportFixture>(fixture: &F) {
     .await;
     let running = bus.start().await.expect("start");
     let address = Address::queue(name.clone());
-    let options = busway::transport::DeliveryOptions::default();
-    t.send(
-        &address,
-        raw(
-            b"{\"messageId\": oops",
-            Some(busway::serializer::MASSTRANSIT_JSON),
-        ),
-        &options,
-    )
-    .await
-    .expect("raw send");
-    t.send(
-        &address,
-        raw(b"<order/>", Some("application/xml")),
-        &options,
-    )
-    .await
-    .expect("raw send");
-    t.send(&address, raw(b"{}", None), &options)
-        .await
-        .expect("raw send");
+    let json = Some(busway::serializer::MASSTRANSIT_JSON);
+    send_raw(&t, &address, BROKEN_ENVELOPE, json).await;
+    send_raw(&t, &address, b"<order/>", Some("application/xml")).await;
+    send_raw(&t, &address, b"{}", None).await;
     bus.send(format!("queue:{name}"), Handled { n: 1 })
         .await
         .expect("send");
@@ -1219,17 +1217,8 @@ pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) 
         .clone()
         .expect("the request carried a response address");
     let address = Address::parse(&address).expect("a response address");
-    let options = busway::transport::DeliveryOptions::default();
-    t.send(
-        &address,
-        raw(
-            b"{\"messageId\": oops",
-            Some(busway::serializer::MASSTRANSIT_JSON),
-        ),
-        &options,
-    )
-    .await
-    .expect("raw send to the response endpoint");
+    let json = Some(busway::serializer::MASSTRANSIT_JSON);
+    send_raw(&t, &address, BROKEN_ENVELOPE, json).await;
     let error_queue = format!("{}_error", bus.response_endpoint_name());
     let errors = take_queue(fixture, &t, &error_queue, 1, WAIT).await;
     assert_eq!(errors.len(), 1);

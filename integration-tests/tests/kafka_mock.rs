@@ -227,6 +227,41 @@ async fn a_broker_outage_is_an_unavailable_error_and_is_survived() {
     running.shutdown().await.expect("shutdown");
 }
 
+/// A one-partition mock cluster whose dead-letter topic for `endpoint` refuses writes, and a
+/// transport on it with `policy`: (cluster, transport, the message topic, the dead-letter
+/// topic).
+fn refusing_dead_letters(
+    endpoint: &str,
+    policy: busway::kafka::DeadLetterFailure,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    Kafka,
+    String,
+    String,
+) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = Kafka::builder(&cluster.bootstrap_servers())
+        .partitions(1)
+        .create_topics(false)
+        .publish_timeout(Duration::from_secs(1))
+        .dead_letter_failure(policy)
+        .build()
+        .expect("config");
+    let topic = kafka.config().topic_for(Keyed::message_type());
+    let dead_letters = kafka.config().dead_letter_topic(&topic, endpoint);
+    cluster.create_topic(&topic, 1, 1).expect("topic");
+    cluster
+        .create_topic(&dead_letters, 1, 1)
+        .expect("dead-letter topic");
+    cluster
+        .topic_error(
+            &dead_letters,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .expect("topic error");
+    (cluster, kafka, topic, dead_letters)
+}
+
 /// Issue 12.6: a record whose dead-letter copy cannot be written (the mock refuses its
 /// topic) does not spin: with the default policy it is parked (consumed once, later records
 /// of its key wait, the write retried with back-off); with `SkipAfter(3)` it is logged as lost
@@ -238,22 +273,7 @@ async fn an_unwritable_dead_letter_topic_parks_or_skips_as_configured() {
     init_tracing();
     for policy in [DeadLetterFailure::Park, DeadLetterFailure::SkipAfter(3)] {
         let endpoint = busway_integration_tests::support::unique("dlq-fails");
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let kafka = Kafka::builder(&cluster.bootstrap_servers())
-            .partitions(1)
-            .create_topics(false)
-            .publish_timeout(Duration::from_secs(1))
-            .dead_letter_failure(policy)
-            .build()
-            .expect("config");
-        let topic = kafka.config().topic_for(Keyed::message_type());
-        cluster.create_topic(&topic, 1, 1).expect("topic");
-        cluster
-            .topic_error(
-                &kafka.config().dead_letter_topic(&topic, &endpoint),
-                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-            )
-            .expect("topic error");
+        let (_cluster, kafka, _, _) = refusing_dead_letters(&endpoint, policy);
         let calls: Seen = Arc::default();
         let c = calls.clone();
         let bus = Bus::builder()
@@ -321,26 +341,8 @@ async fn an_unwritable_dead_letter_topic_stops_the_endpoint_when_asked() {
     use rdkafka::types::RDKafkaRespErr;
     init_tracing();
     let endpoint = busway_integration_tests::support::unique("dlq-stops");
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let kafka = Kafka::builder(&cluster.bootstrap_servers())
-        .partitions(1)
-        .create_topics(false)
-        .publish_timeout(Duration::from_secs(1))
-        .dead_letter_failure(DeadLetterFailure::StopAfter(3))
-        .build()
-        .expect("config");
-    let topic = kafka.config().topic_for(Keyed::message_type());
-    let dead_letters = kafka.config().dead_letter_topic(&topic, &endpoint);
-    cluster.create_topic(&topic, 1, 1).expect("topic");
-    cluster
-        .create_topic(&dead_letters, 1, 1)
-        .expect("dead-letter topic");
-    cluster
-        .topic_error(
-            &dead_letters,
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-        )
-        .expect("topic error");
+    let (cluster, kafka, topic, dead_letters) =
+        refusing_dead_letters(&endpoint, DeadLetterFailure::StopAfter(3));
     let calls: Seen = Arc::default();
     let start = |kafka: Kafka, calls: Seen| {
         let endpoint = endpoint.clone();
