@@ -1179,8 +1179,9 @@ pub async fn request_response<F: TransportFixture>(fixture: &F) {
 }
 
 /// A message the bus's response endpoint cannot read goes to that endpoint's `_error`
-/// queue with the reason, like on any endpoint (it used to be acked and dropped), and
-/// requests still get their responses afterwards.
+/// queue with the reason, like on any endpoint (it used to be acked and dropped), a late
+/// response is dropped without going there, and requests still get their responses
+/// afterwards.
 pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) {
     init_tracing();
     let t = fixture.transport().await;
@@ -1227,12 +1228,24 @@ pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) 
         header(&errors[0], names::FAULT_EXCEPTION_TYPE),
         "busway::DeserializeError"
     );
+    // A response nobody waits for any more (its request timed out) is read, acked and
+    // dropped: it does not reach `_error`.
+    bus.send(address.clone(), Answer { n: 7 })
+        .request_id(busway::new_id())
+        .await
+        .expect("send a late response");
     let second = bus
         .request_client::<Question>()
         .get_response::<Answer>(Question { n: 21 })
         .await
         .expect("a response after the unreadable one");
     assert_eq!(second.n, 42);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fixture.queue_depth(&t, &error_queue).await,
+        0,
+        "a late response went to {error_queue}"
+    );
     running.shutdown().await.expect("shutdown");
 }
 

@@ -21,6 +21,7 @@ use tower_service::Service;
 use crate::context::{ConsumeContext, ReceiveContext};
 use crate::error::{ConsumeError, ConsumeErrorKind, Error, ErrorKind};
 use crate::message::Message;
+use crate::observer::Observers;
 use crate::pipeline::{
     ConcurrencyLimitLayer, ConsumeLayer, ConsumeService, Retry, RetryLayer, TimeoutLayer,
     apply_consume_layers,
@@ -125,23 +126,32 @@ impl ConsumerConfigurator {
     }
 }
 
+/// Makes a registration's invoker once the bus knows its observers.
+type MakeInvoker = Box<dyn FnOnce(Observers) -> ConsumeService + Send + Sync>;
+
 /// One consumer of one message type, ready to be placed at an endpoint.
 pub struct ConsumerRegistration {
     pub(crate) consumer_type: String,
     pub(crate) message_type: Urn,
-    pub(crate) service: ConsumeService,
+    make: MakeInvoker,
+    config: Option<ConsumerConfigurator>,
 }
 
 impl ConsumerRegistration {
     /// A registration of `consumer` for message type `M`.
     pub fn new<M: Message, C: Consumer<M>>(consumer: Arc<C>) -> Self {
         let consumer_type = std::any::type_name::<C>().to_string();
+        let name: Arc<str> = Arc::from(consumer_type.as_str());
         Self {
-            service: BoxCloneSyncService::new(Invoker::<M, C> {
-                consumer,
-                consumer_type: Arc::from(consumer_type.as_str()),
-                _message: PhantomData,
+            make: Box::new(move |observers| {
+                BoxCloneSyncService::new(Invoker::<M, C> {
+                    consumer,
+                    consumer_type: name,
+                    observers,
+                    _message: PhantomData,
+                })
             }),
+            config: None,
             consumer_type,
             message_type: M::message_type().clone(),
         }
@@ -155,20 +165,35 @@ impl ConsumerRegistration {
         Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
     {
         let consumer_type = format!("handler<{}>", std::any::type_name::<M>());
+        let name: Arc<str> = Arc::from(consumer_type.as_str());
         Self {
-            service: BoxCloneSyncService::new(HandlerInvoker::<M, F> {
-                handler: Arc::new(handler),
-                consumer_type: Arc::from(consumer_type.as_str()),
-                _message: PhantomData,
+            make: Box::new(move |observers| {
+                BoxCloneSyncService::new(HandlerInvoker::<M, F> {
+                    handler: Arc::new(handler),
+                    consumer_type: name,
+                    observers,
+                    _message: PhantomData,
+                })
             }),
+            config: None,
             consumer_type,
             message_type: M::message_type().clone(),
         }
     }
 
-    pub(crate) fn configure(mut self, config: &ConsumerConfigurator) -> Self {
-        self.service = config.wrap(self.service);
+    pub(crate) fn configure(mut self, config: ConsumerConfigurator) -> Self {
+        self.config = Some(config);
         self
+    }
+
+    /// The consumer's service at its endpoint: the invoker (which tells `observers` about
+    /// each attempt) inside the consumer's own pipeline options.
+    pub(crate) fn into_service(self, observers: Observers) -> ConsumeService {
+        let invoker = (self.make)(observers);
+        match &self.config {
+            Some(config) => config.wrap(invoker),
+            None => invoker,
+        }
     }
 
     /// The consumer's type name.
@@ -267,13 +292,12 @@ where
 
 fn finish(
     rc: &ReceiveContext,
+    observers: &Observers,
     consumer_type: &str,
     message_type: &Urn,
     result: Result<(), ConsumeError>,
 ) -> Result<(), ConsumeError> {
-    rc.bus_inner()
-        .observers
-        .on_consume(rc, consumer_type, message_type, result.as_ref().err());
+    observers.on_consume(rc, consumer_type, message_type, result.as_ref().err());
     if result.is_err() {
         rc.set_fault_source(consumer_type, message_type);
     }
@@ -283,6 +307,7 @@ fn finish(
 struct Invoker<M, C> {
     consumer: Arc<C>,
     consumer_type: Arc<str>,
+    observers: Observers,
     _message: PhantomData<fn() -> M>,
 }
 
@@ -291,6 +316,7 @@ impl<M, C> Clone for Invoker<M, C> {
         Self {
             consumer: self.consumer.clone(),
             consumer_type: self.consumer_type.clone(),
+            observers: self.observers.clone(),
             _message: PhantomData,
         }
     }
@@ -308,6 +334,7 @@ impl<M: Message, C: Consumer<M>> Service<ReceiveContext> for Invoker<M, C> {
     fn call(&mut self, rc: ReceiveContext) -> Self::Future {
         let consumer = self.consumer.clone();
         let consumer_type = self.consumer_type.clone();
+        let observers = self.observers.clone();
         Box::pin(async move {
             let result = match decode::<M>(&rc) {
                 Ok(message) => {
@@ -316,7 +343,7 @@ impl<M: Message, C: Consumer<M>> Service<ReceiveContext> for Invoker<M, C> {
                 }
                 Err(e) => Err(e),
             };
-            finish(&rc, &consumer_type, M::message_type(), result)
+            finish(&rc, &observers, &consumer_type, M::message_type(), result)
         })
     }
 }
@@ -324,6 +351,7 @@ impl<M: Message, C: Consumer<M>> Service<ReceiveContext> for Invoker<M, C> {
 struct HandlerInvoker<M, F> {
     handler: Arc<F>,
     consumer_type: Arc<str>,
+    observers: Observers,
     _message: PhantomData<fn() -> M>,
 }
 
@@ -332,6 +360,7 @@ impl<M, F> Clone for HandlerInvoker<M, F> {
         Self {
             handler: self.handler.clone(),
             consumer_type: self.consumer_type.clone(),
+            observers: self.observers.clone(),
             _message: PhantomData,
         }
     }
@@ -354,6 +383,7 @@ where
     fn call(&mut self, rc: ReceiveContext) -> Self::Future {
         let handler = self.handler.clone();
         let consumer_type = self.consumer_type.clone();
+        let observers = self.observers.clone();
         Box::pin(async move {
             let result = match decode::<M>(&rc) {
                 Ok(message) => {
@@ -369,7 +399,7 @@ where
                 }
                 Err(e) => Err(e),
             };
-            finish(&rc, &consumer_type, M::message_type(), result)
+            finish(&rc, &observers, &consumer_type, M::message_type(), result)
         })
     }
 }
@@ -386,12 +416,15 @@ struct DispatcherShared {
 }
 
 impl Dispatcher {
-    pub(crate) fn new(registrations: Vec<ConsumerRegistration>) -> Self {
+    pub(crate) fn new(registrations: Vec<ConsumerRegistration>, observers: &Observers) -> Self {
         let mut by_type: HashMap<Urn, Vec<usize>> = HashMap::new();
         let mut consumers = Vec::with_capacity(registrations.len());
         for (index, reg) in registrations.into_iter().enumerate() {
-            by_type.entry(reg.message_type).or_default().push(index);
-            consumers.push(reg.service);
+            by_type
+                .entry(reg.message_type.clone())
+                .or_default()
+                .push(index);
+            consumers.push(reg.into_service(observers.clone()));
         }
         Self {
             shared: Arc::new(DispatcherShared { consumers, by_type }),

@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::address::IntoAddress;
-use crate::bus::{Bus, BusInner};
+use crate::bus::Bus;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::{Headers, names};
 use crate::host::HostInfo;
 use crate::message::Message;
-use crate::send::SendBuilder;
+use crate::send::{Parent, SendBuilder};
+use crate::sender::SendContext;
 use crate::serializer::ReceivedMessage;
 use crate::topology::Extensions;
 use crate::trace::TraceContext;
@@ -32,6 +33,24 @@ pub(crate) struct EndpointInfo {
     pub(crate) address: String,
 }
 
+/// How a delivery was settled by someone other than the receive loop's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettledBy {
+    /// Delayed redelivery sent it back to the endpoint ([`ReceiveContext::redeliver`]).
+    Redelivered,
+    /// The receive loop already took it to ack, requeue or move it.
+    Endpoint,
+}
+
+/// Where a delivery's settlement is: still open, settled by a layer (which said how), or
+/// taken by the receive loop.
+enum SettlementState {
+    Open(Box<dyn Settlement>),
+    Settled(SettledBy),
+    Taken,
+}
+
 /// One delivery on its way through an endpoint's consume pipeline.
 ///
 /// This is the request type of every consume-side `tower::Service`. It is cheap to clone
@@ -42,7 +61,7 @@ pub struct ReceiveContext {
 }
 
 struct ReceiveInner {
-    bus: Arc<BusInner>,
+    bus: Bus,
     endpoint: Arc<EndpointInfo>,
     transport_message: TransportMessage,
     received: ReceivedMessage,
@@ -51,7 +70,7 @@ struct ReceiveInner {
     redelivery_count: u32,
     retry_attempt: AtomicU32,
     cancel: CancellationToken,
-    settlement: Mutex<Option<Box<dyn Settlement>>>,
+    settlement: Mutex<SettlementState>,
     trace: TraceContext,
     parent_trace: Option<TraceContext>,
     /// Consumers (by index) that succeeded for this delivery: a bit each for the first 64,
@@ -65,7 +84,7 @@ struct ReceiveInner {
 impl ReceiveContext {
     #[allow(clippy::too_many_arguments)] // internal constructor, called from one place
     pub(crate) fn new(
-        bus: Arc<BusInner>,
+        bus: Bus,
         endpoint: Arc<EndpointInfo>,
         transport_message: TransportMessage,
         received: ReceivedMessage,
@@ -95,7 +114,7 @@ impl ReceiveContext {
                 redelivery_count,
                 retry_attempt: AtomicU32::new(0),
                 cancel,
-                settlement: Mutex::new(Some(settlement)),
+                settlement: Mutex::new(SettlementState::Open(settlement)),
                 trace,
                 parent_trace,
                 completed: AtomicU64::new(0),
@@ -106,13 +125,26 @@ impl ReceiveContext {
         }
     }
 
-    pub(crate) fn bus_inner(&self) -> &Arc<BusInner> {
+    pub(crate) fn send_context(&self) -> &SendContext {
+        self.inner.bus.send_context()
+    }
+
+    pub(crate) fn bus_ref(&self) -> &Bus {
         &self.inner.bus
+    }
+
+    /// What a message produced while consuming this one continues from.
+    pub(crate) fn parent(&self) -> Parent<'_> {
+        Parent {
+            envelope: self.envelope(),
+            input_address: self.input_address(),
+            trace: self.inner.trace,
+        }
     }
 
     /// The bus this delivery arrived on.
     pub fn bus(&self) -> Bus {
-        Bus::from_inner(self.inner.bus.clone())
+        self.inner.bus.clone()
     }
 
     /// The envelope: ids, addresses, times, headers, host.
@@ -162,7 +194,7 @@ impl ReceiveContext {
 
     /// The transport's `messaging.system` name.
     pub fn messaging_system(&self) -> &'static str {
-        self.inner.bus.transport.system()
+        self.inner.bus.transport().system()
     }
 
     /// True when the broker says the message was delivered before.
@@ -208,28 +240,58 @@ impl ReceiveContext {
 
     /// True once the delivery has been settled by a layer (for example redelivered).
     pub fn is_settled(&self) -> bool {
-        self.inner
-            .settlement
-            .lock()
-            .map(|s| s.is_none())
-            .unwrap_or(true)
+        !matches!(&*self.settlement(), SettlementState::Open(_))
     }
 
-    pub(crate) fn take_settlement(&self) -> Option<Box<dyn Settlement>> {
+    /// How a layer settled the delivery, if one did.
+    pub fn settled_by(&self) -> Option<SettledBy> {
+        match &*self.settlement() {
+            SettlementState::Settled(by) => Some(*by),
+            _ => None,
+        }
+    }
+
+    fn settlement(&self) -> std::sync::MutexGuard<'_, SettlementState> {
         self.inner
             .settlement
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
+    }
+
+    /// Takes the delivery's settlement for the receive loop, or says how a layer settled it.
+    pub(crate) fn take_settlement(&self) -> std::result::Result<Box<dyn Settlement>, SettledBy> {
+        let mut state = self.settlement();
+        match std::mem::replace(&mut *state, SettlementState::Taken) {
+            SettlementState::Open(settlement) => Ok(settlement),
+            SettlementState::Settled(by) => {
+                *state = SettlementState::Settled(by);
+                Err(by)
+            }
+            SettlementState::Taken => Err(SettledBy::Endpoint),
+        }
     }
 
     /// Settles the delivery by sending it back to this endpoint after `delay` with
-    /// `MT-Redelivery-Count` incremented (delayed redelivery). The original is removed once
-    /// the copy is accepted; if that fails the original goes back to the queue.
+    /// `MT-Redelivery-Count` incremented (delayed redelivery), and records that it did: the
+    /// receive loop then leaves the delivery alone. The original is removed once the copy is
+    /// accepted; if that fails the original goes back to the queue.
     pub async fn redeliver(&self, delay: Duration) -> Result<()> {
-        let settlement = self
-            .take_settlement()
-            .ok_or_else(|| Error::new(ErrorKind::Config, "the delivery was already settled"))?;
+        let settlement = {
+            let mut state = self.settlement();
+            match std::mem::replace(
+                &mut *state,
+                SettlementState::Settled(SettledBy::Redelivered),
+            ) {
+                SettlementState::Open(settlement) => settlement,
+                other => {
+                    *state = other;
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        "the delivery was already settled",
+                    ));
+                }
+            }
+        };
         let mut message = self.inner.transport_message.clone();
         message.headers.insert(
             names::REDELIVERY_COUNT,
@@ -452,14 +514,18 @@ impl<M> ConsumeContext<M> {
 
     /// Publishes `message` to every endpoint that consumes its type.
     pub fn publish<T: Message>(&self, message: T) -> SendBuilder<'_, T> {
-        SendBuilder::publish(self.receive.bus_inner(), Some(&self.receive), message)
+        SendBuilder::publish(
+            self.receive.send_context(),
+            Some(self.receive.parent()),
+            message,
+        )
     }
 
     /// Sends `message` to one address.
     pub fn send<T: Message>(&self, address: impl IntoAddress, message: T) -> SendBuilder<'_, T> {
         SendBuilder::send(
-            self.receive.bus_inner(),
-            Some(&self.receive),
+            self.receive.send_context(),
+            Some(self.receive.parent()),
             address.into_address(),
             message,
         )
@@ -470,12 +536,16 @@ impl<M> ConsumeContext<M> {
     pub fn respond<T: Message>(&self, message: T) -> SendBuilder<'_, T> {
         let builder = match self.response_address() {
             Some(address) => SendBuilder::send(
-                self.receive.bus_inner(),
-                Some(&self.receive),
+                self.receive.send_context(),
+                Some(self.receive.parent()),
                 address.into_address(),
                 message,
             ),
-            None => SendBuilder::publish(self.receive.bus_inner(), Some(&self.receive), message),
+            None => SendBuilder::publish(
+                self.receive.send_context(),
+                Some(self.receive.parent()),
+                message,
+            ),
         };
         match self.request_id() {
             Some(id) => builder.request_id(id),

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::fault::ExceptionInfo;
+use crate::exception::{ExceptionInfo, truncate};
 
 /// A boxed error that can cross threads; what layers and transports pass around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -443,6 +443,37 @@ impl fmt::Debug for ConsumeError {
 impl fmt::Display for ConsumeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.inner.source, f)
+    }
+}
+
+impl ExceptionInfo {
+    /// Describes a consume error, with its cause chain as inner exceptions.
+    pub fn from_consume_error(err: &ConsumeError) -> Self {
+        let mut causes = Vec::new();
+        let mut next = err.source().source();
+        while let Some(cause) = next {
+            causes.push(cause.to_string());
+            next = cause.source();
+        }
+        let mut inner: Option<Box<ExceptionInfo>> = None;
+        for message in causes.into_iter().rev() {
+            inner = Some(Box::new(ExceptionInfo {
+                exception_type: "Error".to_string(),
+                inner_exception: inner,
+                stack_trace: None,
+                message,
+                source: None,
+                data: None,
+            }));
+        }
+        ExceptionInfo {
+            exception_type: err.type_name().to_string(),
+            inner_exception: inner,
+            stack_trace: Some(truncate(&err.chain_text())),
+            message: err.to_string(),
+            source: Some("busway".to_string()),
+            data: None,
+        }
     }
 }
 

@@ -6,14 +6,11 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::envelope::format_time;
-use crate::error::ConsumeError;
+pub use crate::exception::{ExceptionInfo, FAULT_TEXT_LIMIT, truncate};
 use crate::headers::{Headers, names};
 use crate::host::HostInfo;
 use crate::message::{Message, private::urn_for_type};
 use crate::urn::Urn;
-
-/// MassTransit truncates fault messages and stack traces to this many characters.
-pub const FAULT_TEXT_LIMIT: usize = 2048;
 
 /// The URN every fault also carries: `urn:message:MassTransit:Fault`.
 pub const FAULT_URN: Urn = Urn::from_static("urn:message:MassTransit:Fault");
@@ -49,63 +46,6 @@ impl<M: Message> Message for Fault<M> {
 
     fn correlation_id(&self) -> Option<Uuid> {
         self.message.correlation_id()
-    }
-}
-
-/// One error of a fault, in MassTransit's `ExceptionInfo` shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ExceptionInfo {
-    /// The error's type name.
-    pub exception_type: String,
-    /// The error this one was caused by.
-    pub inner_exception: Option<Box<ExceptionInfo>>,
-    /// The error chain as text (Rust errors carry no stack trace).
-    pub stack_trace: Option<String>,
-    /// The error message.
-    pub message: String,
-    /// What raised it.
-    pub source: Option<String>,
-    /// Extra data.
-    pub data: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
-impl ExceptionInfo {
-    /// Describes a consume error, with its cause chain as inner exceptions.
-    pub fn from_consume_error(err: &ConsumeError) -> Self {
-        let mut causes = Vec::new();
-        let mut next = err.source().source();
-        while let Some(cause) = next {
-            causes.push(cause.to_string());
-            next = cause.source();
-        }
-        let mut inner: Option<Box<ExceptionInfo>> = None;
-        for message in causes.into_iter().rev() {
-            inner = Some(Box::new(ExceptionInfo {
-                exception_type: "Error".to_string(),
-                inner_exception: inner,
-                stack_trace: None,
-                message,
-                source: None,
-                data: None,
-            }));
-        }
-        ExceptionInfo {
-            exception_type: err.type_name().to_string(),
-            inner_exception: inner,
-            stack_trace: Some(truncate(&err.chain_text())),
-            message: err.to_string(),
-            source: Some("busway".to_string()),
-            data: None,
-        }
-    }
-}
-
-/// Truncates to [`FAULT_TEXT_LIMIT`] characters.
-pub fn truncate(text: &str) -> String {
-    match text.char_indices().nth(FAULT_TEXT_LIMIT) {
-        Some((idx, _)) => text[..idx].to_string(),
-        None => text.to_string(),
     }
 }
 

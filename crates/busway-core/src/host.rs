@@ -9,8 +9,8 @@ use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::envelope::KeyIn;
 use crate::headers::{Headers, names};
+use crate::keys::KeyIn;
 
 /// Where a message was produced or faulted: machine, process, application and versions.
 ///

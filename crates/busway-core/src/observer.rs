@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::context::ReceiveContext;
 use crate::error::{ConsumeError, Error};
-use crate::send::OutgoingMessage;
+use crate::outgoing::OutgoingMessage;
 use crate::transport::{MoveKind, TransportMessage};
 use crate::urn::Urn;
 

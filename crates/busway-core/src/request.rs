@@ -1,58 +1,27 @@
 //! Request/response: a client that sends a request and awaits the response (or a fault)
 //! through the bus's own response endpoint.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tower_service::Service;
 use uuid::Uuid;
 
-use crate::address::Address;
-use crate::bus::{Bus, BusInner};
+use crate::address::{Address, IntoAddress};
+use crate::bus::{Bus, Requests};
+use crate::context::ReceiveContext;
 use crate::envelope::Envelope;
-use crate::error::{Error, ErrorKind, RequestFault, Result};
+use crate::error::{ConsumeError, Error, ErrorKind, RequestFault, Result};
 use crate::fault::ExceptionInfo;
 use crate::headers::{Headers, names};
 use crate::message::{Message, new_id};
 use crate::send::SendBuilder;
 use crate::serializer::{ReceivedMessage, decode_message};
-use crate::transport::Receiver;
-
-/// Requests waiting for a response, by request id.
-#[derive(Default)]
-pub(crate) struct Requests {
-    pending: Mutex<HashMap<Uuid, oneshot::Sender<ReceivedMessage>>>,
-}
-
-impl Requests {
-    fn register(&self, id: Uuid) -> oneshot::Receiver<ReceivedMessage> {
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
-        rx
-    }
-
-    fn remove(&self, id: &Uuid) -> Option<oneshot::Sender<ReceivedMessage>> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-    }
-
-    /// Number of requests waiting.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.pending.lock().map(|p| p.len()).unwrap_or(0)
-    }
-}
 
 /// Removes the pending entry when the request future ends or is dropped (cancelled).
 struct PendingGuard<'a> {
@@ -66,89 +35,61 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// Reads responses on the bus's response endpoint and completes waiting requests.
-pub(crate) async fn run_response_endpoint(
-    bus: Arc<BusInner>,
-    mut receiver: Box<dyn Receiver>,
-    stop: CancellationToken,
-) {
-    loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            d = receiver.next() => d,
-        };
-        let delivery = match next {
-            None => break,
-            Some(Err(err)) => {
-                tracing::warn!(error = %err, "response endpoint receive failed");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                }
-            }
-            Some(Ok(d)) => d,
-        };
-        match bus.serializers.deserialize(&delivery.message) {
-            Ok(received) => {
-                let waiting = received
-                    .envelope
-                    .request_id
-                    .and_then(|id| bus.requests.remove(&id));
-                match waiting {
-                    Some(tx) => {
-                        let _ = tx.send(received);
-                    }
-                    None => tracing::debug!(
-                        request_id = ?received.envelope.request_id,
-                        message_id = ?received.envelope.message_id,
-                        "a response arrived for a request that is no longer waiting (timed out or cancelled); discarding it"
-                    ),
-                }
-            }
-            Err(err) => {
-                // Like any endpoint: an unreadable message goes to `<endpoint>_error` with the
-                // reason, not away.
-                unreadable_response(&bus, delivery, &err).await;
-                continue;
-            }
-        }
-        if let Err(err) = delivery.settlement.ack().await {
-            tracing::debug!(error = %err, "response ack failed");
-        }
+/// The internal consumer of the bus's response endpoint: completes the request a response
+/// (or fault) answers. A late response, whose request timed out or was cancelled, is
+/// acknowledged and dropped; an unreadable one never gets here (the endpoint moves it to
+/// `_error` like any other).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ResponseSink;
+
+impl Service<ReceiveContext> for ResponseSink {
+    type Response = ();
+    type Error = ConsumeError;
+    type Future = std::future::Ready<std::result::Result<(), ConsumeError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), ConsumeError>> {
+        Poll::Ready(Ok(()))
     }
-    if let Err(err) = receiver.stop().await {
-        tracing::debug!(error = %err, "stopping the response receiver failed");
-    }
-    if let Err(err) = receiver.close().await {
-        tracing::debug!(error = %err, "closing the response receiver failed");
+
+    fn call(&mut self, rc: ReceiveContext) -> Self::Future {
+        let envelope = rc.envelope();
+        let waiting = envelope
+            .request_id
+            .and_then(|id| rc.bus_ref().shared().requests.remove(&id));
+        match waiting {
+            Some(tx) => {
+                let _ = tx.send(ReceivedMessage {
+                    envelope: envelope.clone(),
+                    message: rc.message_json().to_owned(),
+                    any_message_type: rc.any_message_type(),
+                });
+            }
+            None => tracing::debug!(
+                request_id = ?envelope.request_id,
+                message_id = ?envelope.message_id,
+                "a response arrived for a request that is no longer waiting (timed out or cancelled); discarding it"
+            ),
+        }
+        std::future::ready(Ok(()))
     }
 }
 
-/// Moves a message the response endpoint could not read to its error queue, with the
-/// fault headers an ordinary endpoint writes. If the move fails the message goes back to the
-/// broker (requeued, or redelivered when the settlement is gone), never dropped.
-async fn unreadable_response(bus: &BusInner, delivery: crate::transport::Delivery, err: &Error) {
-    let topology = &bus.response_topology;
-    let details = crate::fault::FaultDetails::unreadable(err, &topology.address);
-    tracing::error!(endpoint = %topology.name, error = %err, "the response endpoint could not read a message; moving it to the error queue");
-    let mut message = delivery.message;
-    let kind = crate::transport::MoveKind::Error;
-    crate::endpoint::prepare_move(
-        bus,
-        &topology.name,
-        kind,
-        &mut message,
-        &details.message,
-        |h| details.write_headers(h),
-    );
-    if let Err(failed) = delivery.settlement.move_to(kind, message).await {
-        tracing::error!(endpoint = %topology.name, error = %failed.error, "could not move an unreadable response to the error queue; returning it to the broker");
-        if let Some(held) = failed.settlement
-            && let Err(e) = held.requeue().await
-        {
-            tracing::warn!(endpoint = %topology.name, error = %e, "requeueing the unreadable response failed; the broker redelivers it");
-        }
+impl Bus {
+    /// A request client that publishes requests of type `Req`.
+    pub fn request_client<Req: Message>(&self) -> RequestClient<Req> {
+        RequestClient::new(self.clone(), None, self.shared().request_timeout)
+    }
+
+    /// A request client that sends requests of type `Req` to `address`.
+    pub fn request_client_to<Req: Message>(
+        &self,
+        address: impl IntoAddress,
+    ) -> Result<RequestClient<Req>> {
+        Ok(RequestClient::new(
+            self.clone(),
+            Some(address.into_address()?),
+            self.shared().request_timeout,
+        ))
     }
 }
 
@@ -263,22 +204,24 @@ impl<Req: Message> Request<'_, Req> {
 
     /// Sends the request and awaits a response of type `Resp`.
     pub async fn get_response<Resp: Message>(self) -> Result<Response<Resp>> {
-        let bus = self.client.bus.inner().clone();
+        let bus = &self.client.bus;
         bus.ensure_response_endpoint().await?;
         let request_id = new_id();
-        let rx = bus.requests.register(request_id);
+        let requests = &bus.shared().requests;
+        let rx = requests.register(request_id);
         let _guard = PendingGuard {
-            requests: &bus.requests,
+            requests,
             id: request_id,
         };
+        let send = bus.send_context();
         let builder = match &self.client.destination {
-            Some(address) => SendBuilder::send(&bus, None, Ok(address.clone()), self.request),
-            None => SendBuilder::publish(&bus, None, self.request),
+            Some(address) => SendBuilder::send(send, None, Ok(address.clone()), self.request),
+            None => SendBuilder::publish(send, None, self.request),
         };
         builder
             .uncaptured()
             .request_id(request_id)
-            .response_address(bus.address.clone())
+            .response_address(bus.address().to_string())
             .header(
                 names::REQUEST_ACCEPT_TYPE,
                 vec![Resp::message_type().as_str().to_string()],

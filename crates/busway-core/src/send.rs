@@ -1,161 +1,48 @@
 //! Publish and send: the [`SendBuilder`] returned by `bus.publish(..)`, `bus.send(..)` and the
-//! consume context's methods, the [`OutgoingMessage`] it builds, and the end of the send
-//! pipeline that serializes and hands the message to the transport.
+//! consume context's methods, and the one function that makes the envelope of every message
+//! busway produces.
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
-use tower::util::BoxCloneSyncService;
-use tower_service::Service;
 use uuid::Uuid;
 
 use crate::address::Address;
-use crate::bus::BusInner;
-use crate::context::ReceiveContext;
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers::Headers;
-use crate::host::HostInfo;
 use crate::message::{Message, new_id};
-use crate::observer::Observers;
-use crate::serializer::{Serializer, Serializers};
+use crate::outgoing::{OutgoingCapture, OutgoingMessage, SendTarget};
+use crate::sender::SendContext;
+use crate::serializer::Serializer;
 use crate::trace::TraceContext;
-use crate::transport::{DeliveryOptions, Transport};
+use crate::transport::DeliveryOptions;
+use crate::urn::Urn;
 
-/// Where an outgoing message goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SendTarget {
-    /// To every endpoint subscribed to the message's types.
-    Publish,
-    /// To one address.
-    Send(Address),
-}
-
-/// A message on its way out, after it was serialized to JSON and its envelope filled in, but
-/// before the serializer and transport. This is the request type of the send pipeline, so
-/// send layers can read and change headers, ids and addresses.
-pub struct OutgoingMessage {
-    /// The envelope: ids, addresses, times, headers, host.
-    pub envelope: Envelope,
-    /// The message body as JSON.
-    pub message: Box<RawValue>,
-    /// Publish or send.
-    pub target: SendTarget,
-    /// Delayed delivery and other per-call transport options.
-    pub delivery: DeliveryOptions,
-    /// How long the broker should keep the message.
-    pub time_to_live: Option<Duration>,
-    /// Partition or ordering key.
-    pub partition_key: Option<String>,
-    /// A serializer for this message only (else the bus default).
-    pub serializer: Option<Arc<dyn Serializer>>,
-    /// The trace context this message continues (else the task's current one).
-    pub trace_parent: Option<TraceContext>,
-}
-
-impl fmt::Debug for OutgoingMessage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OutgoingMessage")
-            .field("envelope", &self.envelope)
-            .field("message", &self.message)
-            .field("target", &self.target)
-            .field("delivery", &self.delivery)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The type-erased send pipeline: a `tower::Service` from [`OutgoingMessage`] to `()`.
-pub type SendService = BoxCloneSyncService<OutgoingMessage, (), Error>;
-
-/// The last service of the send pipeline: serialize, then publish or send on the transport.
-#[derive(Clone)]
-pub(crate) struct TransportSender {
-    shared: Arc<SenderShared>,
-}
-
-struct SenderShared {
-    transport: Arc<dyn Transport>,
-    serializers: Serializers,
-    observers: Observers,
-}
-
-impl TransportSender {
-    pub(crate) fn new(
-        transport: Arc<dyn Transport>,
-        serializers: Serializers,
-        observers: Observers,
-    ) -> Self {
-        Self {
-            shared: Arc::new(SenderShared {
-                transport,
-                serializers,
-                observers,
-            }),
-        }
-    }
-}
-
-impl Service<OutgoingMessage> for TransportSender {
-    type Response = ();
-    type Error = Error;
-    type Future = BoxFuture<'static, Result<()>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, outgoing: OutgoingMessage) -> Self::Future {
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            let serializer = outgoing
-                .serializer
-                .as_ref()
-                .unwrap_or_else(|| shared.serializers.default_serializer());
-            let mut message = serializer.serialize(&outgoing.envelope, &outgoing.message)?;
-            message.time_to_live = outgoing.time_to_live;
-            message.partition_key = outgoing.partition_key.clone();
-            let result = match &outgoing.target {
-                SendTarget::Publish => {
-                    shared
-                        .transport
-                        .publish(&outgoing.envelope.message_type, message, &outgoing.delivery)
-                        .await
-                }
-                SendTarget::Send(address) => {
-                    shared
-                        .transport
-                        .send(address, message, &outgoing.delivery)
-                        .await
-                }
-            };
-            shared.observers.on_send(&outgoing, result.as_ref().err());
-            result
-        })
-    }
-}
-
+/// Everything a caller can set on one outgoing message (the builder's state).
 #[derive(Default)]
-struct SendOptions {
-    headers: Headers,
-    message_id: Option<Uuid>,
-    correlation_id: Option<Uuid>,
-    conversation_id: Option<Uuid>,
-    request_id: Option<Uuid>,
-    initiator_id: Option<Uuid>,
-    response_address: Option<String>,
-    fault_address: Option<String>,
-    delay: Option<Duration>,
-    time_to_live: Option<Duration>,
-    partition_key: Option<String>,
-    serializer: Option<Arc<dyn Serializer>>,
+pub(crate) struct SendOptions {
+    /// Headers of the message's own; the consumed message's non-`MT-` headers are added
+    /// first unless `own_headers_only`.
+    pub(crate) headers: Headers,
+    /// Leaves out the consumed message's headers (faults carry only their own).
+    pub(crate) own_headers_only: bool,
+    pub(crate) message_id: Option<Uuid>,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) conversation_id: Option<Uuid>,
+    pub(crate) request_id: Option<Uuid>,
+    pub(crate) initiator_id: Option<Uuid>,
+    pub(crate) response_address: Option<String>,
+    pub(crate) fault_address: Option<String>,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) time_to_live: Option<Duration>,
+    pub(crate) partition_key: Option<String>,
+    pub(crate) serializer: Option<Arc<dyn Serializer>>,
 }
 
 /// A publish or send being prepared; `.await` it to deliver.
@@ -178,8 +65,8 @@ struct SendOptions {
 /// ```
 #[must_use = "a publish or send does nothing until it is awaited"]
 pub struct SendBuilder<'a, M> {
-    bus: &'a Arc<BusInner>,
-    parent: Option<&'a ReceiveContext>,
+    send: &'a SendContext,
+    parent: Option<Parent<'a>>,
     message: M,
     target: Result<SendTarget>,
     options: SendOptions,
@@ -195,13 +82,9 @@ impl<M> fmt::Debug for SendBuilder<'_, M> {
 }
 
 impl<'a, M: Message> SendBuilder<'a, M> {
-    pub(crate) fn publish(
-        bus: &'a Arc<BusInner>,
-        parent: Option<&'a ReceiveContext>,
-        message: M,
-    ) -> Self {
+    pub(crate) fn publish(send: &'a SendContext, parent: Option<Parent<'a>>, message: M) -> Self {
         Self {
-            bus,
+            send,
             parent,
             message,
             target: Ok(SendTarget::Publish),
@@ -211,13 +94,13 @@ impl<'a, M: Message> SendBuilder<'a, M> {
     }
 
     pub(crate) fn send(
-        bus: &'a Arc<BusInner>,
-        parent: Option<&'a ReceiveContext>,
+        send: &'a SendContext,
+        parent: Option<Parent<'a>>,
         address: Result<Address>,
         message: M,
     ) -> Self {
         Self {
-            bus,
+            send,
             parent,
             message,
             target: address.map(SendTarget::Send),
@@ -329,7 +212,7 @@ impl<'a, M: Message> SendBuilder<'a, M> {
 
     fn build(self) -> Result<OutgoingMessage> {
         let SendBuilder {
-            bus,
+            send,
             parent,
             message,
             target,
@@ -344,80 +227,130 @@ impl<'a, M: Message> SendBuilder<'a, M> {
                 e,
             )
         })?;
-        let message_type = M::message_type().clone();
-        let parent_env = parent.map(|p| p.envelope());
-
-        let mut headers = Headers::new();
-        if let Some(env) = parent_env {
-            for (k, v) in env.headers.iter() {
-                let lower = k.to_ascii_lowercase();
-                if lower.starts_with("mt-") || lower == "traceparent" || lower == "tracestate" {
-                    continue;
-                }
-                headers.insert(k, v.clone());
-            }
-        }
-        headers.extend_from(&options.headers);
-
-        let message_id = options.message_id.unwrap_or_else(new_id);
-        let correlation_id = options
-            .correlation_id
-            .or_else(|| message.correlation_id())
-            .or_else(|| parent_env.and_then(|e| e.correlation_id));
-        let conversation_id = options
-            .conversation_id
-            .or_else(|| parent_env.and_then(|e| e.conversation_id))
-            .or_else(|| Some(new_id()));
-        let initiator_id = options.initiator_id.or_else(|| {
-            parent_env.and_then(|e| e.correlation_id.or(e.request_id).or(e.message_id))
-        });
-        let source_address = Some(match parent {
-            Some(p) => p.input_address().to_string(),
-            None => bus.address.clone(),
-        });
-        let destination_address = match &target {
-            SendTarget::Publish => Some(bus.transport.publish_address(&message_type)),
-            SendTarget::Send(address) => Some(match address.scheme() {
-                Some(_) => address.as_str().to_string(),
-                None => bus.transport.endpoint_address(address.name()),
-            }),
+        let own = MessageDefaults {
+            correlation_id: message.correlation_id(),
+            partition_key: message.message_key(),
         };
-        let now = Utc::now();
-        let expiration_time = options
-            .time_to_live
-            .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
-            .map(|ttl| now + ttl);
-        let partition_key = options.partition_key.or_else(|| message.message_key());
-        let trace_parent = parent.map(|p| p.trace_context());
-
-        let envelope = Envelope {
-            message_id: Some(message_id),
-            request_id: options.request_id,
-            correlation_id,
-            conversation_id,
-            initiator_id,
-            source_address,
-            destination_address,
-            response_address: options.response_address,
-            fault_address: options.fault_address,
-            message_type: vec![message_type],
-            expiration_time,
-            sent_time: Some(now),
-            headers,
-            host: Some(bus.host.clone()),
-        };
-        Ok(OutgoingMessage {
-            envelope,
-            message: body,
+        Ok(build_outgoing(
+            send,
+            parent,
             target,
-            delivery: DeliveryOptions {
-                delay: options.delay,
-            },
-            time_to_live: options.time_to_live,
-            partition_key,
-            serializer: options.serializer,
-            trace_parent,
-        })
+            options,
+            vec![M::message_type().clone()],
+            body,
+            own,
+        ))
+    }
+}
+
+/// What the message itself says about its ids (from its [`Message`] impl).
+#[derive(Default)]
+pub(crate) struct MessageDefaults {
+    /// The message's own correlation id.
+    pub(crate) correlation_id: Option<Uuid>,
+    /// The message's own partition key.
+    pub(crate) partition_key: Option<String>,
+}
+
+/// The consumed message a new one continues: its envelope, the endpoint it arrived at and
+/// the consume's trace context.
+#[derive(Clone, Copy)]
+pub(crate) struct Parent<'a> {
+    /// The consumed message's envelope.
+    pub(crate) envelope: &'a Envelope,
+    /// The address of the endpoint that consumed it.
+    pub(crate) input_address: &'a str,
+    /// The consume's trace context.
+    pub(crate) trace: TraceContext,
+}
+
+/// Makes the envelope of every message busway produces (publishes, sends, responses and
+/// faults): ids and conversation carried from `parent`, addresses, times, headers, host.
+pub(crate) fn build_outgoing(
+    send: &SendContext,
+    parent: Option<Parent<'_>>,
+    target: SendTarget,
+    options: SendOptions,
+    message_type: Vec<Urn>,
+    body: Box<RawValue>,
+    own: MessageDefaults,
+) -> OutgoingMessage {
+    let parent_env = parent.map(|p| p.envelope);
+
+    let mut headers = Headers::new();
+    if let Some(env) = parent_env
+        && !options.own_headers_only
+    {
+        for (k, v) in env.headers.iter() {
+            let lower = k.to_ascii_lowercase();
+            if lower.starts_with("mt-") || lower == "traceparent" || lower == "tracestate" {
+                continue;
+            }
+            headers.insert(k, v.clone());
+        }
+    }
+    headers.extend_from(&options.headers);
+
+    let message_id = options.message_id.unwrap_or_else(new_id);
+    let correlation_id = options
+        .correlation_id
+        .or(own.correlation_id)
+        .or_else(|| parent_env.and_then(|e| e.correlation_id));
+    let conversation_id = options
+        .conversation_id
+        .or_else(|| parent_env.and_then(|e| e.conversation_id))
+        .or_else(|| Some(new_id()));
+    let initiator_id = options
+        .initiator_id
+        .or_else(|| parent_env.and_then(|e| e.correlation_id.or(e.request_id).or(e.message_id)));
+    let source_address = Some(match parent {
+        Some(p) => p.input_address.to_string(),
+        None => send.address.clone(),
+    });
+    let destination_address = match &target {
+        SendTarget::Publish => message_type
+            .first()
+            .map(|urn| send.transport.publish_address(urn)),
+        SendTarget::Send(address) => Some(match address.scheme() {
+            Some(_) => address.as_str().to_string(),
+            None => send.transport.endpoint_address(address.name()),
+        }),
+    };
+    let now = Utc::now();
+    let expiration_time = options
+        .time_to_live
+        .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
+        .map(|ttl| now + ttl);
+    let partition_key = options.partition_key.or(own.partition_key);
+    let trace_parent = parent.map(|p| p.trace);
+
+    let envelope = Envelope {
+        message_id: Some(message_id),
+        request_id: options.request_id,
+        correlation_id,
+        conversation_id,
+        initiator_id,
+        source_address,
+        destination_address,
+        response_address: options.response_address,
+        fault_address: options.fault_address,
+        message_type,
+        expiration_time,
+        sent_time: Some(now),
+        headers,
+        host: Some(send.host.clone()),
+    };
+    OutgoingMessage {
+        envelope,
+        message: body,
+        target,
+        delivery: DeliveryOptions {
+            delay: options.delay,
+        },
+        time_to_live: options.time_to_live,
+        partition_key,
+        serializer: options.serializer,
+        trace_parent,
     }
 }
 
@@ -426,7 +359,7 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
     type IntoFuture = Pin<Box<dyn Future<Output = Result<()>> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        let bus = self.bus;
+        let send = self.send;
         let capture = if self.capturable {
             OutgoingCapture::current()
         } else {
@@ -443,78 +376,9 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
             // The send pipeline's own future, boxed once: wrapping it in another async block
             // would hold the message twice and make every publish a large allocation.
             None => match self.build() {
-                Ok(outgoing) => Box::pin(bus.dispatch(outgoing)),
+                Ok(outgoing) => Box::pin(send.dispatch(outgoing)),
                 Err(e) => Box::pin(std::future::ready(Err(e))),
             },
         }
     }
-}
-
-tokio::task_local! {
-    static CAPTURE: OutgoingCapture;
-}
-
-/// Collects the messages published and sent in a scope instead of delivering them.
-///
-/// Inside [`OutgoingCapture::scope`], awaiting a `bus.publish(..)`, `bus.send(..)`,
-/// `ctx.publish(..)` or `ctx.respond(..)` on the same task stores the built message here and
-/// returns at once. Layers use it to hold messages until a consumer succeeded (the in-memory
-/// outbox) or to write them into a database transaction (the transactional outbox). Requests
-/// made with a request client are never captured (they wait for their response).
-#[derive(Clone, Default)]
-pub struct OutgoingCapture {
-    messages: Arc<std::sync::Mutex<Vec<OutgoingMessage>>>,
-}
-
-impl OutgoingCapture {
-    /// An empty capture.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Runs `fut` with this capture active on the task.
-    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
-        CAPTURE.scope(self.clone(), fut).await
-    }
-
-    /// Takes the captured messages, in the order they were produced.
-    pub fn take(&self) -> Vec<OutgoingMessage> {
-        std::mem::take(&mut *self.messages.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Number of captured messages.
-    pub fn len(&self) -> usize {
-        self.messages.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// True if nothing was captured.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn push(&self, message: OutgoingMessage) {
-        self.messages
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(message);
-    }
-
-    fn current() -> Option<OutgoingCapture> {
-        CAPTURE.try_with(|c| c.clone()).ok()
-    }
-}
-
-impl fmt::Debug for OutgoingCapture {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OutgoingCapture")
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-/// The host info written into envelopes: the current process, once.
-pub(crate) fn current_host() -> Arc<HostInfo> {
-    static HOST: std::sync::OnceLock<Arc<HostInfo>> = std::sync::OnceLock::new();
-    HOST.get_or_init(|| Arc::new(HostInfo::current().clone()))
-        .clone()
 }

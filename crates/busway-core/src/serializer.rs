@@ -17,7 +17,7 @@ use crate::envelope::{Envelope, ReadEnvelope, WireEnvelope, parse_guid};
 use crate::error::{Error, ErrorKind};
 use crate::headers::{Headers, names};
 use crate::host::HostInfo;
-use crate::transport::TransportMessage;
+use crate::transport::message::TransportMessage;
 use crate::urn::Urn;
 
 /// MassTransit's envelope content type.

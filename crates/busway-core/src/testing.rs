@@ -28,14 +28,16 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::bus::{Bus, BusBuilder, RunningBus};
+use crate::bus::Bus;
+use crate::bus::builder::BusBuilder;
+use crate::bus::running::RunningBus;
 use crate::context::ReceiveContext;
 use crate::envelope::Envelope;
 use crate::error::{ConsumeError, Error, ErrorKind, Result};
 use crate::inmemory::InMemory;
 use crate::message::Message;
 use crate::observer::BusObserver;
-use crate::send::{OutgoingMessage, SendTarget};
+use crate::outgoing::{OutgoingMessage, SendTarget};
 use crate::serializer::decode_message;
 use crate::transport::{MoveKind, TransportMessage};
 use crate::urn::Urn;

@@ -284,3 +284,13 @@ async fn deliver_round<S: OutboxStore>(outbox: &Outbox<S>, id: &str) -> Result<R
     }
     Ok(Round::Delivered)
 }
+
+impl<S: OutboxStore> Outbox<S> {
+    /// Starts a dispatcher task. Run one per process or more; they share the work safely.
+    pub fn start_dispatcher(&self) -> Dispatcher {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        let handle = tokio::spawn(run_dispatcher(self.clone(), id.clone(), stop.clone()));
+        Dispatcher::new(id, stop, handle)
+    }
+}

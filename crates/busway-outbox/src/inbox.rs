@@ -267,3 +267,14 @@ where
         })
     }
 }
+
+impl<S: OutboxStore> Outbox<S> {
+    /// The consumer outbox and inbox for an endpoint: each attempt runs in a database
+    /// transaction the consumer can use; the message id is recorded in the inbox (a duplicate
+    /// is acknowledged and skipped); the consumer's publishes and sends are stored in the same
+    /// transaction, which commits before the message is acknowledged. Add it with
+    /// `e.attempt_layer(outbox.consumer_outbox())` (or [`EndpointOutboxExt`]).
+    pub fn consumer_outbox(&self) -> ConsumerOutboxLayer<S> {
+        ConsumerOutboxLayer::new(self.clone())
+    }
+}

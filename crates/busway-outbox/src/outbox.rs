@@ -7,8 +7,6 @@ use std::time::Duration;
 use busway_core::{Bus, IntoAddress, Message, OutgoingMessage, Result, SendBuilder};
 use tokio::sync::Notify;
 
-use crate::dispatcher::{Dispatcher, run_dispatcher};
-use crate::inbox::ConsumerOutboxLayer;
 use crate::store::{NewMessage, OutboxStore};
 
 /// The connection type of a store's database (`PgConnection`, `SqliteConnection`).
@@ -215,22 +213,5 @@ impl<S: OutboxStore> Outbox<S> {
     /// has no notifications, to skip the poll interval).
     pub fn notify(&self) {
         self.inner.wake.notify_waiters();
-    }
-
-    /// Starts a dispatcher task. Run one per process or more; they share the work safely.
-    pub fn start_dispatcher(&self) -> Dispatcher {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let id = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
-        let handle = tokio::spawn(run_dispatcher(self.clone(), id.clone(), stop.clone()));
-        Dispatcher::new(id, stop, handle)
-    }
-
-    /// The consumer outbox and inbox for an endpoint: each attempt runs in a database
-    /// transaction the consumer can use; the message id is recorded in the inbox (a duplicate
-    /// is acknowledged and skipped); the consumer's publishes and sends are stored in the same
-    /// transaction, which commits before the message is acknowledged. Add it with
-    /// `e.attempt_layer(outbox.consumer_outbox())` (or [`crate::EndpointOutboxExt`]).
-    pub fn consumer_outbox(&self) -> ConsumerOutboxLayer<S> {
-        ConsumerOutboxLayer::new(self.clone())
     }
 }

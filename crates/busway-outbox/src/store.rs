@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway_core::envelope::{ReadEnvelope, WireEnvelope};
-use busway_core::send::SendTarget;
+use busway_core::outgoing::SendTarget;
 use busway_core::transport::DeliveryOptions;
 use busway_core::{Address, Error, ErrorKind, OutgoingMessage, Result};
 use chrono::{DateTime, Utc};

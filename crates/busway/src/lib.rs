@@ -10,15 +10,15 @@ pub use busway_core::{
     Headers, HostInfo, InMemory, IntoAddress, KebabCaseEndpointNameFormatter, MassTransitJson,
     Mediator, Message, OutgoingCapture, OutgoingMessage, RawJson, ReceiveContext, RequestClient,
     RequestFault, Response, Result, Retry, RunningBus, SendBuilder, SendTarget, Serializer,
-    SnakeCaseEndpointNameFormatter, Topology, TraceContext, Transport, TransportMessage, Urn,
-    async_trait, new_id,
+    SettledBy, SnakeCaseEndpointNameFormatter, Topology, TraceContext, Transport, TransportMessage,
+    Urn, async_trait, new_id,
 };
 
 #[doc(inline)]
 pub use busway_core::{
     address, bus, consumer, context, endpoint, envelope, error, fault, headers, host, inmemory,
-    mediator, naming, observer, pipeline, request, send, serializer, testing, topology, trace,
-    transport, urn,
+    mediator, naming, observer, outgoing, pipeline, request, send, serializer, testing, topology,
+    trace, transport, urn,
 };
 
 /// `#[derive(Message)]`: see [`busway_macros::Message`].

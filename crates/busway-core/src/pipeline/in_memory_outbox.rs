@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use crate::context::ReceiveContext;
 use crate::error::{ConsumeError, ConsumeErrorKind};
-use crate::send::OutgoingCapture;
+use crate::outgoing::OutgoingCapture;
 
 /// Holds outgoing messages until the inner service succeeds.
 ///

@@ -18,13 +18,14 @@ use tower_service::Service;
 
 use crate::context::ReceiveContext;
 use crate::error::{ConsumeError, Error};
-use crate::send::{OutgoingMessage, SendService};
+use crate::outgoing::{OutgoingMessage, SendService};
 
 mod in_memory_outbox;
 mod redelivery;
 mod retry;
 mod timeout;
 mod tracing_layer;
+pub(crate) mod transport_sender;
 
 pub use in_memory_outbox::{InMemoryOutbox, InMemoryOutboxLayer};
 pub use redelivery::{RedeliveryLayer, RedeliveryService};

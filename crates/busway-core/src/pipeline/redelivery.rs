@@ -8,7 +8,7 @@ use futures_util::future::BoxFuture;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::Retry;
+use super::retry::Retry;
 use crate::context::ReceiveContext;
 use crate::error::ConsumeError;
 

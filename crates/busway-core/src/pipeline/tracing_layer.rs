@@ -10,7 +10,7 @@ use tracing::{Instrument, field};
 
 use crate::context::ReceiveContext;
 use crate::error::{ConsumeError, Error};
-use crate::send::{OutgoingMessage, SendTarget};
+use crate::outgoing::{OutgoingMessage, SendTarget};
 use crate::trace::TraceContext;
 
 /// Opens a `consume` span per delivery (`messaging.operation = "process"`) and makes the

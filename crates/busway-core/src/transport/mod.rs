@@ -10,72 +10,17 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::address::Address;
 use crate::error::Result;
-use crate::headers::Headers;
 use crate::topology::{EndpointTopology, Topology};
 use crate::urn::{EntityNameStyle, Urn};
 
-/// A message as the transport sees it: bytes plus transport-level properties.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TransportMessage {
-    /// The serialized body.
-    pub body: Bytes,
-    /// The content type of the body (`application/vnd.masstransit+json`, `application/json`).
-    pub content_type: Option<String>,
-    /// The transport-level message id (the envelope's message id, "D" form).
-    pub message_id: Option<String>,
-    /// The transport-level correlation id.
-    pub correlation_id: Option<String>,
-    /// Transport headers (AMQP headers table, Kafka headers, Service Bus properties).
-    pub headers: Headers,
-    /// How long the broker should keep the message before discarding it.
-    pub time_to_live: Option<Duration>,
-    /// A partition or ordering key, for transports that have one.
-    pub partition_key: Option<String>,
-}
+mod backoff;
+pub(crate) mod message;
 
-/// Per-call delivery options.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DeliveryOptions {
-    /// Deliver no earlier than this long from now (transport delayed delivery).
-    pub delay: Option<Duration>,
-}
-
-impl DeliveryOptions {
-    /// Options with a delivery delay.
-    pub fn delayed(delay: Duration) -> Self {
-        Self { delay: Some(delay) }
-    }
-}
-
-/// Where a settled message is moved instead of being acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum MoveKind {
-    /// `<endpoint>_error`: the message faulted.
-    Error,
-    /// `<endpoint>_skipped`: no consumer at the endpoint handles the message.
-    Skipped,
-}
-
-impl MoveKind {
-    /// The queue suffix for this kind (`_error`, `_skipped`).
-    pub fn suffix(self) -> &'static str {
-        match self {
-            MoveKind::Error => "_error",
-            MoveKind::Skipped => "_skipped",
-        }
-    }
-
-    /// The queue name for an endpoint.
-    pub fn queue_name(self, endpoint: &str) -> String {
-        format!("{endpoint}{}", self.suffix())
-    }
-}
+pub use backoff::Backoff;
+pub use message::{DeliveryOptions, MoveKind, TransportMessage};
 
 /// What a transport supports beyond publish, send and receive.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -289,70 +234,4 @@ pub trait Settlement: Send + Sync + 'static {
 
     /// Deliver `message` to this endpoint again after `delay`, then remove the original.
     async fn redeliver(self: Box<Self>, message: TransportMessage, delay: Duration) -> Result<()>;
-}
-
-/// Exponential back-off for retry loops (reconnecting, re-consuming, re-committing, moving a
-/// message again): `first`, doubling after each failure, capped at `max`; [`Backoff::reset`]
-/// after a success. Part of the kit for transport authors, so every loop backs off the same
-/// way.
-///
-/// ```
-/// use std::time::Duration;
-/// use busway_core::transport::Backoff;
-///
-/// let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-/// let pauses: Vec<_> = (0..5).map(|_| backoff.next_delay()).collect();
-/// assert_eq!(pauses, [100, 200, 400, 800, 1000].map(Duration::from_millis));
-/// assert_eq!(backoff.failures(), 5);
-/// backoff.reset();
-/// assert_eq!(backoff.next_delay(), Duration::from_millis(100));
-/// ```
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    first: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    /// Starts at `first` and doubles up to `max` (`first` if `max` is smaller).
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            first,
-            max: max.max(first),
-            failures: 0,
-        }
-    }
-
-    /// The pause after the `failure`-th consecutive failure (1-based) of a back-off from
-    /// `first` to `max`, without keeping state.
-    pub fn delay_for(failure: u32, first: Duration, max: Duration) -> Duration {
-        let doublings = failure.saturating_sub(1).min(20);
-        first.saturating_mul(1u32 << doublings).min(max.max(first))
-    }
-
-    /// Counts one more failure and returns the pause before the next try.
-    pub fn next_delay(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        Self::delay_for(self.failures, self.first, self.max)
-    }
-
-    /// Consecutive failures since the last reset.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// After a success: the next failure waits `first` again.
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    /// Counts a failure and sleeps its pause; returns `false` (at once) if `stop` fires first.
-    pub async fn wait(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
-        let delay = self.next_delay();
-        tokio::select! {
-            _ = stop.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
-    }
 }

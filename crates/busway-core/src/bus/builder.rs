@@ -1,347 +1,44 @@
-//! The bus: built once from registrations, then used to publish, send and request, and
-//! started to run its receive endpoints.
+//! [`BusBuilder`]: registrations, endpoints, defaults, layers and serializers, turned into a
+//! [`Bus`] with its topology deployed.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::address::IntoAddress;
-use crate::consumer::{Consumer, ConsumerOf, ConsumerRegistration};
-use crate::context::{EndpointInfo, ReceiveContext};
-use crate::endpoint::{
-    EndpointConfigurator, EndpointDefaults, EndpointPlan, EndpointRuntime, run_endpoint,
+use crate::bus::{
+    Bus, BusShared, DEFAULT_REQUEST_TIMEOUT, Requests, ResponseEndpoint, ResponseStarter, Started,
+    Starter,
 };
-use crate::error::{ConsumeError, Error, ErrorKind, Result};
+use crate::consumer::{Consumer, ConsumerOf, ConsumerRegistration};
+use crate::context::ReceiveContext;
+use crate::endpoint::config::{EndpointConfigurator, EndpointDefaults, default_prefetch};
+use crate::endpoint::plan::EndpointPlan;
+use crate::endpoint::receive::{start_endpoint, start_endpoints};
+use crate::error::{ConsumeError, Error, Result};
 use crate::host::HostInfo;
 use crate::inmemory::InMemory;
 use crate::message::Message;
 use crate::naming::{EndpointNameFormatter, KebabCaseEndpointNameFormatter};
 use crate::observer::{BusObserver, Observers};
+use crate::outgoing::{OutgoingMessage, SendService, current_host};
+use crate::pipeline::transport_sender::TransportSender;
 use crate::pipeline::{ConsumeLayer, ConsumeService, Retry, SendLayer, SendTracingLayer};
-use crate::request::{RequestClient, Requests, run_response_endpoint};
-use crate::send::{OutgoingMessage, SendBuilder, SendService, TransportSender, current_host};
+use crate::request::ResponseSink;
+use crate::sender::SendContext;
 use crate::serializer::{Serializer, Serializers};
 use crate::topology::{EndpointTopology, Extensions, Topology};
 use crate::transport::Transport;
-
-/// How long `RunningBus::shutdown` waits for in-flight messages by default.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// MassTransit's default request timeout.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The bus: publish, send and request from anywhere; start it to consume.
-///
-/// Cheap to clone; every clone is the same bus.
-#[derive(Clone)]
-pub struct Bus {
-    inner: Arc<BusInner>,
-}
-
-pub(crate) struct BusInner {
-    pub(crate) transport: Arc<dyn Transport>,
-    pub(crate) serializers: Serializers,
-    pub(crate) send_pipeline: SendService,
-    pub(crate) host: Arc<HostInfo>,
-    pub(crate) address: String,
-    pub(crate) observers: Observers,
-    pub(crate) topology: Topology,
-    plans: Mutex<Option<Vec<EndpointPlan>>>,
-    pub(crate) requests: Arc<Requests>,
-    pub(crate) response_topology: EndpointTopology,
-    response: tokio::sync::OnceCell<ResponseEndpoint>,
-    response_stop: CancellationToken,
-    pub(crate) request_timeout: Duration,
-}
-
-struct ResponseEndpoint {
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl BusInner {
-    /// The send pipeline's future for one message (not boxed again: `SendBuilder` boxes it
-    /// once).
-    pub(crate) fn dispatch(
-        &self,
-        outgoing: OutgoingMessage,
-    ) -> tower::util::Oneshot<SendService, OutgoingMessage> {
-        self.send_pipeline.clone().oneshot(outgoing)
-    }
-
-    /// Starts the response endpoint on first use.
-    pub(crate) async fn ensure_response_endpoint(self: &Arc<Self>) -> Result<()> {
-        let this = self.clone();
-        self.response
-            .get_or_try_init(|| async move {
-                if this.response_stop.is_cancelled() {
-                    return Err(Error::closed("the bus is shut down"));
-                }
-                let receiver = this.transport.receive(&this.response_topology).await?;
-                let handle = tokio::spawn(run_response_endpoint(
-                    this.clone(),
-                    receiver,
-                    this.response_stop.clone(),
-                ));
-                Ok(ResponseEndpoint {
-                    handle: Mutex::new(Some(handle)),
-                })
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn stop_response_endpoint(&self) {
-        self.response_stop.cancel();
-        let handle = self
-            .response
-            .get()
-            .and_then(|r| r.handle.lock().ok().and_then(|mut h| h.take()));
-        if let Some(handle) = handle {
-            let _ = handle.await;
-        }
-    }
-}
 
 impl Bus {
     /// A builder with the in-memory transport and no consumers.
     pub fn builder() -> BusBuilder {
         BusBuilder::default()
-    }
-
-    pub(crate) fn from_inner(inner: Arc<BusInner>) -> Self {
-        Self { inner }
-    }
-
-    /// Publishes `message` to every endpoint that consumes its type.
-    pub fn publish<M: Message>(&self, message: M) -> SendBuilder<'_, M> {
-        SendBuilder::publish(&self.inner, None, message)
-    }
-
-    /// Sends `message` to one address: `queue:name`, `exchange:name`, `topic:name` or a URI
-    /// such as `loopback://localhost/name`.
-    pub fn send<M: Message>(&self, address: impl IntoAddress, message: M) -> SendBuilder<'_, M> {
-        SendBuilder::send(&self.inner, None, address.into_address(), message)
-    }
-
-    /// Delivers a message built earlier (with [`SendBuilder::into_outgoing`], or read back
-    /// from an outbox) through the send pipeline and the transport.
-    pub async fn dispatch(&self, outgoing: OutgoingMessage) -> Result<()> {
-        self.inner.dispatch(outgoing).await
-    }
-
-    /// A request client that publishes requests of type `Req`.
-    pub fn request_client<Req: Message>(&self) -> RequestClient<Req> {
-        RequestClient::new(self.clone(), None, self.inner.request_timeout)
-    }
-
-    /// A request client that sends requests of type `Req` to `address`.
-    pub fn request_client_to<Req: Message>(
-        &self,
-        address: impl IntoAddress,
-    ) -> Result<RequestClient<Req>> {
-        Ok(RequestClient::new(
-            self.clone(),
-            Some(address.into_address()?),
-            self.inner.request_timeout,
-        ))
-    }
-
-    pub(crate) fn inner(&self) -> &Arc<BusInner> {
-        &self.inner
-    }
-
-    /// The deployed topology (print it with `to_text()` or `to_mermaid()`).
-    pub fn topology(&self) -> &Topology {
-        &self.inner.topology
-    }
-
-    /// The bus's own address (its response endpoint), used as the source of messages
-    /// published outside a consumer.
-    pub fn address(&self) -> &str {
-        &self.inner.address
-    }
-
-    /// The name of the bus's response endpoint (`{machine}_{process}_bus_{id}`): responses
-    /// come back there, and what it cannot read goes to `<name>_error`.
-    pub fn response_endpoint_name(&self) -> &str {
-        &self.inner.response_topology.name
-    }
-
-    /// The transport.
-    pub fn transport(&self) -> &Arc<dyn Transport> {
-        &self.inner.transport
-    }
-
-    /// Starts every receive endpoint. Returns a handle to stop them.
-    pub async fn start(&self) -> Result<RunningBus> {
-        let plans = self
-            .inner
-            .plans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| Error::config("the bus was already started"))?;
-        let stop = CancellationToken::new();
-        let hard = CancellationToken::new();
-        let mut endpoints = Vec::with_capacity(plans.len());
-        for plan in plans {
-            let receiver = match self.inner.transport.receive(&plan.topology).await {
-                Ok(r) => r,
-                Err(err) => {
-                    stop.cancel();
-                    for (_, h) in endpoints {
-                        let _: std::result::Result<(), _> = h.await;
-                    }
-                    return Err(err);
-                }
-            };
-            let runtime = Arc::new(EndpointRuntime {
-                bus: self.inner.clone(),
-                info: Arc::new(EndpointInfo {
-                    name: plan.topology.name.clone(),
-                    address: plan.topology.address.clone(),
-                }),
-                pipeline: plan.pipeline,
-                publish_faults: plan.publish_faults,
-                hand_backs: Default::default(),
-                stopping: stop.clone(),
-            });
-            let handle = tokio::spawn(run_endpoint(
-                runtime,
-                receiver,
-                plan.topology.concurrency,
-                stop.clone(),
-                hard.clone(),
-            ));
-            endpoints.push((plan.topology.name.clone(), handle));
-        }
-        tracing::info!(endpoints = endpoints.len(), "bus started");
-        Ok(RunningBus {
-            bus: self.clone(),
-            stop,
-            hard,
-            endpoints,
-            done: false,
-        })
-    }
-}
-
-impl fmt::Debug for Bus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Bus")
-            .field("transport", &self.inner.transport)
-            .field("address", &self.inner.address)
-            .field("endpoints", &self.inner.topology.endpoints.len())
-            .finish()
-    }
-}
-
-/// A started bus. Stop it with [`RunningBus::shutdown`]: intake stops, in-flight messages
-/// finish (up to a deadline, then they are cancelled and returned to their queues), and the
-/// transport closes. Dropping it without shutdown stops intake only.
-pub struct RunningBus {
-    bus: Bus,
-    stop: CancellationToken,
-    hard: CancellationToken,
-    endpoints: Vec<(String, JoinHandle<()>)>,
-    done: bool,
-}
-
-impl RunningBus {
-    /// The bus.
-    pub fn bus(&self) -> &Bus {
-        &self.bus
-    }
-
-    /// Graceful shutdown with the default deadline (30 s).
-    pub async fn shutdown(self) -> Result<()> {
-        self.shutdown_within(DEFAULT_SHUTDOWN_TIMEOUT).await
-    }
-
-    /// Graceful shutdown: stop taking deliveries, let in-flight ones finish within
-    /// `deadline`, then cancel what is left (those messages go back to their queues), and
-    /// close the transport.
-    pub async fn shutdown_within(mut self, deadline: Duration) -> Result<()> {
-        self.done = true;
-        self.stop.cancel();
-        let endpoints = std::mem::take(&mut self.endpoints);
-        let names: Vec<String> = endpoints.iter().map(|(n, _)| n.clone()).collect();
-        let mut handles: Vec<JoinHandle<()>> = endpoints.into_iter().map(|(_, h)| h).collect();
-        let drained =
-            tokio::time::timeout(deadline, futures_util::future::join_all(handles.iter_mut()))
-                .await;
-        if drained.is_err() {
-            tracing::warn!(?deadline, endpoints = ?names, "in-flight messages did not finish before the shutdown deadline; cancelling them");
-            self.hard.cancel();
-            let grace = Duration::from_secs(5);
-            if tokio::time::timeout(grace, futures_util::future::join_all(handles.iter_mut()))
-                .await
-                .is_err()
-            {
-                for h in &handles {
-                    h.abort();
-                }
-            }
-        }
-        self.bus.inner.stop_response_endpoint().await;
-        self.bus.inner.transport.close().await?;
-        tracing::info!("bus stopped");
-        Ok(())
-    }
-
-    /// Runs until SIGINT (Ctrl-C) or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> Result<()> {
-        wait_for_signal().await?;
-        tracing::info!("signal received; shutting down");
-        self.shutdown().await
-    }
-}
-
-async fn wait_for_signal() -> Result<()> {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Config, "could not listen for SIGTERM", e)
-            })?;
-        tokio::select! {
-            r = ctrl_c => r.map_err(|e| Error::with_source(ErrorKind::Config, "could not listen for Ctrl-C", e)),
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        ctrl_c
-            .await
-            .map_err(|e| Error::with_source(ErrorKind::Config, "could not listen for Ctrl-C", e))
-    }
-}
-
-impl Drop for RunningBus {
-    fn drop(&mut self) {
-        if !self.done {
-            self.stop.cancel();
-        }
-    }
-}
-
-impl fmt::Debug for RunningBus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RunningBus")
-            .field(
-                "endpoints",
-                &self.endpoints.iter().map(|(n, _)| n).collect::<Vec<_>>(),
-            )
-            .finish()
     }
 }
 
@@ -584,6 +281,7 @@ impl BusBuilder {
     pub async fn build(self) -> Result<Bus> {
         let transport: Arc<dyn Transport> =
             self.transport.unwrap_or_else(|| Arc::new(InMemory::new()));
+        let observers = Observers::new(self.observers);
 
         // Group auto-configured consumers by endpoint name, then merge with explicit endpoints.
         let mut order: Vec<String> = Vec::new();
@@ -643,7 +341,7 @@ impl BusBuilder {
                 )));
             }
             let address = transport.endpoint_address(&name);
-            plans.push(config.into_plan(address, &defaults, &self.consume_layers));
+            plans.push(config.into_plan(address, &defaults, &self.consume_layers, &observers));
         }
         let topology = Topology {
             endpoints: plans.iter().map(|p| p.topology.clone()).collect(),
@@ -655,8 +353,8 @@ impl BusBuilder {
             name: response_name,
             address: address.clone(),
             message_types: Vec::new(),
-            prefetch: crate::endpoint::default_prefetch(),
-            concurrency: usize::from(crate::endpoint::default_prefetch()),
+            prefetch: default_prefetch(),
+            concurrency: usize::from(default_prefetch()),
             temporary: true,
             bind_message_types: false,
             consumers: Vec::new(),
@@ -665,7 +363,6 @@ impl BusBuilder {
 
         transport.deploy(&topology).await?;
 
-        let observers = Observers::new(self.observers);
         let mut send: SendService = BoxCloneSyncService::new(TransportSender::new(
             transport.clone(),
             serializers.clone(),
@@ -680,25 +377,61 @@ impl BusBuilder {
             Some(h) => Arc::new(h),
             None => current_host(),
         };
-        let inner = BusInner {
-            transport,
-            serializers,
-            send_pipeline: send,
-            host,
-            address,
-            observers,
+        let shared = BusShared {
+            send: SendContext {
+                transport,
+                serializers,
+                pipeline: send,
+                host,
+                address,
+            },
             topology,
-            plans: Mutex::new(Some(plans)),
-            requests: Arc::new(Requests::default()),
-            response_topology,
-            response: tokio::sync::OnceCell::new(),
-            response_stop: CancellationToken::new(),
+            requests: Requests::default(),
             request_timeout: self.request_timeout,
+            response: ResponseEndpoint {
+                start: response_starter(response_topology.clone(), observers.clone()),
+                topology: response_topology,
+                task: tokio::sync::OnceCell::new(),
+                stop: CancellationToken::new(),
+            },
+            starter: Mutex::new(Some(endpoints_starter(plans, observers))),
         };
-        Ok(Bus {
-            inner: Arc::new(inner),
-        })
+        Ok(Bus::from_shared(shared))
     }
+}
+
+/// Starts the planned endpoints, all or none.
+fn endpoints_starter(plans: Vec<EndpointPlan>, observers: Observers) -> Starter {
+    Box::new(move |bus: Bus| {
+        Box::pin(async move {
+            let stop = CancellationToken::new();
+            let hard = CancellationToken::new();
+            let endpoints = start_endpoints(&bus, &observers, plans, &stop, &hard).await?;
+            Ok(Started {
+                stop,
+                hard,
+                endpoints,
+            })
+        })
+    })
+}
+
+/// Starts the response endpoint: an ordinary endpoint whose one consumer completes waiting
+/// requests. It does not publish faults (a response nobody can read goes to its `_error`).
+fn response_starter(topology: EndpointTopology, observers: Observers) -> ResponseStarter {
+    Box::new(move |bus: Bus, stop: CancellationToken| {
+        let plan = EndpointPlan {
+            topology: topology.clone(),
+            pipeline: BoxCloneSyncService::new(ResponseSink),
+            publish_faults: false,
+        };
+        let observers = observers.clone();
+        Box::pin(async move {
+            // Responses are settled at once; nothing in flight needs cancelling.
+            let hard = CancellationToken::new();
+            start_endpoint(&bus, &observers, plan, &stop, &hard).await
+        })
+    })
 }
 
 fn type_name_of_val<T>(_: &T) -> String {

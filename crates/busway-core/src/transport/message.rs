@@ -1,0 +1,66 @@
+//! The bytes a transport carries and the options of one delivery or move.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::headers::Headers;
+
+/// A message as the transport sees it: bytes plus transport-level properties.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TransportMessage {
+    /// The serialized body.
+    pub body: Bytes,
+    /// The content type of the body (`application/vnd.masstransit+json`, `application/json`).
+    pub content_type: Option<String>,
+    /// The transport-level message id (the envelope's message id, "D" form).
+    pub message_id: Option<String>,
+    /// The transport-level correlation id.
+    pub correlation_id: Option<String>,
+    /// Transport headers (AMQP headers table, Kafka headers, Service Bus properties).
+    pub headers: Headers,
+    /// How long the broker should keep the message before discarding it.
+    pub time_to_live: Option<Duration>,
+    /// A partition or ordering key, for transports that have one.
+    pub partition_key: Option<String>,
+}
+
+/// Per-call delivery options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeliveryOptions {
+    /// Deliver no earlier than this long from now (transport delayed delivery).
+    pub delay: Option<Duration>,
+}
+
+impl DeliveryOptions {
+    /// Options with a delivery delay.
+    pub fn delayed(delay: Duration) -> Self {
+        Self { delay: Some(delay) }
+    }
+}
+
+/// Where a settled message is moved instead of being acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MoveKind {
+    /// `<endpoint>_error`: the message faulted.
+    Error,
+    /// `<endpoint>_skipped`: no consumer at the endpoint handles the message.
+    Skipped,
+}
+
+impl MoveKind {
+    /// The queue suffix for this kind (`_error`, `_skipped`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            MoveKind::Error => "_error",
+            MoveKind::Skipped => "_skipped",
+        }
+    }
+
+    /// The queue name for an endpoint.
+    pub fn queue_name(self, endpoint: &str) -> String {
+        format!("{endpoint}{}", self.suffix())
+    }
+}
