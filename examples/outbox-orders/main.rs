@@ -94,7 +94,6 @@ impl PlaceOrderHandler {
 
 struct SendConfirmationEmail(mpsc::UnboundedSender<Uuid>);
 
-#[async_trait]
 impl Consumer<OrderPlaced> for SendConfirmationEmail {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         println!(

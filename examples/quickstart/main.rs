@@ -150,7 +150,6 @@ impl PlaceOrderHandler {
 
 struct UpdateSalesStatistics(mpsc::UnboundedSender<String>);
 
-#[async_trait]
 impl DomainEventHandler<OrderWasPlaced> for UpdateSalesStatistics {
     async fn handle(&self, event: &OrderWasPlaced) -> Result<(), BoxError> {
         let _ = self.0.send(format!(
@@ -165,7 +164,6 @@ impl DomainEventHandler<OrderWasPlaced> for UpdateSalesStatistics {
 
 struct SendConfirmationEmail(mpsc::UnboundedSender<String>);
 
-#[async_trait]
 impl Consumer<OrderPlaced> for SendConfirmationEmail {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         let order = ctx.message();
@@ -183,7 +181,6 @@ impl Consumer<OrderPlaced> for SendConfirmationEmail {
 
 struct AuditConfirmations(mpsc::UnboundedSender<String>);
 
-#[async_trait]
 impl Consumer<ConfirmationSent> for AuditConfirmations {
     async fn consume(&self, ctx: &ConsumeContext<ConfirmationSent>) -> Result<(), ConsumeError> {
         let _ = self.0.send(format!(
@@ -202,7 +199,6 @@ impl Consumer<ConfirmationSent> for AuditConfirmations {
 
 struct OrderStatusConsumer(OrderRepository);
 
-#[async_trait]
 impl Consumer<CheckOrderStatus> for OrderStatusConsumer {
     async fn consume(&self, ctx: &ConsumeContext<CheckOrderStatus>) -> Result<(), ConsumeError> {
         let id = ctx.message().order_id;
@@ -228,7 +224,6 @@ impl std::error::Error for OutOfStock {}
 
 struct ReserveInventory(mpsc::UnboundedSender<String>);
 
-#[async_trait]
 impl Consumer<OrderPlaced> for ReserveInventory {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         let order = ctx.message();
@@ -249,7 +244,6 @@ impl Consumer<OrderPlaced> for ReserveInventory {
 
 struct AlertOperations(mpsc::UnboundedSender<String>);
 
-#[async_trait]
 impl Consumer<Fault<OrderPlaced>> for AlertOperations {
     async fn consume(&self, ctx: &ConsumeContext<Fault<OrderPlaced>>) -> Result<(), ConsumeError> {
         let fault = ctx.message();

@@ -62,7 +62,6 @@ struct PrintOrders {
     done: Arc<Notify>,
 }
 
-#[async_trait]
 impl Consumer<OrderPlaced> for PrintOrders {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         let slot = self.printed.fetch_add(1, Ordering::SeqCst);

@@ -35,7 +35,6 @@ struct Work {
 
 struct SubmitOrderConsumer(Counter);
 
-#[async_trait]
 impl Consumer<OrderPlaced> for SubmitOrderConsumer {
     async fn consume(&self, _: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         self.0.incr();
@@ -46,7 +45,6 @@ impl Consumer<OrderPlaced> for SubmitOrderConsumer {
 /// One consumer type for two message types.
 struct OrderHistory(Arc<Mutex<Vec<String>>>);
 
-#[async_trait]
 impl Consumer<OrderPlaced> for OrderHistory {
     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
         self.0
@@ -57,7 +55,6 @@ impl Consumer<OrderPlaced> for OrderHistory {
     }
 }
 
-#[async_trait]
 impl Consumer<OrderCancelled> for OrderHistory {
     async fn consume(&self, ctx: &ConsumeContext<OrderCancelled>) -> Result<(), ConsumeError> {
         self.0
@@ -246,7 +243,6 @@ async fn user_layers_run_at_bus_endpoint_and_consumer_level_in_order() {
     };
     let s = stamped.clone();
     struct Stamped(Arc<Mutex<Option<String>>>);
-    #[async_trait]
     impl Consumer<Work> for Stamped {
         async fn consume(&self, ctx: &ConsumeContext<Work>) -> Result<(), ConsumeError> {
             *self.0.lock().expect("lock") =
@@ -298,7 +294,6 @@ async fn concurrency_limits_hold_at_endpoint_and_consumer_level() {
         done.clone(),
     );
     struct Slow(Gauge, Counter);
-    #[async_trait]
     impl Consumer<OrderCancelled> for Slow {
         async fn consume(&self, _: &ConsumeContext<OrderCancelled>) -> Result<(), ConsumeError> {
             self.0.enter();
@@ -464,7 +459,7 @@ async fn messages_published_before_start_wait_for_the_consumers() {
 #[derive(Debug, Clone)]
 struct NoDelay(InMemory);
 
-#[async_trait]
+#[busway::async_trait]
 impl Transport for NoDelay {
     fn system(&self) -> &'static str {
         "no-delay"

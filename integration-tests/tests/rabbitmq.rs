@@ -93,7 +93,6 @@ mod rabbit_specific {
 
     struct SubmitOrderConsumer;
 
-    #[async_trait]
     impl Consumer<SubmitOrder> for SubmitOrderConsumer {
         async fn consume(&self, _: &ConsumeContext<SubmitOrder>) -> Result<(), ConsumeError> {
             Err(ConsumeError::msg("rejected"))
@@ -229,7 +228,7 @@ mod rabbit_specific {
     /// A [`busway_integration_tests::TransportFixture`] for the vhost-scoped tests.
     struct RabbitProbe(busway::rabbitmq::RabbitMq);
 
-    #[async_trait]
+    #[async_trait::async_trait]
     impl busway_integration_tests::TransportFixture for RabbitProbe {
         type Transport = busway::rabbitmq::RabbitMq;
         fn name(&self) -> &'static str {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tower::ServiceExt;
@@ -32,13 +31,12 @@ use crate::urn::Urn;
 /// Consumes messages of type `M`.
 ///
 /// ```
-/// use busway_core::{async_trait, ConsumeContext, ConsumeError, Consumer, Message, Urn};
+/// use busway_core::{ConsumeContext, ConsumeError, Consumer, Message, Urn};
 /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderPlaced { order_id: u64 }
 /// # impl Message for OrderPlaced { fn message_type() -> &'static Urn { static U: Urn = Urn::from_static("urn:message:Contracts:OrderPlaced"); &U } }
 ///
 /// struct SendConfirmationEmail;
 ///
-/// #[async_trait]
 /// impl Consumer<OrderPlaced> for SendConfirmationEmail {
 ///     async fn consume(&self, ctx: &ConsumeContext<OrderPlaced>) -> Result<(), ConsumeError> {
 ///         println!("order {} placed", ctx.message().order_id);
@@ -52,19 +50,26 @@ use crate::urn::Urn;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` does not consume `{M}`",
     label = "this is not a `Consumer<{M}>`",
-    note = "implement `Consumer<{M}>` for `{Self}` with `#[async_trait]`"
+    note = "implement `Consumer<{M}>` for `{Self}`: `async fn consume(&self, ctx: &ConsumeContext<{M}>) -> Result<(), ConsumeError>`"
 )]
-#[async_trait]
 pub trait Consumer<M: Message>: Send + Sync + 'static {
     /// Handles one message. Returning an error (or panicking) fails the attempt; retry,
     /// redelivery and fault handling take it from there.
-    async fn consume(&self, ctx: &ConsumeContext<M>) -> Result<(), ConsumeError>;
+    ///
+    /// Write it as `async fn consume(&self, ctx: &ConsumeContext<M>) -> Result<(),
+    /// ConsumeError>`; the future must be `Send` (it runs on the endpoint's worker tasks).
+    fn consume(
+        &self,
+        ctx: &ConsumeContext<M>,
+    ) -> impl Future<Output = Result<(), ConsumeError>> + Send;
 }
 
-#[async_trait]
 impl<M: Message, C: Consumer<M>> Consumer<M> for Arc<C> {
-    async fn consume(&self, ctx: &ConsumeContext<M>) -> Result<(), ConsumeError> {
-        (**self).consume(ctx).await
+    fn consume(
+        &self,
+        ctx: &ConsumeContext<M>,
+    ) -> impl Future<Output = Result<(), ConsumeError>> + Send {
+        (**self).consume(ctx)
     }
 }
 

@@ -6,14 +6,13 @@
 //!
 //! ```
 //! use busway_core::mediator::{DomainEventHandler, DomainEvents, Mediator};
-//! use busway_core::{async_trait, BoxError};
+//! use busway_core::BoxError;
 //!
 //! #[derive(Debug)]
 //! struct OrderPlaced { order_id: u64 }
 //!
 //! struct UpdateSalesReport;
 //!
-//! #[async_trait]
 //! impl DomainEventHandler<OrderPlaced> for UpdateSalesReport {
 //!     async fn handle(&self, event: &OrderPlaced) -> Result<(), BoxError> {
 //!         println!("order {} counted", event.order_id);
@@ -37,20 +36,20 @@
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 
 use crate::error::BoxError;
 
 /// Handles in-process domain events of type `E`.
-#[async_trait]
 pub trait DomainEventHandler<E: Send + Sync + 'static>: Send + Sync + 'static {
-    /// Handles one event.
-    async fn handle(&self, event: &E) -> Result<(), BoxError>;
+    /// Handles one event. Write it as `async fn handle(&self, event: &E) -> Result<(),
+    /// BoxError>`; the future must be `Send`.
+    fn handle(&self, event: &E) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
 
 /// A recorded event of any type.
@@ -115,7 +114,7 @@ where
         event: &'a (dyn Any + Send + Sync),
     ) -> BoxFuture<'a, Result<(), BoxError>> {
         match event.downcast_ref::<E>() {
-            Some(e) => self.handler.handle(e),
+            Some(e) => Box::pin(self.handler.handle(e)),
             None => Box::pin(async { Err("event type mismatch".into()) }),
         }
     }
@@ -315,7 +314,6 @@ mod tests {
 
     struct Count(Arc<AtomicUsize>);
 
-    #[async_trait]
     impl DomainEventHandler<Placed> for Count {
         async fn handle(&self, e: &Placed) -> Result<(), BoxError> {
             self.0.fetch_add(e.0 as usize, Ordering::SeqCst);
@@ -325,7 +323,6 @@ mod tests {
 
     struct Fails;
 
-    #[async_trait]
     impl DomainEventHandler<Placed> for Fails {
         async fn handle(&self, _: &Placed) -> Result<(), BoxError> {
             Err("nope".into())

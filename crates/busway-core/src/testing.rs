@@ -4,11 +4,10 @@
 //!
 //! ```
 //! use busway_core::testing::TestHarness;
-//! use busway_core::{async_trait, Bus, ConsumeContext, ConsumeError, Consumer, Message, Urn};
+//! use busway_core::{Bus, ConsumeContext, ConsumeError, Consumer, Message, Urn};
 //! # #[derive(Debug, serde::Serialize, serde::Deserialize)] struct Ping { n: u32 }
 //! # impl Message for Ping { fn message_type() -> &'static Urn { static U: Urn = Urn::from_static("urn:message:Tests:Ping"); &U } }
 //! struct PingConsumer;
-//! #[async_trait]
 //! impl Consumer<Ping> for PingConsumer {
 //!     async fn consume(&self, _: &ConsumeContext<Ping>) -> Result<(), ConsumeError> { Ok(()) }
 //! }

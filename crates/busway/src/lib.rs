@@ -107,7 +107,7 @@ pub mod prelude {
     pub use crate::Message;
     pub use crate::{
         Bus, ConsumeContext, ConsumeError, Consumer, DomainEventHandler, DomainEvents, InMemory,
-        Mediator, Retry, async_trait,
+        Mediator, Retry,
     };
     pub use chrono::{DateTime, Utc};
     pub use rust_decimal::Decimal;
