@@ -218,6 +218,7 @@ impl ReceiveContext {
     }
 
     /// Records the retry attempt (done by retry layers).
+    #[doc(hidden)] // set by busway's retry layers; not part of the API
     pub fn set_retry_attempt(&self, attempt: u32) {
         self.inner.retry_attempt.store(attempt, Ordering::Release);
     }

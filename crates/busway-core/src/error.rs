@@ -12,6 +12,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An error and its causes as one line: `outer: cause: root cause`.
+#[doc(hidden)] // used by busway's own crates; not part of the API
 pub fn chain_text(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut next = err.source();

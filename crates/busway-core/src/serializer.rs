@@ -283,6 +283,7 @@ impl Serializer for RawJson {
 
 /// The serializers a bus knows: one to write with, all to read with (by content type).
 #[derive(Debug, Clone)]
+#[doc(hidden)] // the bus's registry; not part of the API
 pub struct Serializers {
     default: Arc<dyn Serializer>,
     readers: Vec<Arc<dyn Serializer>>,

@@ -28,13 +28,21 @@ mod tracing_layer;
 pub(crate) mod transport_sender;
 
 pub use in_memory_outbox::{InMemoryOutbox, InMemoryOutboxLayer};
-pub use redelivery::{RedeliveryLayer, RedeliveryService};
-pub use retry::{ErrorFilter, Retry, RetryLayer, RetryService};
-pub use timeout::{TimeoutLayer, TimeoutService};
+pub use redelivery::RedeliveryLayer;
+pub use retry::{ErrorFilter, Retry, RetryLayer};
+pub use timeout::TimeoutLayer;
+// The services the layers make: nameable (they are the layers' `Service` types), not
+// documented.
+#[doc(hidden)]
+pub use redelivery::RedeliveryService;
+#[doc(hidden)]
+pub use retry::RetryService;
+#[doc(hidden)]
+pub use timeout::TimeoutService;
 pub use tower::limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
-pub use tracing_layer::{
-    ConsumeTracingLayer, ConsumeTracingService, SendTracingLayer, SendTracingService,
-};
+pub use tracing_layer::{ConsumeTracingLayer, SendTracingLayer};
+#[doc(hidden)]
+pub use tracing_layer::{ConsumeTracingService, SendTracingService};
 
 /// The type-erased consume pipeline: a cloneable `tower::Service` from [`ReceiveContext`].
 pub type ConsumeService = BoxCloneSyncService<ReceiveContext, (), ConsumeError>;

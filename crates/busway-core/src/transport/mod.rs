@@ -5,6 +5,26 @@
 //! (ack, requeue, move to the error or skipped queue, redeliver later). All policy (retry,
 //! faults, serialization, tracing) lives in the bus; a transport only moves bytes and keeps
 //! its broker's delivery guarantees.
+//!
+//! # Stability
+//!
+//! This module is the contract third-party transports build on. Within a busway minor
+//! version it only grows: new trait methods come with a default body, new fields only on
+//! `#[non_exhaustive]` types. A change that would break an implementation (a method without
+//! a default, a changed signature) is made only in a new minor version and is marked
+//! **breaking (SPI)** in the changelog.
+//!
+//! # What the bus relies on
+//!
+//! - [`Receiver::next`] is cancel-safe: the bus races it against its stop signal, so a
+//!   `next` future dropped before it completes must not have taken a message off the broker
+//!   (or must hand it back): no delivery is lost to a dropped `next`.
+//! - Each [`Delivery`] is settled exactly once: the bus calls one [`Settlement`] method, or
+//!   drops the settlement, never both; a dropped settlement returns the message to the
+//!   broker. [`MoveError::retry`] hands the same, still unsettled, delivery back for another
+//!   try.
+//! - After [`Receiver::stop`] the bus settles every delivery it holds before it calls
+//!   [`Receiver::close`].
 
 use std::fmt;
 use std::time::Duration;
@@ -123,6 +143,8 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 pub trait Receiver: Send + 'static {
     /// The next delivery. `None` once the receiver is stopped and drained. An `Err` is
     /// logged by the bus, which keeps calling `next` (transports recover underneath).
+    ///
+    /// Must be cancel-safe: dropping the future before it completes loses no message.
     async fn next(&mut self) -> Option<Result<Delivery>>;
 
     /// Stops taking new deliveries from the broker. Deliveries already handed out stay valid
@@ -211,8 +233,8 @@ impl fmt::Display for MoveError {
     }
 }
 
-/// Settles one delivery. Each method consumes it; dropping it unsettled must return the
-/// message to the broker (requeue), so nothing is lost when a task dies.
+/// Settles one delivery, exactly once. Each method consumes it; dropping it unsettled must
+/// return the message to the broker (requeue), so nothing is lost when a task dies.
 #[async_trait]
 pub trait Settlement: Send + Sync + 'static {
     /// The message was handled: remove it from the broker.
