@@ -297,7 +297,7 @@ pub async fn retry_counts_are_exact<F: TransportFixture>(fixture: &F) {
 pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
     init_tracing();
     let t = fixture.transport().await;
-    if !t.capabilities().delayed_delivery {
+    if !t.profile().capabilities.delayed_delivery {
         // A transport without delayed delivery must refuse the configuration up front.
         let err = Bus::builder()
             .transport(t.clone())
@@ -1270,7 +1270,7 @@ pub async fn scheduled_send_waits<F: TransportFixture>(fixture: &F) {
     )
     .await;
     let running = bus.start().await.expect("start");
-    if !t.capabilities().delayed_delivery {
+    if !t.profile().capabilities.delayed_delivery {
         let err = bus
             .send(format!("queue:{name}"), Scheduled { n: 1 })
             .delay(Duration::from_millis(500))

@@ -461,8 +461,8 @@ struct NoDelay(InMemory);
 
 #[busway::async_trait]
 impl Transport for NoDelay {
-    fn system(&self) -> &'static str {
-        "no-delay"
+    fn profile(&self) -> busway::transport::TransportProfile {
+        busway::transport::TransportProfile::new("no-delay")
     }
     fn endpoint_address(&self, name: &str) -> String {
         self.0.endpoint_address(name)

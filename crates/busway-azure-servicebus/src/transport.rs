@@ -13,6 +13,7 @@ use azure_messaging_servicebus::service_bus::{
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
     Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
+    TransportProfile,
 };
 use busway_core::urn::EntityNameStyle;
 use busway_core::{
@@ -614,8 +615,9 @@ impl Received {
 
 #[async_trait]
 impl Transport for ServiceBus {
-    fn system(&self) -> &'static str {
-        "servicebus"
+    fn profile(&self) -> TransportProfile {
+        TransportProfile::new("servicebus")
+            .with_capabilities(Capabilities::new().with_delayed_delivery(true))
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -627,10 +629,6 @@ impl Transport for ServiceBus {
 
     fn temporary_endpoint_address(&self, name: &str) -> String {
         format!("{}?autodelete=300", self.endpoint_address(name))
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_delayed_delivery(true)
     }
 
     fn publish_address(&self, message_type: &Urn) -> String {

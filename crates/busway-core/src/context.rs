@@ -194,7 +194,7 @@ impl ReceiveContext {
 
     /// The transport's `messaging.system` name.
     pub fn messaging_system(&self) -> &'static str {
-        self.inner.bus.transport().system()
+        self.inner.bus.send_context().system
     }
 
     /// True when the broker says the message was delivered before.

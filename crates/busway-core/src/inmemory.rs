@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::topology::{EndpointTopology, Topology};
 use crate::transport::{
     Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
-    TransportMessage,
+    TransportMessage, TransportProfile,
 };
 use crate::urn::{EntityNameStyle, Urn};
 
@@ -368,16 +368,13 @@ impl fmt::Debug for InMemory {
 
 #[async_trait]
 impl Transport for InMemory {
-    fn system(&self) -> &'static str {
-        "loopback"
+    fn profile(&self) -> TransportProfile {
+        TransportProfile::new("loopback")
+            .with_capabilities(Capabilities::new().with_delayed_delivery(true))
     }
 
     fn endpoint_address(&self, name: &str) -> String {
         format!("loopback://localhost/{name}")
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_delayed_delivery(true)
     }
 
     async fn deploy(&self, topology: &Topology) -> Result<()> {

@@ -15,6 +15,8 @@ use crate::transport::Transport;
 pub(crate) struct SendContext {
     /// The transport messages leave on.
     pub(crate) transport: Arc<dyn Transport>,
+    /// The transport's `messaging.system` name.
+    pub(crate) system: &'static str,
     /// The bus's serializers (its default writer, and every reader).
     pub(crate) serializers: Serializers,
     /// The send pipeline: tracing, user send layers, serialization and the transport.

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
-use busway_core::transport::{Capabilities, DeliveryOptions, Receiver, Transport};
+use busway_core::transport::{DeliveryOptions, Receiver, Transport, TransportProfile};
 use busway_core::{
     Address, AddressKind, BusBuilder, EndpointConfigurator, Error, ErrorKind, Message, RawJson,
-    Result, Serializer, Topology, TransportMessage, Urn,
+    Result, Topology, TransportMessage, Urn,
 };
 
 use crate::client::Client;
@@ -338,8 +338,8 @@ impl Kafka {
 
 #[async_trait]
 impl Transport for Kafka {
-    fn system(&self) -> &'static str {
-        "kafka"
+    fn profile(&self) -> TransportProfile {
+        TransportProfile::new("kafka").with_default_serializer(Arc::new(RawJson::rider()))
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -352,14 +352,6 @@ impl Transport for Kafka {
             .unwrap_or("localhost")
             .trim();
         format!("kafka://{host}/{}", self.client.config.prefixed(name))
-    }
-
-    fn default_serializer(&self) -> Option<Arc<dyn Serializer>> {
-        Some(Arc::new(RawJson::rider()))
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new()
     }
 
     fn publish_address(&self, message_type: &Urn) -> String {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
     Backoff, Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement,
-    Transport,
+    Transport, TransportProfile,
 };
 use busway_core::{
     Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
@@ -615,8 +615,10 @@ async fn confirm_publish(
 
 #[async_trait]
 impl Transport for RabbitMq {
-    fn system(&self) -> &'static str {
-        "rabbitmq"
+    fn profile(&self) -> TransportProfile {
+        TransportProfile::new("rabbitmq")
+            .with_capabilities(Capabilities::new().with_delayed_delivery(true))
+            .with_default_prefetch(self.connector.config.prefetch)
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -625,14 +627,6 @@ impl Transport for RabbitMq {
 
     fn temporary_endpoint_address(&self, name: &str) -> String {
         format!("{}{name}?temporary=true", self.prefix)
-    }
-
-    fn default_prefetch(&self) -> Option<u16> {
-        self.connector.config.prefetch
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new().with_delayed_delivery(true)
     }
 
     fn publish_address(&self, message_type: &Urn) -> String {

@@ -312,16 +312,17 @@ impl BusBuilder {
             entry.registrations.extend(auto.registrations);
         }
 
+        let profile = transport.profile();
         let mut serializers = self.serializers;
         if !self.serializer_chosen
-            && let Some(preferred) = transport.default_serializer()
+            && let Some(preferred) = profile.default_serializer.clone()
         {
             serializers.set_default(preferred);
         }
-        let capabilities = transport.capabilities();
+        let capabilities = profile.capabilities;
         let mut defaults = self.defaults.clone();
         if defaults.prefetch.is_none() && defaults.concurrency.is_none() {
-            defaults.prefetch = transport.default_prefetch();
+            defaults.prefetch = profile.default_prefetch;
         }
         let mut plans = Vec::with_capacity(order.len());
         for name in order {
@@ -337,7 +338,7 @@ impl BusBuilder {
             if config.has_redelivery(&defaults) && !capabilities.delayed_delivery {
                 return Err(Error::config(format!(
                     "endpoint `{name}` uses delayed redelivery, but the {} transport has no delayed delivery",
-                    transport.system()
+                    profile.system
                 )));
             }
             let address = transport.endpoint_address(&name);
@@ -371,7 +372,7 @@ impl BusBuilder {
         for layer in self.send_layers.iter().rev() {
             send = layer.apply(send);
         }
-        send = BoxCloneSyncService::new(SendTracingLayer::new(transport.system()).layer(send));
+        send = BoxCloneSyncService::new(SendTracingLayer::new(profile.system).layer(send));
 
         let host = match self.host {
             Some(h) => Arc::new(h),
@@ -380,6 +381,7 @@ impl BusBuilder {
         let shared = BusShared {
             send: SendContext {
                 transport,
+                system: profile.system,
                 serializers,
                 pipeline: send,
                 host,

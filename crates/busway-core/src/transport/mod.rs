@@ -27,12 +27,14 @@
 //!   [`Receiver::close`].
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::address::Address;
 use crate::error::Result;
+use crate::serializer::Serializer;
 use crate::topology::{EndpointTopology, Topology};
 use crate::urn::{EntityNameStyle, Urn};
 
@@ -66,13 +68,74 @@ impl Capabilities {
     }
 }
 
+/// What a transport says about itself ([`Transport::profile`]): its name, what it supports
+/// and the defaults it prefers.
+///
+/// ```
+/// use busway_core::transport::{Capabilities, TransportProfile};
+///
+/// let profile = TransportProfile::new("rabbitmq")
+///     .with_capabilities(Capabilities::new().with_delayed_delivery(true))
+///     .with_default_prefetch(Some(32));
+/// assert_eq!(profile.system, "rabbitmq");
+/// assert!(profile.capabilities.delayed_delivery);
+/// assert!(profile.default_serializer.is_none());
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TransportProfile {
+    /// The transport's name for tracing (`messaging.system`): `rabbitmq`, `kafka`, `loopback`.
+    pub system: &'static str,
+    /// What the transport supports beyond publish, send and receive.
+    pub capabilities: Capabilities,
+    /// The prefetch for endpoints that set none, when the transport has its own default
+    /// (a `?prefetch=` in a RabbitMQ URL). `None` keeps busway's default.
+    pub default_prefetch: Option<u16>,
+    /// The serializer this transport writes with when the application chose none (Kafka
+    /// writes raw JSON with identity in headers, as MassTransit's rider does). `None` keeps
+    /// MassTransit's JSON envelope.
+    pub default_serializer: Option<Arc<dyn Serializer>>,
+}
+
+impl TransportProfile {
+    /// A transport named `system` with no capabilities beyond the basics and no defaults of
+    /// its own.
+    pub fn new(system: &'static str) -> Self {
+        Self {
+            system,
+            capabilities: Capabilities::new(),
+            default_prefetch: None,
+            default_serializer: None,
+        }
+    }
+
+    /// Declares what the transport supports.
+    pub fn with_capabilities(mut self, capabilities: Capabilities) -> Self {
+        self.capabilities = capabilities;
+        self
+    }
+
+    /// The prefetch for endpoints that set none (`None`: busway's default).
+    pub fn with_default_prefetch(mut self, prefetch: Option<u16>) -> Self {
+        self.default_prefetch = prefetch;
+        self
+    }
+
+    /// The serializer to write with when the application chose none.
+    pub fn with_default_serializer(mut self, serializer: Arc<dyn Serializer>) -> Self {
+        self.default_serializer = Some(serializer);
+        self
+    }
+}
+
 /// A broker client the bus runs on.
 ///
 /// Implementations must be cheap to share (`Arc` inside) and safe to call from many tasks.
 #[async_trait]
 pub trait Transport: Send + Sync + fmt::Debug + 'static {
-    /// The transport's name for tracing (`messaging.system`): `rabbitmq`, `kafka`, `loopback`.
-    fn system(&self) -> &'static str;
+    /// What the transport says about itself: its `messaging.system` name, what it supports,
+    /// and the defaults it prefers. Read once, when the bus is built.
+    fn profile(&self) -> TransportProfile;
 
     /// The full address of a named endpoint on this transport
     /// (`loopback://localhost/orders`, `rabbitmq://host/vhost/orders`).
@@ -83,24 +146,6 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// `?temporary=true`, as MassTransit does).
     fn temporary_endpoint_address(&self, name: &str) -> String {
         self.endpoint_address(name)
-    }
-
-    /// The prefetch for endpoints that set none, when the transport has its own default
-    /// (a `?prefetch=` in a RabbitMQ URL). `None` keeps busway's default.
-    fn default_prefetch(&self) -> Option<u16> {
-        None
-    }
-
-    /// The serializer this transport writes with when the application chose none (Kafka
-    /// writes raw JSON with identity in headers, as MassTransit's rider does). `None` keeps
-    /// MassTransit's JSON envelope.
-    fn default_serializer(&self) -> Option<std::sync::Arc<dyn crate::serializer::Serializer>> {
-        None
-    }
-
-    /// What the transport supports beyond publish, send and receive.
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
     }
 
     /// The address written as `destinationAddress` when publishing a message type
