@@ -496,12 +496,10 @@ pub async fn unhandled_type_goes_to_skipped<F: TransportFixture>(fixture: &F) {
 }
 
 fn raw(body: &'static [u8], content_type: Option<&str>) -> TransportMessage {
-    TransportMessage {
-        body: bytes::Bytes::from_static(body),
-        content_type: content_type.map(str::to_string),
-        message_id: Some(Uuid::now_v7().to_string()),
-        ..TransportMessage::default()
-    }
+    let mut message = TransportMessage::new(bytes::Bytes::from_static(body))
+        .with_message_id(Uuid::now_v7().to_string());
+    message.content_type = content_type.map(str::to_string);
+    message
 }
 
 /// Sends `body` as it is (no envelope written by busway) to `address`.
@@ -600,11 +598,8 @@ pub async fn wrong_shape_is_not_retried<F: TransportFixture>(fixture: &F) {
         Uuid::now_v7(),
         Handled::message_type()
     );
-    let message = TransportMessage {
-        body: bytes::Bytes::from(body.into_bytes()),
-        content_type: Some(busway::serializer::MASSTRANSIT_JSON.to_string()),
-        ..TransportMessage::default()
-    };
+    let message = TransportMessage::new(body.into_bytes())
+        .with_content_type(busway::serializer::MASSTRANSIT_JSON);
     t.send(&Address::queue(name.clone()), message, &Default::default())
         .await
         .expect("raw send");

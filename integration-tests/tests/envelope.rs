@@ -63,11 +63,7 @@ struct OrderPlaced {
 }
 
 fn transport_message(body: &str, content_type: &str) -> TransportMessage {
-    TransportMessage {
-        body: bytes::Bytes::from(body.to_string()),
-        content_type: Some(content_type.to_string()),
-        ..TransportMessage::default()
-    }
+    TransportMessage::new(body.to_string()).with_content_type(content_type)
 }
 
 #[test]

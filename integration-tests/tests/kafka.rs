@@ -425,11 +425,8 @@ mod kafka_specific {
         bus.send(to.as_str(), Numbered { n: 13 })
             .await
             .expect("send");
-        let raw = TransportMessage {
-            body: bytes::Bytes::from_static(b"{ not json"),
-            content_type: Some("application/json".into()),
-            ..TransportMessage::default()
-        };
+        let raw = TransportMessage::new(bytes::Bytes::from_static(b"{ not json"))
+            .with_content_type("application/json");
         kafka
             .send(&Address::queue(endpoint.clone()), raw, &Default::default())
             .await
@@ -538,14 +535,11 @@ mod kafka_specific {
         ] {
             headers.insert(k, v);
         }
-        let rider = TransportMessage {
-            body: bytes::Bytes::from_static(
-                br#"{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4","total":"12.50"}"#,
-            ),
-            content_type: Some("application/vnd.masstransit+json".into()),
-            headers,
-            ..TransportMessage::default()
-        };
+        let rider = TransportMessage::new(bytes::Bytes::from_static(
+            br#"{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4","total":"12.50"}"#,
+        ))
+        .with_content_type("application/vnd.masstransit+json")
+        .with_headers(headers);
         kafka
             .send(
                 &Address::parse(&format!("topic:{topic}")).expect("address"),

@@ -549,11 +549,10 @@ mod rabbit_specific {
             .expect("build");
         let running = bus.start().await.expect("start");
         let address = Address::queue(name.clone());
-        let raw = |body: Vec<u8>, ct: &str| TransportMessage {
-            body: body.into(),
-            content_type: Some(ct.to_string()),
-            message_id: Some(Uuid::now_v7().to_string()),
-            ..TransportMessage::default()
+        let raw = |body: Vec<u8>, ct: &str| {
+            TransportMessage::new(body)
+                .with_content_type(ct)
+                .with_message_id(Uuid::now_v7().to_string())
         };
         let big = vec![b'x'; 10 * 1024 * 1024];
         let bodies = vec![

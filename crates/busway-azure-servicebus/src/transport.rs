@@ -595,17 +595,17 @@ impl Received {
             .and_then(|d| Duration::try_from(d).ok());
         let _ = &props.lock_token;
         Ok(Some(Received {
-            message: TransportMessage {
-                body: Bytes::from(response.body()),
-                content_type,
-                message_id: props.message_id.clone(),
-                correlation_id: props.correlation_id.clone(),
-                headers: out,
-                time_to_live: props
+            message: {
+                let mut message = TransportMessage::new(Bytes::from(response.body()));
+                message.content_type = content_type;
+                message.message_id = props.message_id.clone();
+                message.correlation_id = props.correlation_id.clone();
+                message.headers = out;
+                message.time_to_live = props
                     .time_to_live
                     .filter(|t| t.is_finite() && *t > 0.0 && *t < 1e9)
-                    .map(Duration::from_secs_f64),
-                partition_key: None,
+                    .map(Duration::from_secs_f64);
+                message
             },
             delivery_count: props.delivery_count,
             lock_left,
@@ -831,19 +831,19 @@ async fn poll(
             lost.clone(),
             queue.clone(),
         ));
-        let delivery = Delivery {
-            message: received.message,
-            redelivered: received.delivery_count > 1,
-            delivery_count: Some(received.delivery_count),
-            lost: Some(lost),
-            settlement: Box::new(SbSettlement {
+        let mut delivery = Delivery::new(
+            received.message,
+            Box::new(SbSettlement {
                 bus: bus.clone(),
                 queue: queue.clone(),
                 lock: Some(lock),
                 renew,
                 _permit: permit,
             }),
-        };
+        );
+        delivery.redelivered = received.delivery_count > 1;
+        delivery.delivery_count = Some(received.delivery_count);
+        delivery.lost = Some(lost);
         // Cannot block for long: a delivery holds one of `prefetch` permits and the channel
         // holds `prefetch`. A send refused after `stop` drops the delivery, which unlocks it.
         if tx.send(Ok(delivery)).await.is_err() {

@@ -46,7 +46,11 @@ impl fmt::Debug for Extensions {
 }
 
 /// One receive endpoint as the transport must declare it.
+///
+/// The bus builds these; a transport's own tests can make one with
+/// [`EndpointTopology::new`] and set the public fields (the type is `#[non_exhaustive]`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EndpointTopology {
     /// The endpoint (queue) name.
     pub name: String,
@@ -70,6 +74,22 @@ pub struct EndpointTopology {
 }
 
 impl EndpointTopology {
+    /// An endpoint `name` at `address` that consumes nothing yet: prefetch and concurrency
+    /// 16, durable, binding the message types it is given.
+    pub fn new(name: impl Into<String>, address: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            address: address.into(),
+            message_types: Vec::new(),
+            prefetch: 16,
+            concurrency: 16,
+            temporary: false,
+            bind_message_types: true,
+            consumers: Vec::new(),
+            extensions: Extensions::default(),
+        }
+    }
+
     /// The error queue name (`<name>_error`).
     pub fn error_queue(&self) -> String {
         format!("{}_error", self.name)

@@ -297,19 +297,17 @@ pub(crate) fn from_record<M: Message>(record: &M) -> TransportMessage {
     {
         content_type = Some(busway_core::serializer::RAW_JSON.to_string());
     }
-    TransportMessage {
-        message_id: headers.get_str(names::MESSAGE_ID).map(|s| s.into_owned()),
-        correlation_id: headers
-            .get_str(names::CORRELATION_ID)
-            .map(|s| s.into_owned()),
-        content_type,
-        headers,
-        body,
-        time_to_live: None,
-        partition_key: record
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
-    }
+    let mut message = TransportMessage::new(body);
+    message.message_id = headers.get_str(names::MESSAGE_ID).map(|s| s.into_owned());
+    message.correlation_id = headers
+        .get_str(names::CORRELATION_ID)
+        .map(|s| s.into_owned());
+    message.content_type = content_type;
+    message.headers = headers;
+    message.partition_key = record
+        .key()
+        .map(|k| String::from_utf8_lossy(k).into_owned());
+    message
 }
 
 /// False only for a JSON object without the envelope's `message` and `messageType` (a body

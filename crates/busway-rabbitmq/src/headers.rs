@@ -150,25 +150,23 @@ pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties) -> Transport
         .flat_map(|table| table.inner())
         .map(|(k, v)| (k.as_str(), from_amqp(v)))
         .collect();
-    TransportMessage {
-        body: Bytes::from(data),
-        content_type: props
-            .content_type()
-            .as_ref()
-            .map(|s| s.as_str().to_string()),
-        message_id: props.message_id().as_ref().map(|s| s.as_str().to_string()),
-        correlation_id: props
-            .correlation_id()
-            .as_ref()
-            .map(|s| s.as_str().to_string()),
-        headers,
-        time_to_live: props
-            .expiration()
-            .as_ref()
-            .and_then(|e| e.as_str().parse::<u64>().ok())
-            .map(Duration::from_millis),
-        partition_key: None,
-    }
+    let mut message = TransportMessage::new(Bytes::from(data));
+    message.content_type = props
+        .content_type()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    message.message_id = props.message_id().as_ref().map(|s| s.as_str().to_string());
+    message.correlation_id = props
+        .correlation_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string());
+    message.headers = headers;
+    message.time_to_live = props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
+        .map(Duration::from_millis);
+    message
 }
 
 #[cfg(test)]
@@ -200,11 +198,9 @@ mod tests {
         assert_eq!(table.inner().len(), 2);
         let nested = from_amqp(table.inner().get("nested").unwrap());
         assert_eq!(nested, serde_json::json!({"ok": 2}));
-        let message = TransportMessage {
-            message_id: Some(long.clone()),
-            correlation_id: Some("c".into()),
-            ..TransportMessage::default()
-        };
+        let message = TransportMessage::default()
+            .with_message_id(long.clone())
+            .with_correlation_id("c");
         let props = properties(&message, true);
         assert!(props.message_id().is_none());
         assert_eq!(
@@ -220,15 +216,12 @@ mod tests {
         headers.insert("MT-Redelivery-Count", 2);
         headers.insert("Tenant", "acme");
         headers.insert("RabbitMQ-RoutingKey", "dropped");
-        let message = TransportMessage {
-            body: Bytes::from_static(b"{}"),
-            content_type: Some("application/vnd.masstransit+json".into()),
-            message_id: Some("181c0000-6393-3630-36a4-08daf4e7c6da".into()),
-            correlation_id: Some("c".into()),
-            headers,
-            time_to_live: Some(Duration::from_secs(30)),
-            partition_key: None,
-        };
+        let message = TransportMessage::new(Bytes::from_static(b"{}"))
+            .with_content_type("application/vnd.masstransit+json")
+            .with_message_id("181c0000-6393-3630-36a4-08daf4e7c6da")
+            .with_correlation_id("c")
+            .with_headers(headers)
+            .with_time_to_live(Duration::from_secs(30));
         let props = properties(&message, true);
         assert_eq!(props.delivery_mode(), &Some(2));
         assert_eq!(

@@ -852,17 +852,15 @@ impl Receiver for RabbitReceiver {
             match active.consumer.next().await {
                 Some(Ok(d)) => {
                     let message = headers::from_delivery(d.data, &d.properties);
-                    return Some(Ok(Delivery {
-                        message,
-                        redelivered: d.redelivered,
-                        delivery_count: None,
-                        lost: None,
-                        settlement: Box::new(RabbitSettlement {
-                            acker: Some(d.acker),
-                            connector: self.connector.clone(),
-                            spec: self.spec.clone(),
-                        }),
-                    }));
+                    let redelivered = d.redelivered;
+                    let settlement = Box::new(RabbitSettlement {
+                        acker: Some(d.acker),
+                        connector: self.connector.clone(),
+                        spec: self.spec.clone(),
+                    });
+                    let mut delivery = Delivery::new(message, settlement);
+                    delivery.redelivered = redelivered;
+                    return Some(Ok(delivery));
                 }
                 Some(Err(err)) => {
                     tracing::debug!(endpoint = %self.spec.name, error = %err, "the consumer failed; resuming");

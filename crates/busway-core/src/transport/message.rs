@@ -7,7 +7,11 @@ use bytes::Bytes;
 use crate::headers::Headers;
 
 /// A message as the transport sees it: bytes plus transport-level properties.
+///
+/// Build one with [`TransportMessage::new`] and the `with_*` methods, or set the public
+/// fields of a new one (the type is `#[non_exhaustive]` so fields can be added).
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct TransportMessage {
     /// The serialized body.
     pub body: Bytes,
@@ -23,6 +27,52 @@ pub struct TransportMessage {
     pub time_to_live: Option<Duration>,
     /// A partition or ordering key, for transports that have one.
     pub partition_key: Option<String>,
+}
+
+impl TransportMessage {
+    /// A message with `body` and no properties.
+    pub fn new(body: impl Into<Bytes>) -> Self {
+        Self {
+            body: body.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the content type.
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Sets the transport-level message id.
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sets the transport-level correlation id.
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the transport headers.
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets how long the broker keeps the message.
+    pub fn with_time_to_live(mut self, ttl: Duration) -> Self {
+        self.time_to_live = Some(ttl);
+        self
+    }
+
+    /// Sets the partition or ordering key.
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
 }
 
 /// Per-call delivery options.

@@ -204,6 +204,10 @@ pub trait Receiver: Send + 'static {
 }
 
 /// One message handed to the bus by a [`Receiver`], to be settled exactly once.
+///
+/// Build one with [`Delivery::new`], then set the other public fields (the type is
+/// `#[non_exhaustive]`).
+#[non_exhaustive]
 pub struct Delivery {
     /// The message.
     pub message: TransportMessage,
@@ -218,6 +222,20 @@ pub struct Delivery {
     pub lost: Option<tokio_util::sync::CancellationToken>,
     /// How to settle the delivery.
     pub settlement: Box<dyn Settlement>,
+}
+
+impl Delivery {
+    /// A first delivery of `message`, settled through `settlement`, that the transport cannot
+    /// lose (set `redelivered`, `delivery_count` and `lost` where the broker says more).
+    pub fn new(message: TransportMessage, settlement: Box<dyn Settlement>) -> Self {
+        Self {
+            message,
+            redelivered: false,
+            delivery_count: None,
+            lost: None,
+            settlement,
+        }
+    }
 }
 
 impl fmt::Debug for Delivery {

@@ -429,17 +429,14 @@ impl Receiver for KafkaReceiver {
                     drop(state);
                     let message = record.message.clone();
                     let redelivered = record.redelivered;
-                    return Some(Ok(Delivery {
-                        message,
-                        redelivered,
-                        delivery_count: None,
-                        lost: None,
-                        settlement: Box::new(KafkaSettlement {
-                            shared: self.shared.clone(),
-                            record: Some(record),
-                            move_failures: 0,
-                        }),
-                    }));
+                    let settlement = Box::new(KafkaSettlement {
+                        shared: self.shared.clone(),
+                        record: Some(record),
+                        move_failures: 0,
+                    });
+                    let mut delivery = Delivery::new(message, settlement);
+                    delivery.redelivered = redelivered;
+                    return Some(Ok(delivery));
                 }
                 tracing::trace!(
                     group = %self.shared.group,
