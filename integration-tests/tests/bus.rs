@@ -378,6 +378,29 @@ async fn topology_prints_as_text_and_mermaid() {
         "{mermaid}"
     );
     assert_eq!(format!("{}", bus.topology()), text);
+
+    // The transport's own view: the in-memory transport has MassTransit's exchanges and
+    // queues.
+    let view = bus.topology_text();
+    assert!(view.contains("  reads queue billing\n"), "{view}");
+    assert!(
+        view.contains(&format!(
+            "  {} <- exchange {}\n",
+            OrderPlaced::message_type(),
+            OrderPlaced::message_type().entity_name(&busway::urn::EntityNameStyle::RABBITMQ)
+        )),
+        "{view}"
+    );
+    assert!(
+        view.contains("  faults -> queue billing_error, skipped -> queue billing_skipped\n"),
+        "{view}"
+    );
+    let mermaid = bus.topology_mermaid();
+    assert!(
+        mermaid.contains("n_queue_billing[(\"queue billing\")]")
+            && mermaid.contains("n_queue_billing -. fault .-> n_queue_billing_error"),
+        "{mermaid}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,6 +212,57 @@ mod kafka_specific {
         kafka.delete_topics(&topics).await.expect("cleanup");
     }
 
+    /// A Kafka bus prints its topology as topics and consumer groups, not exchanges.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn topology_prints_topics_and_consumer_groups() {
+        init_tracing();
+        let kafka = isolated_transport(1);
+        let name = unique("described");
+        let bus = Bus::builder()
+            .transport(kafka.clone())
+            .receive_endpoint(name.clone(), |e| {
+                e.handler(|_: ConsumeContext<OrderPlaced>| async { Ok(()) })
+            })
+            .build()
+            .await
+            .expect("build");
+        let config = kafka.config();
+        let topic = config.topic_for(OrderPlaced::message_type());
+        let own = config.prefixed(&name);
+        let text = bus.topology_text();
+        assert!(
+            text.contains(&format!("  reads consumer group {name}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "  {} <- topic {topic}\n",
+                OrderPlaced::message_type()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("  sends <- topic {own}\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&config.dead_letter_topic(&topic, &name)),
+            "{text}"
+        );
+        assert!(!text.contains("exchange"), "{text}");
+        let mermaid = bus.topology_mermaid();
+        assert!(mermaid.contains("consumer group"), "{mermaid}");
+        assert!(!mermaid.contains("exchange"), "{mermaid}");
+        let topics: Vec<String> = kafka
+            .topic_names()
+            .await
+            .expect("topics")
+            .into_iter()
+            .filter(|t| t.starts_with(config.topic_prefix()))
+            .collect();
+        kafka.delete_topics(&topics).await.expect("cleanup");
+    }
+
     fn probe() -> std::path::PathBuf {
         std::path::PathBuf::from(env!("CARGO_BIN_EXE_kafka-probe"))
     }

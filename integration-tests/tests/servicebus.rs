@@ -209,6 +209,21 @@ mod servicebus_specific {
             standin.queue_settings(&short),
             Some((Duration::from_secs(45), 7))
         );
+        // The topology as Service Bus has it: topics with subscriptions forwarding to queues.
+        let text = bus.topology_text();
+        assert!(
+            text.contains(&format!(
+                "  {} <- topic {topic} / subscription {}\n",
+                OrderPlaced::message_type(),
+                subscription_name(&long)
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("  reads queue order-confirmation\n"),
+            "{text}"
+        );
+        assert!(!text.contains("exchange"), "{text}");
         assert_eq!(
             bus.transport().publish_address(OrderPlaced::message_type()),
             "sb://busway-standin.servicebus.windows.net/Contracts/OrderPlaced?type=topic"

@@ -10,7 +10,7 @@ use azure_messaging_servicebus::prelude::{QueueClient, TopicClient};
 use azure_messaging_servicebus::service_bus::{
     PeekLockResponse, SendMessageOptions, SettableBrokerProperties,
 };
-use busway_core::topology::EndpointTopology;
+use busway_core::topology::{EndpointTopology, EndpointView, TopologyView};
 use busway_core::transport::{
     Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
     TransportProfile,
@@ -636,6 +636,30 @@ impl Transport for ServiceBus {
             "{}?type=topic",
             self.endpoint_address(&topic_name(message_type))
         )
+    }
+
+    fn describe(&self, topology: &Topology) -> TopologyView {
+        let endpoints = topology
+            .endpoints
+            .iter()
+            .map(|e| {
+                let mut view = EndpointView::queues(e);
+                if e.bind_message_types {
+                    for t in &e.message_types {
+                        view = view.with_source(
+                            t.as_str(),
+                            format!(
+                                "topic {} / subscription {}",
+                                topic_name(t),
+                                subscription_name(&e.name)
+                            ),
+                        );
+                    }
+                }
+                view
+            })
+            .collect();
+        TopologyView::new(endpoints)
     }
 
     async fn deploy(&self, topology: &Topology) -> Result<()> {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use busway_core::topology::EndpointTopology;
+use busway_core::topology::{EndpointTopology, EndpointView, TopologyView};
 use busway_core::transport::{DeliveryOptions, Receiver, Transport, TransportProfile};
 use busway_core::{
     Address, AddressKind, BusBuilder, EndpointConfigurator, Error, ErrorKind, Message, RawJson,
@@ -352,6 +352,38 @@ impl Transport for Kafka {
             .unwrap_or("localhost")
             .trim();
         format!("kafka://{host}/{}", self.client.config.prefixed(name))
+    }
+
+    fn describe(&self, topology: &Topology) -> TopologyView {
+        let config = &self.client.config;
+        let endpoints = topology
+            .endpoints
+            .iter()
+            .map(|e| {
+                let (topics, group, _, _) = self.endpoint_topics(e);
+                let list = |f: &dyn Fn(&str) -> String| {
+                    let names: Vec<String> = topics.iter().map(|t| f(t)).collect();
+                    format!("topics {}", names.join(", "))
+                };
+                let mut view = EndpointView::new(
+                    e,
+                    format!("consumer group {group}"),
+                    list(&|t| config.dead_letter_topic(t, &group)),
+                    list(&|t| config.skipped_topic(t, &group)),
+                );
+                for topic in &topics {
+                    let label = e
+                        .message_types
+                        .iter()
+                        .find(|m| config.topic_for(m) == *topic)
+                        .map(|m| m.as_str().to_string())
+                        .unwrap_or_else(|| "sends".to_string());
+                    view = view.with_source(label, format!("topic {topic}"));
+                }
+                view
+            })
+            .collect();
+        TopologyView::new(endpoints)
     }
 
     fn publish_address(&self, message_type: &Urn) -> String {

@@ -149,6 +149,19 @@ impl Bus {
         &self.shared.topology
     }
 
+    /// The deployed topology in the transport's own terms, as text (exchanges and queues on
+    /// RabbitMQ, topics and consumer groups on Kafka).
+    pub fn topology_text(&self) -> String {
+        self.transport().describe(&self.shared.topology).to_text()
+    }
+
+    /// The deployed topology in the transport's own terms, as a Mermaid flowchart.
+    pub fn topology_mermaid(&self) -> String {
+        self.transport()
+            .describe(&self.shared.topology)
+            .to_mermaid()
+    }
+
     /// The bus's own address (its response endpoint), used as the source of messages
     /// published outside a consumer.
     pub fn address(&self) -> &str {

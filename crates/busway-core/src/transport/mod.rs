@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use crate::address::Address;
 use crate::error::Result;
 use crate::serializer::Serializer;
-use crate::topology::{EndpointTopology, Topology};
+use crate::topology::{EndpointTopology, Topology, TopologyView};
 use crate::urn::{EntityNameStyle, Urn};
 
 mod backoff;
@@ -146,6 +146,14 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     /// `?temporary=true`, as MassTransit does).
     fn temporary_endpoint_address(&self, name: &str) -> String {
         self.endpoint_address(name)
+    }
+
+    /// The topology in this transport's own terms, for printing
+    /// ([`crate::Bus::topology_text`], [`crate::Bus::topology_mermaid`]). The default is
+    /// MassTransit's exchanges and queues; a transport with another model (Kafka's topics and
+    /// consumer groups) says so.
+    fn describe(&self, topology: &Topology) -> TopologyView {
+        TopologyView::exchanges_and_queues(topology)
     }
 
     /// The address written as `destinationAddress` when publishing a message type
