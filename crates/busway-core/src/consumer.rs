@@ -146,15 +146,14 @@ impl ConsumerRegistration {
     /// A registration of `consumer` for message type `M`.
     pub fn new<M: Message, C: Consumer<M>>(consumer: Arc<C>) -> Self {
         let consumer_type = std::any::type_name::<C>().to_string();
-        let name: Arc<str> = Arc::from(consumer_type.as_str());
+        let name = consumer_type.clone();
         Self {
             make: Box::new(move |observers| {
-                BoxCloneSyncService::new(Invoker::<M, C> {
-                    consumer,
-                    consumer_type: name,
+                BoxCloneSyncService::new(Invoker::<M, _>::service(
+                    ByConsumer(consumer),
+                    &name,
                     observers,
-                    _message: PhantomData,
-                })
+                ))
             }),
             config: None,
             consumer_type,
@@ -170,15 +169,14 @@ impl ConsumerRegistration {
         Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
     {
         let consumer_type = format!("handler<{}>", std::any::type_name::<M>());
-        let name: Arc<str> = Arc::from(consumer_type.as_str());
+        let name = consumer_type.clone();
         Self {
             make: Box::new(move |observers| {
-                BoxCloneSyncService::new(HandlerInvoker::<M, F> {
-                    handler: Arc::new(handler),
-                    consumer_type: name,
+                BoxCloneSyncService::new(Invoker::<M, _>::service(
+                    ByHandler(handler),
+                    &name,
                     observers,
-                    _message: PhantomData,
-                })
+                ))
             }),
             config: None,
             consumer_type,
@@ -309,74 +307,78 @@ fn finish(
     result
 }
 
-struct Invoker<M, C> {
-    consumer: Arc<C>,
-    consumer_type: Arc<str>,
-    observers: Observers,
-    _message: PhantomData<fn() -> M>,
+/// What the invoker calls with the typed context: a consumer, or a handler function.
+trait Invoke<M>: Send + Sync + 'static {
+    /// Runs one attempt, with panics caught.
+    fn invoke(
+        &self,
+        ctx: ConsumeContext<M>,
+    ) -> impl Future<Output = Result<(), ConsumeError>> + Send;
 }
 
-impl<M, C> Clone for Invoker<M, C> {
-    fn clone(&self) -> Self {
-        Self {
-            consumer: self.consumer.clone(),
-            consumer_type: self.consumer_type.clone(),
-            observers: self.observers.clone(),
-            _message: PhantomData,
-        }
+/// A [`Consumer`] as the invoker calls it.
+struct ByConsumer<C>(Arc<C>);
+
+impl<M: Message, C: Consumer<M>> Invoke<M> for ByConsumer<C> {
+    async fn invoke(&self, ctx: ConsumeContext<M>) -> Result<(), ConsumeError> {
+        guarded(self.0.consume(&ctx)).await
     }
 }
 
-impl<M: Message, C: Consumer<M>> Service<ReceiveContext> for Invoker<M, C> {
-    type Response = ();
-    type Error = ConsumeError;
-    type Future = BoxFuture<'static, Result<(), ConsumeError>>;
+/// A handler function as the invoker calls it (a panic while it builds its future is caught
+/// too).
+struct ByHandler<F>(F);
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConsumeError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, rc: ReceiveContext) -> Self::Future {
-        let consumer = self.consumer.clone();
-        let consumer_type = self.consumer_type.clone();
-        let observers = self.observers.clone();
-        Box::pin(async move {
-            let result = match decode::<M>(&rc) {
-                Ok(message) => {
-                    let ctx = ConsumeContext::new(message, rc.clone());
-                    guarded(consumer.consume(&ctx)).await
-                }
-                Err(e) => Err(e),
-            };
-            finish(&rc, &observers, &consumer_type, M::message_type(), result)
-        })
-    }
-}
-
-struct HandlerInvoker<M, F> {
-    handler: Arc<F>,
-    consumer_type: Arc<str>,
-    observers: Observers,
-    _message: PhantomData<fn() -> M>,
-}
-
-impl<M, F> Clone for HandlerInvoker<M, F> {
-    fn clone(&self) -> Self {
-        Self {
-            handler: self.handler.clone(),
-            consumer_type: self.consumer_type.clone(),
-            observers: self.observers.clone(),
-            _message: PhantomData,
-        }
-    }
-}
-
-impl<M, F, Fut> Service<ReceiveContext> for HandlerInvoker<M, F>
+impl<M, F, Fut> Invoke<M> for ByHandler<F>
 where
     M: Message,
     F: Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
 {
+    async fn invoke(&self, ctx: ConsumeContext<M>) -> Result<(), ConsumeError> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| (self.0)(ctx))) {
+            Ok(fut) => guarded(fut).await,
+            Err(payload) => Err(ConsumeError::kind_msg(
+                ConsumeErrorKind::Panic,
+                "panic",
+                format!("the handler panicked: {}", panic_message(payload)),
+            )),
+        }
+    }
+}
+
+/// The one service that runs a consumer or a handler for message type `M`: decode the body,
+/// build the typed context, call, tell the observers, and record the fault source.
+struct Invoker<M, I> {
+    target: Arc<I>,
+    consumer_type: Arc<str>,
+    observers: Observers,
+    _message: PhantomData<fn() -> M>,
+}
+
+impl<M, I> Invoker<M, I> {
+    fn service(target: I, consumer_type: &str, observers: Observers) -> Self {
+        Self {
+            target: Arc::new(target),
+            consumer_type: Arc::from(consumer_type),
+            observers,
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<M, I> Clone for Invoker<M, I> {
+    fn clone(&self) -> Self {
+        Self {
+            target: self.target.clone(),
+            consumer_type: self.consumer_type.clone(),
+            observers: self.observers.clone(),
+            _message: PhantomData,
+        }
+    }
+}
+
+impl<M: Message, I: Invoke<M>> Service<ReceiveContext> for Invoker<M, I> {
     type Response = ();
     type Error = ConsumeError;
     type Future = BoxFuture<'static, Result<(), ConsumeError>>;
@@ -386,25 +388,23 @@ where
     }
 
     fn call(&mut self, rc: ReceiveContext) -> Self::Future {
-        let handler = self.handler.clone();
-        let consumer_type = self.consumer_type.clone();
-        let observers = self.observers.clone();
+        let this = self.clone();
         Box::pin(async move {
             let result = match decode::<M>(&rc) {
                 Ok(message) => {
-                    let ctx = ConsumeContext::new(message, rc.clone());
-                    match std::panic::catch_unwind(AssertUnwindSafe(|| handler(ctx))) {
-                        Ok(fut) => guarded(fut).await,
-                        Err(payload) => Err(ConsumeError::kind_msg(
-                            ConsumeErrorKind::Panic,
-                            "panic",
-                            format!("the handler panicked: {}", panic_message(payload)),
-                        )),
-                    }
+                    this.target
+                        .invoke(ConsumeContext::new(message, rc.clone()))
+                        .await
                 }
                 Err(e) => Err(e),
             };
-            finish(&rc, &observers, &consumer_type, M::message_type(), result)
+            finish(
+                &rc,
+                &this.observers,
+                &this.consumer_type,
+                M::message_type(),
+                result,
+            )
         })
     }
 }
