@@ -151,7 +151,7 @@ impl ConsumerRegistration {
             make: Box::new(move |observers| {
                 BoxCloneSyncService::new(Invoker::<M, _>::service(
                     ByConsumer(consumer),
-                    &name,
+                    name,
                     observers,
                 ))
             }),
@@ -174,7 +174,7 @@ impl ConsumerRegistration {
             make: Box::new(move |observers| {
                 BoxCloneSyncService::new(Invoker::<M, _>::service(
                     ByHandler(handler),
-                    &name,
+                    name,
                     observers,
                 ))
             }),
@@ -348,20 +348,27 @@ where
 }
 
 /// The one service that runs a consumer or a handler for message type `M`: decode the body,
-/// build the typed context, call, tell the observers, and record the fault source.
+/// build the typed context, call, tell the observers, and record the fault source. Cloned
+/// per call, so everything is behind one `Arc`.
 struct Invoker<M, I> {
-    target: Arc<I>,
-    consumer_type: Arc<str>,
-    observers: Observers,
+    shared: Arc<InvokerShared<I>>,
     _message: PhantomData<fn() -> M>,
 }
 
+struct InvokerShared<I> {
+    target: I,
+    consumer_type: String,
+    observers: Observers,
+}
+
 impl<M, I> Invoker<M, I> {
-    fn service(target: I, consumer_type: &str, observers: Observers) -> Self {
+    fn service(target: I, consumer_type: String, observers: Observers) -> Self {
         Self {
-            target: Arc::new(target),
-            consumer_type: Arc::from(consumer_type),
-            observers,
+            shared: Arc::new(InvokerShared {
+                target,
+                consumer_type,
+                observers,
+            }),
             _message: PhantomData,
         }
     }
@@ -370,9 +377,7 @@ impl<M, I> Invoker<M, I> {
 impl<M, I> Clone for Invoker<M, I> {
     fn clone(&self) -> Self {
         Self {
-            target: self.target.clone(),
-            consumer_type: self.consumer_type.clone(),
-            observers: self.observers.clone(),
+            shared: self.shared.clone(),
             _message: PhantomData,
         }
     }
@@ -388,7 +393,7 @@ impl<M: Message, I: Invoke<M>> Service<ReceiveContext> for Invoker<M, I> {
     }
 
     fn call(&mut self, rc: ReceiveContext) -> Self::Future {
-        let this = self.clone();
+        let this = self.shared.clone();
         Box::pin(async move {
             let result = match decode::<M>(&rc) {
                 Ok(message) => {

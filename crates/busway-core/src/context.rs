@@ -39,8 +39,6 @@ pub(crate) struct EndpointInfo {
 pub enum SettledBy {
     /// Delayed redelivery sent it back to the endpoint ([`ReceiveContext::redeliver`]).
     Redelivered,
-    /// The receive loop already took it to ack, requeue or move it.
-    Endpoint,
 }
 
 /// Where a delivery's settlement is: still open, settled by a layer (which said how), or
@@ -259,16 +257,19 @@ impl ReceiveContext {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the delivery's settlement for the receive loop, or says how a layer settled it.
-    pub(crate) fn take_settlement(&self) -> std::result::Result<Box<dyn Settlement>, SettledBy> {
+    /// Takes the delivery's settlement for the receive loop, or says how a layer settled it
+    /// (`None`: the loop took it already).
+    pub(crate) fn take_settlement(
+        &self,
+    ) -> std::result::Result<Box<dyn Settlement>, Option<SettledBy>> {
         let mut state = self.settlement();
         match std::mem::replace(&mut *state, SettlementState::Taken) {
             SettlementState::Open(settlement) => Ok(settlement),
             SettlementState::Settled(by) => {
                 *state = SettlementState::Settled(by);
-                Err(by)
+                Err(Some(by))
             }
-            SettlementState::Taken => Err(SettledBy::Endpoint),
+            SettlementState::Taken => Err(None),
         }
     }
 

@@ -361,15 +361,20 @@ impl Transport for Kafka {
             .iter()
             .map(|e| {
                 let (topics, group, _, _) = self.endpoint_topics(e);
-                let list = |f: &dyn Fn(&str) -> String| {
-                    let names: Vec<String> = topics.iter().map(|t| f(t)).collect();
-                    format!("topics {}", names.join(", "))
-                };
+                let (dead, skipped): (Vec<String>, Vec<String>) = topics
+                    .iter()
+                    .map(|t| {
+                        (
+                            config.dead_letter_topic(t, &group),
+                            config.skipped_topic(t, &group),
+                        )
+                    })
+                    .unzip();
                 let mut view = EndpointView::new(
                     e,
                     format!("consumer group {group}"),
-                    list(&|t| config.dead_letter_topic(t, &group)),
-                    list(&|t| config.skipped_topic(t, &group)),
+                    format!("topics {}", dead.join(", ")),
+                    format!("topics {}", skipped.join(", ")),
                 );
                 for topic in &topics {
                     let label = e
