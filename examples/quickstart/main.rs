@@ -301,7 +301,7 @@ async fn main() -> Result<(), BoxError> {
         .build()
         .await?;
 
-    println!("topology:\n{}", bus.topology().to_text());
+    println!("topology:\n{}", bus.topology_text());
     let running = bus.start().await?;
 
     let mediator = Mediator::builder()

@@ -19,13 +19,16 @@ pub mod servicebus;
 pub mod support;
 
 use async_trait::async_trait;
-use busway::{Transport, TransportMessage};
+use busway::Transport;
+use busway::transport::QueueAdmin;
 
-/// What the conformance suite needs from a transport under test.
+/// What the conformance suite needs from a transport under test: the transport, connected.
+/// The suite reads and clears queues through the transport's own [`QueueAdmin`], the
+/// interface operators' tools use too.
 #[async_trait]
 pub trait TransportFixture: Send + Sync + 'static {
     /// The transport type; clones share one connection/broker.
-    type Transport: Transport + Clone;
+    type Transport: Transport + QueueAdmin + Clone;
 
     /// A human name for messages (`in-memory`, `RabbitMQ`).
     fn name(&self) -> &'static str;
@@ -34,19 +37,11 @@ pub trait TransportFixture: Send + Sync + 'static {
     /// it when the service is unreachable (a test must never pass without its broker).
     async fn transport(&self) -> Self::Transport;
 
-    /// Removes and returns the messages waiting in `queue` (used to read `_error` and
-    /// `_skipped` queues).
-    async fn take_messages(
-        &self,
-        transport: &Self::Transport,
-        queue: &str,
-    ) -> Vec<TransportMessage>;
-
-    /// Messages waiting in `queue` (not counting unacknowledged ones).
-    async fn queue_depth(&self, transport: &Self::Transport, queue: &str) -> usize;
-
-    /// Deletes queues a test created (no-op where nothing outlives the test).
-    async fn delete_queues(&self, transport: &Self::Transport, queues: &[String]) {
-        let _ = (transport, queues);
+    /// Deletes what a test created: by default `queues` through [`QueueAdmin`].
+    async fn cleanup(&self, transport: &Self::Transport, queues: &[String]) {
+        transport
+            .delete_queues(queues)
+            .await
+            .unwrap_or_else(|e| panic!("{}: deleting {queues:?} failed: {e}", self.name()));
     }
 }

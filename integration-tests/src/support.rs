@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use busway::TransportMessage;
+use busway::transport::QueueAdmin;
 
 use crate::TransportFixture;
 
@@ -148,7 +149,11 @@ pub async fn take_queue<F: TransportFixture>(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::new();
     loop {
-        out.extend(fixture.take_messages(transport, queue).await);
+        let taken = transport
+            .take_messages(queue, 1000)
+            .await
+            .unwrap_or_else(|e| panic!("{}: reading `{queue}` failed: {e}", fixture.name()));
+        out.extend(taken);
         if out.len() >= count {
             return out;
         }
@@ -161,6 +166,20 @@ pub async fn take_queue<F: TransportFixture>(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Messages ready in `queue`, through the transport's [`QueueAdmin`]; panics naming the
+/// queue when the broker cannot say.
+pub async fn depth<F: TransportFixture>(
+    fixture: &F,
+    transport: &F::Transport,
+    queue: &str,
+) -> usize {
+    let n = transport
+        .queue_depth(queue)
+        .await
+        .unwrap_or_else(|e| panic!("{}: the depth of `{queue}` is unknown: {e}", fixture.name()));
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// A header as text, or a panic naming the missing header.

@@ -404,7 +404,7 @@ fn derive_sets_urns_keys_and_correlation() {
         "urn:message:MassTransit:Fault[[Contracts:OrderPlaced]]"
     );
     assert_eq!(
-        Fault::<OrderPlaced>::message_type().entity_name(&busway::urn::EntityNameStyle::RABBITMQ),
+        Fault::<OrderPlaced>::message_type().entity_name(&busway::rabbitmq::naming::ENTITY_NAMES),
         "MassTransit:Fault--Contracts:OrderPlaced--"
     );
 }

@@ -1,7 +1,7 @@
 //! The conformance suite on the in-memory transport.
 
 use async_trait::async_trait;
-use busway::{InMemory, TransportMessage};
+use busway::InMemory;
 use busway_integration_tests::TransportFixture;
 
 struct InMemoryFixture;
@@ -16,14 +16,6 @@ impl TransportFixture for InMemoryFixture {
 
     async fn transport(&self) -> InMemory {
         InMemory::new()
-    }
-
-    async fn take_messages(&self, transport: &InMemory, queue: &str) -> Vec<TransportMessage> {
-        transport.take(queue)
-    }
-
-    async fn queue_depth(&self, transport: &InMemory, queue: &str) -> usize {
-        transport.queue_len(queue)
     }
 }
 

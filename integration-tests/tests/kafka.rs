@@ -2,24 +2,11 @@
 //! 127.0.0.1:9092, or `BUSWAY_KAFKA_BROKERS`). Every test uses topics with a prefix of its own.
 
 use async_trait::async_trait;
-use busway::TransportMessage;
 use busway::kafka::Kafka;
 use busway_integration_tests::TransportFixture;
-use busway_integration_tests::kafka::{endpoint_topics, isolated_transport};
-
-const FIXTURE_GROUP: &str = "busway-fixture";
+use busway_integration_tests::kafka::isolated_transport;
 
 struct KafkaFixture;
-
-fn split(queue: &str) -> (&str, Option<&str>) {
-    if let Some(e) = queue.strip_suffix("_error") {
-        (e, Some("error"))
-    } else if let Some(e) = queue.strip_suffix("_skipped") {
-        (e, Some("skipped"))
-    } else {
-        (queue, None)
-    }
-}
 
 #[async_trait]
 impl TransportFixture for KafkaFixture {
@@ -33,43 +20,9 @@ impl TransportFixture for KafkaFixture {
         isolated_transport(3)
     }
 
-    async fn take_messages(&self, kafka: &Kafka, queue: &str) -> Vec<TransportMessage> {
-        let (endpoint, kind) = split(queue);
-        let topics = match kind {
-            Some(kind) => endpoint_topics(kafka, endpoint, kind).await,
-            None => vec![kafka.endpoint_topic(endpoint)],
-        };
-        let mut out = Vec::new();
-        for t in topics {
-            out.extend(
-                kafka
-                    .read(&t, FIXTURE_GROUP)
-                    .await
-                    .expect("reading a topic"),
-            );
-        }
-        out
-    }
-
-    async fn queue_depth(&self, kafka: &Kafka, queue: &str) -> usize {
-        let (endpoint, kind) = split(queue);
-        let lag = match kind {
-            Some(kind) => {
-                let mut lag = 0;
-                for t in endpoint_topics(kafka, endpoint, kind).await {
-                    lag += kafka.lag(FIXTURE_GROUP, &t).await.expect("lag");
-                }
-                lag
-            }
-            None => kafka
-                .lag(endpoint, &kafka.endpoint_topic(endpoint))
-                .await
-                .expect("lag"),
-        };
-        usize::try_from(lag).unwrap_or(0)
-    }
-
-    async fn delete_queues(&self, kafka: &Kafka, _queues: &[String]) {
+    /// Every topic with the test's prefix: the endpoints' topics and dead-letter topics,
+    /// and the message types' topics, which only this test used.
+    async fn cleanup(&self, kafka: &Kafka, _queues: &[String]) {
         let prefix = kafka.config().topic_prefix().to_string();
         let topics: Vec<String> = kafka
             .topic_names()

@@ -2,7 +2,6 @@
 //! Each test uses uniquely named endpoints and deletes its queues afterwards.
 
 use async_trait::async_trait;
-use busway::TransportMessage;
 use busway::rabbitmq::RabbitMq;
 use busway_integration_tests::TransportFixture;
 use busway_integration_tests::rabbit::{transport_for, url};
@@ -20,21 +19,6 @@ impl TransportFixture for RabbitFixture {
     async fn transport(&self) -> RabbitMq {
         transport_for(&url())
     }
-
-    async fn take_messages(&self, transport: &RabbitMq, queue: &str) -> Vec<TransportMessage> {
-        transport.take(queue, 1000).await.expect("basic.get works")
-    }
-
-    async fn queue_depth(&self, transport: &RabbitMq, queue: &str) -> usize {
-        transport
-            .queue_depth(queue)
-            .await
-            .expect("passive declare works") as usize
-    }
-
-    async fn delete_queues(&self, transport: &RabbitMq, queues: &[String]) {
-        transport.delete(queues).await.expect("delete works");
-    }
 }
 
 busway_integration_tests::conformance_suite!(RabbitFixture);
@@ -49,6 +33,7 @@ mod rabbit_specific {
     use busway::headers::names;
     use busway::prelude::*;
     use busway::rabbitmq::RabbitMqEndpointExt;
+    use busway::transport::QueueAdmin;
     use busway::{Address, Transport, TransportMessage};
     use busway_integration_tests::rabbit::{TestVhost, transport_for};
     use busway_integration_tests::support::{Counter, header, init_tracing, unique, wait_until};
@@ -236,12 +221,6 @@ mod rabbit_specific {
         }
         async fn transport(&self) -> Self::Transport {
             self.0.clone()
-        }
-        async fn take_messages(&self, t: &Self::Transport, queue: &str) -> Vec<TransportMessage> {
-            t.take(queue, 1000).await.expect("take")
-        }
-        async fn queue_depth(&self, t: &Self::Transport, queue: &str) -> usize {
-            t.queue_depth(queue).await.expect("depth") as usize
         }
     }
 
@@ -608,7 +587,7 @@ mod rabbit_specific {
         );
         wait_until(WAIT, "the endpoint still consumes", || ok.get() == 1).await;
         running.shutdown().await.expect("shutdown");
-        t.delete(&[
+        t.delete_queues(&[
             name.clone(),
             format!("{name}_error"),
             format!("{name}_skipped"),
@@ -641,7 +620,7 @@ mod rabbit_specific {
             .expect_err("returned");
         assert!(err.is_transport(), "{err}");
         assert!(err.to_string().contains("returned"), "{err}");
-        t.delete(&[lonely]).await.expect("cleanup");
+        t.delete_queues(&[lonely]).await.expect("cleanup");
 
         let unreachable =
             busway::rabbitmq::RabbitMq::builder("amqp://guest:s3cret@127.0.0.1:1/%2f")

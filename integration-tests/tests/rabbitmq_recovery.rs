@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use busway::prelude::*;
+use busway::transport::QueueAdmin;
 use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, transport_for};
 use busway_integration_tests::support::init_tracing;
 use futures_util::StreamExt;

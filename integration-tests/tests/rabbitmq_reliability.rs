@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use busway::prelude::*;
 use busway::rabbitmq::RabbitMq;
+use busway::transport::QueueAdmin;
 use busway::{ConsumeErrorKind, Transport};
 use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, transport_for};
 use busway_integration_tests::support::{init_tracing, unique, wait_until, wait_until_async};
@@ -58,7 +59,8 @@ fn clear_policy(vhost: &TestVhost, policy: &str) {
 }
 
 async fn depth(transport: &RabbitMq, queue: &str) -> u32 {
-    transport.queue_depth(queue).await.expect("queue depth")
+    let n = transport.queue_depth(queue).await.expect("queue depth");
+    u32::try_from(n).expect("a depth that fits u32")
 }
 
 /// A MassTransit-shaped envelope (System.Text.Json, camelCase, as
@@ -385,7 +387,10 @@ async fn hostile_message_types_and_addresses_fault_once_into_the_error_queue() {
     );
     assert_eq!(depth(&transport, &error_queue).await, 2);
     assert_eq!(depth(&transport, &queue).await, 0);
-    let moved = transport.take(&error_queue, 10).await.expect("take");
+    let moved = transport
+        .take_messages(&error_queue, 10)
+        .await
+        .expect("take");
     for m in &moved {
         assert_eq!(m.headers.get_str("MT-Reason").as_deref(), Some("fault"));
         assert!(m.headers.contains("MT-Fault-Message"));

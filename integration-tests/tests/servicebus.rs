@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busway::TransportMessage;
 use busway::servicebus::ServiceBus;
+use busway::transport::QueueAdmin;
 use busway_integration_tests::TransportFixture;
 use busway_integration_tests::servicebus::StandIn;
 
@@ -26,7 +27,9 @@ fn on_standin(standin: &StandIn) -> busway::servicebus::ServiceBusBuilder {
 }
 
 async fn take(t: &ServiceBus, queue: &str) -> Vec<TransportMessage> {
-    t.take(queue, 100_000).await.expect("reading a queue")
+    t.take_messages(queue, 100_000)
+        .await
+        .expect("reading a queue")
 }
 
 struct StandInFixture;
@@ -44,22 +47,6 @@ impl TransportFixture for StandInFixture {
             .lock_duration(Duration::from_secs(30))
             .build()
             .expect("a transport for the stand-in")
-    }
-
-    async fn take_messages(&self, t: &ServiceBus, queue: &str) -> Vec<TransportMessage> {
-        take(t, queue).await
-    }
-
-    async fn queue_depth(&self, t: &ServiceBus, queue: &str) -> usize {
-        let n = t
-            .active_message_count(queue)
-            .await
-            .expect("queue description");
-        usize::try_from(n).unwrap_or(usize::MAX)
-    }
-
-    async fn delete_queues(&self, t: &ServiceBus, queues: &[String]) {
-        t.delete_queues(queues).await.expect("delete queues");
     }
 }
 
@@ -90,22 +77,6 @@ mod real_namespace {
                 busway::servicebus::CONNECTION_STRING_ENV
             );
             ServiceBus::from_env().expect("a valid connection string")
-        }
-
-        async fn take_messages(&self, t: &ServiceBus, queue: &str) -> Vec<TransportMessage> {
-            take(t, queue).await
-        }
-
-        async fn queue_depth(&self, t: &ServiceBus, queue: &str) -> usize {
-            let n = t
-                .active_message_count(queue)
-                .await
-                .expect("queue description");
-            usize::try_from(n).unwrap_or(usize::MAX)
-        }
-
-        async fn delete_queues(&self, t: &ServiceBus, queues: &[String]) {
-            t.delete_queues(queues).await.expect("delete queues");
         }
     }
 
@@ -612,8 +583,7 @@ mod servicebus_specific {
             "every poller tried and backed off: {refused} refusals in 2 s"
         );
         // A malformed connection string is refused before any request.
-        let err = ServiceBus::from_connection_string("Endpoint=sb://x.example.com/")
-            .expect_err("malformed");
+        let err = ServiceBus::new("Endpoint=sb://x.example.com/").expect_err("malformed");
         assert!(err.is_config(), "{err}");
     }
 
@@ -770,7 +740,7 @@ mod servicebus_specific {
         )
         .await;
         assert!(sent.is_err(), "a send to a silent gateway fails");
-        let counted = t.active_message_count("silent").await;
+        let counted = t.queue_depth("silent").await;
         assert!(
             counted.is_err(),
             "a management call to a silent gateway fails"

@@ -5,7 +5,7 @@
 //! ```no_run
 //! # async fn f() -> busway_core::Result<()> {
 //! use busway_azure_servicebus::ServiceBus;
-//! let transport = ServiceBus::from_connection_string(
+//! let transport = ServiceBus::new(
 //!     "Endpoint=sb://contoso.servicebus.windows.net/;SharedAccessKeyName=app;SharedAccessKey=...",
 //! )?;
 //! let bus = busway_core::Bus::builder().transport(transport).build().await?;
@@ -24,12 +24,12 @@
 //!
 //! See `docs/guide/azure-service-bus.md` in the repository, including what was tested where.
 
+mod admin;
 mod connection;
 mod management;
+pub mod naming;
 mod transport;
 
 pub use connection::{ConnectionString, sas_token};
-pub use transport::{
-    BASE_URL_ENV, CONNECTION_STRING_ENV, ServiceBus, ServiceBusBuilder, subscription_name,
-    topic_name,
-};
+pub use naming::{subscription_name, topic_name};
+pub use transport::{BASE_URL_ENV, CONNECTION_STRING_ENV, ServiceBus, ServiceBusBuilder};

@@ -1,7 +1,7 @@
 //! The [`Transport`] implementation on Azure Service Bus (REST data plane).
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,21 +12,20 @@ use azure_messaging_servicebus::service_bus::{
 };
 use busway_core::topology::{EndpointTopology, EndpointView, TopologyView};
 use busway_core::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
-    TransportProfile,
+    Capabilities, Delivery, DeliveryOptions, GiveBack, MoveError, MoveKind, Receiver, SettleOnDrop,
+    Settlement, TemporaryEntities, Transport, TransportProfile, check_scheme, spawn_on_current,
 };
-use busway_core::urn::EntityNameStyle;
 use busway_core::{
     Address, AddressKind, Error, ErrorKind, Headers, Result, Topology, TransportMessage, Urn,
 };
 use bytes::Bytes;
 use serde::Deserialize;
-use sha1::{Digest, Sha1};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{ConnectionString, Rebased, Timed, is_loopback_url};
 use crate::management::{Management, QueueSettings};
+use crate::naming::{ENTITY_NAMES, subscription_name, topic_name};
 
 /// The environment variable with a connection string for tests against a real namespace.
 pub const CONNECTION_STRING_ENV: &str = "BUSWAY_ASB_CONNECTION_STRING";
@@ -37,27 +36,6 @@ pub const CONNECTION_STRING_ENV: &str = "BUSWAY_ASB_CONNECTION_STRING";
 /// proxy): requests carry tokens for the real namespace, which must not go to another host
 /// because a variable says so. Call [`ServiceBusBuilder::base_url`] to send them elsewhere.
 pub const BASE_URL_ENV: &str = "BUSWAY_ASB_BASE_URL";
-
-/// MassTransit's Service Bus entity name for a message type: `Namespace/TypeName`, with
-/// `[]` replaced by `__`.
-pub fn topic_name(message_type: &Urn) -> String {
-    message_type
-        .entity_name(&EntityNameStyle::SERVICE_BUS)
-        .replace(['[', ']'], "_")
-}
-
-/// A subscription name for an endpoint: its last path segment, shortened past 50 characters
-/// to the first 43, `-`, and 6 characters of a SHA-1 of the whole name (as MassTransit does).
-pub fn subscription_name(endpoint: &str) -> String {
-    let last = endpoint.rsplit('/').next().unwrap_or(endpoint);
-    if last.chars().count() <= 50 {
-        return last.to_string();
-    }
-    let hash = Sha1::digest(last.as_bytes());
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    let head: String = last.chars().take(43).collect();
-    format!("{head}-{}", &hex[..6])
-}
 
 /// The Azure Service Bus transport.
 #[derive(Clone)]
@@ -73,7 +51,7 @@ struct Shared {
     provision: bool,
     base_url: Option<String>,
     receive_wait: Duration,
-    temporaries: Mutex<Vec<String>>,
+    temporaries: TemporaryEntities,
 }
 
 impl fmt::Debug for ServiceBus {
@@ -182,7 +160,7 @@ impl ServiceBusBuilder {
                 provision: self.provision,
                 base_url: self.base_url,
                 receive_wait: self.receive_wait,
-                temporaries: Mutex::new(Vec::new()),
+                temporaries: TemporaryEntities::default(),
             }),
         })
     }
@@ -208,7 +186,7 @@ impl ServiceBus {
     }
 
     /// A transport for a connection string with default options.
-    pub fn from_connection_string(connection_string: &str) -> Result<Self> {
+    pub fn new(connection_string: &str) -> Result<Self> {
         Self::builder(connection_string).build()
     }
 
@@ -242,7 +220,11 @@ impl ServiceBus {
         &self.shared.connection.namespace
     }
 
-    fn queue_client(&self, queue: &str) -> Result<QueueClient> {
+    pub(crate) fn management(&self) -> &Management {
+        &self.shared.management
+    }
+
+    pub(crate) fn queue_client(&self, queue: &str) -> Result<QueueClient> {
         let c = &self.shared.connection;
         QueueClient::new(
             self.shared.http.clone(),
@@ -258,62 +240,6 @@ impl ServiceBus {
                 e,
             )
         })
-    }
-
-    /// Removes and returns up to `max` messages from a queue (receive-and-delete; a missing
-    /// queue yields nothing). A management helper for tests and tools.
-    pub async fn take(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
-        let mut out = Vec::new();
-        let client = self.queue_client(queue)?;
-        while out.len() < max {
-            let response = client
-                .peek_lock_message2(Some(Duration::ZERO))
-                .await
-                .map_err(|e| {
-                    Error::with_source(ErrorKind::Unavailable, "Service Bus did not answer", e)
-                })?;
-            if matches!(u16::from(*response.status()), 404 | 410) {
-                break;
-            }
-            let Some(received) = Received::read(&response)? else {
-                break;
-            };
-            out.push(received.message);
-            let _ = response.delete_message().await;
-        }
-        Ok(out)
-    }
-
-    /// The number of active (ready, not locked, not scheduled) messages in a queue, from its
-    /// management description (`CountDetails/ActiveMessageCount`); 0 for a missing queue.
-    pub async fn active_message_count(&self, queue: &str) -> Result<u64> {
-        let Some(entry) = self.shared.management.get(queue).await? else {
-            return Ok(0);
-        };
-        let count = entry
-            .split("ActiveMessageCount>")
-            .nth(1)
-            .map(|rest| {
-                rest.chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect::<String>()
-            })
-            .and_then(|digits| digits.parse().ok())
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Transport,
-                    format!("the description of `{queue}` has no ActiveMessageCount"),
-                )
-            })?;
-        Ok(count)
-    }
-
-    /// Deletes queues (and their subscriptions' topics are left alone). A management helper.
-    pub async fn delete_queues(&self, queues: &[String]) -> Result<()> {
-        for q in queues {
-            self.shared.management.delete(q).await?;
-        }
-        Ok(())
     }
 
     async fn ensure_queue(&self, name: &str, temporary: bool) -> Result<()> {
@@ -522,14 +448,14 @@ const STANDARD_HEADERS: [&str; 12] = [
     "vary",
 ];
 
-struct Received {
-    message: TransportMessage,
+pub(crate) struct Received {
+    pub(crate) message: TransportMessage,
     delivery_count: u32,
     lock_left: Option<Duration>,
 }
 
 impl Received {
-    fn read(response: &PeekLockResponse) -> Result<Option<Received>> {
+    pub(crate) fn read(response: &PeekLockResponse) -> Result<Option<Received>> {
         let status = u16::from(*response.status());
         match status {
             204 => return Ok(None),
@@ -618,6 +544,7 @@ impl Transport for ServiceBus {
     fn profile(&self) -> TransportProfile {
         TransportProfile::new("servicebus")
             .with_capabilities(Capabilities::new().with_delayed_delivery(true))
+            .with_entity_names(ENTITY_NAMES)
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -713,15 +640,7 @@ impl Transport for ServiceBus {
                     .await
             }
             AddressKind::Uri => {
-                let scheme = address.scheme().unwrap_or_default();
-                if scheme != "sb" {
-                    return Err(Error::new(
-                        ErrorKind::Address,
-                        format!(
-                            "the Service Bus transport cannot send to `{address}` (scheme `{scheme}`)"
-                        ),
-                    ));
-                }
+                check_scheme("Service Bus", address, &["sb"])?;
                 let mut path = address.path().to_vec();
                 path.push(address.name().to_string());
                 let entity = path.join("/");
@@ -745,10 +664,8 @@ impl Transport for ServiceBus {
     async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
         self.ensure_queue(&endpoint.name, endpoint.temporary)
             .await?;
-        if endpoint.temporary
-            && let Ok(mut t) = self.shared.temporaries.lock()
-        {
-            t.push(endpoint.name.clone());
+        if endpoint.temporary {
+            self.shared.temporaries.add(&endpoint.name);
         }
         let prefetch = usize::from(endpoint.prefetch.max(1));
         let pollers = prefetch.clamp(1, 8);
@@ -769,13 +686,7 @@ impl Transport for ServiceBus {
     }
 
     async fn close(&self) -> Result<()> {
-        let temporaries = self
-            .shared
-            .temporaries
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for q in temporaries {
+        for q in self.shared.temporaries.take_all() {
             if let Err(e) = self.shared.management.delete(&q).await {
                 tracing::debug!(queue = %q, error = %e, "could not delete a temporary queue");
             }
@@ -860,7 +771,7 @@ async fn poll(
             Box::new(SbSettlement {
                 bus: bus.clone(),
                 queue: queue.clone(),
-                lock: Some(lock),
+                lock: SettleOnDrop::new(Locked(lock)),
                 renew,
                 _permit: permit,
             }),
@@ -953,15 +864,27 @@ impl Receiver for SbReceiver {
 struct SbSettlement {
     bus: ServiceBus,
     queue: String,
-    lock: Option<Arc<PeekLockResponse>>,
+    lock: SettleOnDrop<Locked>,
     renew: CancellationToken,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A message still locked to this receiver: unlocked (so Service Bus delivers it again at
+/// once) when its settlement is dropped.
+struct Locked(Arc<PeekLockResponse>);
+
+impl GiveBack for Locked {
+    fn give_back(self) {
+        spawn_on_current(async move {
+            let _ = self.0.unlock_message().await;
+        });
+    }
 }
 
 impl SbSettlement {
     async fn complete(&mut self) -> Result<()> {
         self.renew.cancel();
-        let Some(lock) = self.lock.take() else {
+        let Some(Locked(lock)) = self.lock.take() else {
             return Ok(());
         };
         lock.delete_message().await.map(|_| ()).map_err(|e| {
@@ -982,7 +905,7 @@ impl Settlement for SbSettlement {
 
     async fn requeue(mut self: Box<Self>) -> Result<()> {
         self.renew.cancel();
-        if let Some(lock) = self.lock.take() {
+        if let Some(Locked(lock)) = self.lock.take() {
             lock.unlock_message().await.map_err(|e| {
                 Error::with_source(
                     ErrorKind::Transport,
@@ -1026,14 +949,8 @@ impl Settlement for SbSettlement {
 
 impl Drop for SbSettlement {
     fn drop(&mut self) {
+        // Stop renewing first; `lock` then unlocks a message nobody settled.
         self.renew.cancel();
-        if let Some(lock) = self.lock.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
-                let _ = lock.unlock_message().await;
-            });
-        }
     }
 }
 
@@ -1042,20 +959,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_like_masstransit() {
-        assert_eq!(
-            topic_name(&Urn::new("urn:message:Acme:FileReceived")),
-            "Acme/FileReceived"
-        );
-        assert_eq!(
-            topic_name(&Urn::new("urn:message:Acme:FileReceived").fault()),
-            "MassTransit/Fault--Acme/FileReceived--"
-        );
-        assert_eq!(subscription_name("orders/billing"), "billing");
-        let long = "a-very-long-endpoint-name-that-goes-on-and-on-past-fifty-characters";
-        let short = subscription_name(long);
-        assert_eq!(short.len(), 50);
-        assert!(short.starts_with(&long[..43]));
+    fn wire_forms_like_masstransit() {
         assert_eq!(
             n_form("181c0000-6393-3630-36a4-08daf4e7c6da"),
             "181c00006393363036a408daf4e7c6da"

@@ -24,8 +24,8 @@ use crate::address::{Address, AddressKind};
 use crate::error::{Error, ErrorKind, Result};
 use crate::topology::{EndpointTopology, Topology};
 use crate::transport::{
-    Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement, Transport,
-    TransportMessage, TransportProfile,
+    Capabilities, Delivery, DeliveryOptions, GiveBack, MoveError, MoveKind, QueueAdmin, Receiver,
+    SettleOnDrop, Settlement, Transport, TransportMessage, TransportProfile, check_scheme,
 };
 use crate::urn::{EntityNameStyle, Urn};
 
@@ -283,8 +283,12 @@ impl Broker {
     }
 }
 
+/// How the in-memory transport names a message type's exchange: `Ns:Type`, as MassTransit
+/// names RabbitMQ exchanges, so what a test sees matches what RabbitMQ would show.
+pub const ENTITY_NAMES: EntityNameStyle = EntityNameStyle::COLONS;
+
 fn exchange_for(urn: &Urn) -> Arc<str> {
-    urn.entity_name_shared(&EntityNameStyle::RABBITMQ)
+    urn.entity_name_shared(&ENTITY_NAMES)
 }
 
 impl InMemory {
@@ -356,6 +360,36 @@ impl InMemory {
     }
 }
 
+/// The in-memory broker's queues, through the admin interface every transport has.
+#[async_trait]
+impl QueueAdmin for InMemory {
+    async fn queue_depth(&self, queue: &str) -> Result<u64> {
+        Ok(self.queue_len(queue) as u64)
+    }
+
+    async fn take_messages(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
+        Ok(self
+            .queue(queue)
+            .map(|q| {
+                let mut inner = lock(&q.inner);
+                let n = max.min(inner.ready.len());
+                inner.ready.drain(..n).map(|s| s.message).collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u64> {
+        Ok(self.take(queue).len() as u64)
+    }
+
+    async fn delete_queues(&self, queues: &[String]) -> Result<()> {
+        for q in queues {
+            self.broker.delete_queue(q);
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for InMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = lock(&self.broker.state);
@@ -371,10 +405,15 @@ impl Transport for InMemory {
     fn profile(&self) -> TransportProfile {
         TransportProfile::new("loopback")
             .with_capabilities(Capabilities::new().with_delayed_delivery(true))
+            .with_entity_names(ENTITY_NAMES)
     }
 
     fn endpoint_address(&self, name: &str) -> String {
         format!("loopback://localhost/{name}")
+    }
+
+    fn publish_address(&self, message_type: &Urn) -> String {
+        self.endpoint_address(&exchange_for(message_type))
     }
 
     async fn deploy(&self, topology: &Topology) -> Result<()> {
@@ -426,14 +465,7 @@ impl Transport for InMemory {
         message: TransportMessage,
         options: &DeliveryOptions,
     ) -> Result<()> {
-        if let Some(scheme) = address.scheme()
-            && scheme != "loopback"
-        {
-            return Err(Error::new(
-                ErrorKind::Address,
-                format!("the in-memory transport cannot send to `{address}` (scheme `{scheme}`)"),
-            ));
-        }
+        check_scheme("in-memory", address, &["loopback"])?;
         let name = address.name().to_string();
         {
             let mut state = lock(&self.broker.state);
@@ -521,8 +553,10 @@ impl Receiver for InMemoryReceiver {
                     lost: None,
                     settlement: Box::new(InMemorySettlement {
                         broker: self.broker.clone(),
-                        queue: self.queue.clone(),
-                        stored: Some(stored),
+                        unacked: SettleOnDrop::new(Unacked {
+                            queue: self.queue.clone(),
+                            stored,
+                        }),
                         _permit: permit,
                     }),
                 }));
@@ -552,16 +586,28 @@ impl Receiver for InMemoryReceiver {
 
 struct InMemorySettlement {
     broker: Arc<Broker>,
-    queue: Arc<Queue>,
-    stored: Option<Stored>,
+    unacked: SettleOnDrop<Unacked>,
     _permit: OwnedSemaphorePermit,
 }
 
+/// A delivery not yet settled: it goes back to the front of its queue if the settlement is
+/// dropped.
+struct Unacked {
+    queue: Arc<Queue>,
+    stored: Stored,
+}
+
+impl GiveBack for Unacked {
+    fn give_back(self) {
+        self.queue.push_front(self.stored);
+    }
+}
+
 impl InMemorySettlement {
-    fn ack_now(&mut self) {
-        if self.stored.take().is_some() {
-            self.queue.settled();
-        }
+    fn ack_now(&mut self) -> Option<Arc<Queue>> {
+        let Unacked { queue, .. } = self.unacked.take()?;
+        queue.settled();
+        Some(queue)
     }
 }
 
@@ -573,8 +619,8 @@ impl Settlement for InMemorySettlement {
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<()> {
-        if let Some(stored) = self.stored.take() {
-            self.queue.push_front(stored);
+        if let Some(unacked) = self.unacked.take() {
+            unacked.give_back();
         }
         Ok(())
     }
@@ -584,7 +630,10 @@ impl Settlement for InMemorySettlement {
         kind: MoveKind,
         message: TransportMessage,
     ) -> std::result::Result<(), MoveError> {
-        let target = kind.queue_name(&self.queue.name);
+        let Some(unacked) = self.unacked.get() else {
+            return Ok(());
+        };
+        let target = kind.queue_name(&unacked.queue.name);
         let queue = {
             let mut state = lock(&self.broker.state);
             Broker::declare_queue(&mut state, &target, false)
@@ -602,23 +651,15 @@ impl Settlement for InMemorySettlement {
         message: TransportMessage,
         delay: Duration,
     ) -> Result<()> {
-        let queue = self.queue.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            queue.push_back(Stored {
-                message,
-                delivery_count: 0,
+        if let Some(queue) = self.ack_now() {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                queue.push_back(Stored {
+                    message,
+                    delivery_count: 0,
+                });
             });
-        });
-        self.ack_now();
-        Ok(())
-    }
-}
-
-impl Drop for InMemorySettlement {
-    fn drop(&mut self) {
-        if let Some(stored) = self.stored.take() {
-            self.queue.push_front(stored);
         }
+        Ok(())
     }
 }

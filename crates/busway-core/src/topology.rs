@@ -126,87 +126,6 @@ impl Topology {
         }
         out
     }
-
-    /// A plain-text description: one block per endpoint with its queue, options, consumers
-    /// and the message-type exchanges bound to it (RabbitMQ-style names).
-    pub fn to_text(&self) -> String {
-        let style = EntityNameStyle::RABBITMQ;
-        let mut out = String::new();
-        for e in &self.endpoints {
-            write_endpoint_header(&mut out, e);
-            for t in &e.message_types {
-                let binding = if e.bind_message_types {
-                    format!("exchange {} -> exchange {}", t.entity_name(&style), e.name)
-                } else {
-                    "not bound (send only)".to_string()
-                };
-                let _ = writeln!(out, "  consumes {t}: {binding}");
-            }
-            let _ = writeln!(
-                out,
-                "  queue {} <- exchange {}; faults -> {}, skipped -> {}",
-                e.name,
-                e.name,
-                e.error_queue(),
-                e.skipped_queue()
-            );
-        }
-        out
-    }
-
-    /// A Mermaid `flowchart` of exchanges, queues and consumers.
-    pub fn to_mermaid(&self) -> String {
-        fn id(prefix: &str, name: &str) -> String {
-            let cleaned: String = name
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                .collect();
-            format!("{prefix}_{cleaned}")
-        }
-        let style = EntityNameStyle::RABBITMQ;
-        let mut out = String::from("flowchart LR\n");
-        let mut declared = Vec::new();
-        for e in &self.endpoints {
-            let ex = id("x", &e.name);
-            let q = id("q", &e.name);
-            let _ = writeln!(
-                out,
-                "  {ex}{{{{\"exchange {}\"}}}} --> {q}[(\"queue {}\")]",
-                e.name, e.name
-            );
-            for t in &e.message_types {
-                if !e.bind_message_types {
-                    continue;
-                }
-                let entity = t.entity_name(&style);
-                let tx = id("t", &entity);
-                if !declared.contains(&tx) {
-                    let _ = writeln!(out, "  {tx}{{{{\"{entity}\"}}}}");
-                    declared.push(tx.clone());
-                }
-                let _ = writeln!(out, "  {tx} --> {ex}");
-            }
-            for c in &e.consumers {
-                let cid = id(&format!("c_{}", e.name), c);
-                let _ = writeln!(out, "  {q} --> {cid}([\"{c}\"])");
-            }
-            let err = id("q", &e.error_queue());
-            let skip = id("q", &e.skipped_queue());
-            let _ = writeln!(out, "  {q} -. fault .-> {err}[(\"{}\")]", e.error_queue());
-            let _ = writeln!(
-                out,
-                "  {q} -. skipped .-> {skip}[(\"{}\")]",
-                e.skipped_queue()
-            );
-        }
-        out
-    }
-}
-
-impl fmt::Display for Topology {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_text())
-    }
 }
 
 /// A topology as its transport names it, for printing: the entities each endpoint reads
@@ -277,10 +196,9 @@ impl TopologyView {
         Self { endpoints }
     }
 
-    /// The RabbitMQ-style view (MassTransit's exchanges and queues), the default of
-    /// transports that use that model (RabbitMQ, in-memory).
-    pub fn exchanges_and_queues(topology: &Topology) -> Self {
-        let style = EntityNameStyle::RABBITMQ;
+    /// MassTransit's exchanges-and-queues view, message-type exchanges named in `style`: the
+    /// default of transports that use that model (RabbitMQ, in-memory).
+    pub fn exchanges_and_queues(topology: &Topology, style: &EntityNameStyle) -> Self {
         let endpoints = topology
             .endpoints
             .iter()
@@ -290,7 +208,7 @@ impl TopologyView {
                 if e.bind_message_types {
                     for t in &e.message_types {
                         view = view
-                            .with_source(t.as_str(), format!("exchange {}", t.entity_name(&style)));
+                            .with_source(t.as_str(), format!("exchange {}", t.entity_name(style)));
                     }
                 }
                 view

@@ -323,7 +323,20 @@ fn split_top_level(text: &str) -> Option<Vec<&str>> {
     Some(parts)
 }
 
-/// The separators MassTransit's message name formatter uses for one transport.
+/// The separators of MassTransit's message name formatter (`DefaultMessageNameFormatter`):
+/// how a transport turns a type name into an entity name.
+///
+/// Each transport crate defines its own style next to the rest of its naming (RabbitMQ's
+/// `Ns:Type` in `busway_rabbitmq::naming`, Service Bus's `Ns/Type` in
+/// `busway_azure_servicebus::naming`); the in-memory transport's is
+/// [`crate::inmemory::ENTITY_NAMES`].
+///
+/// ```
+/// use busway_core::urn::{EntityNameStyle, Urn};
+/// const DOTTED: EntityNameStyle = EntityNameStyle::new("..", "--", ".", "-");
+/// let urn = Urn::new("urn:message:Acme:FileReceived");
+/// assert_eq!(urn.entity_name(&DOTTED), "Acme.FileReceived");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EntityNameStyle {
     /// Between generic arguments (`::` on RabbitMQ).
@@ -337,21 +350,27 @@ pub struct EntityNameStyle {
 }
 
 impl EntityNameStyle {
-    /// RabbitMQ's (and the in-memory transport's) names: `Ns:Type`, `MassTransit:Fault--Ns:T--`.
-    pub const RABBITMQ: EntityNameStyle = EntityNameStyle {
-        argument_separator: "::",
-        generic_separator: "--",
-        namespace_separator: ":",
-        nested_separator: "-",
-    };
+    /// A style with these separators, in the order of MassTransit's
+    /// `DefaultMessageNameFormatter` constructor: generic argument, generic type, namespace,
+    /// nested type.
+    pub const fn new(
+        argument_separator: &'static str,
+        generic_separator: &'static str,
+        namespace_separator: &'static str,
+        nested_separator: &'static str,
+    ) -> Self {
+        Self {
+            argument_separator,
+            generic_separator,
+            namespace_separator,
+            nested_separator,
+        }
+    }
 
-    /// Azure Service Bus names: `Ns/Type`.
-    pub const SERVICE_BUS: EntityNameStyle = EntityNameStyle {
-        argument_separator: "---",
-        generic_separator: "--",
-        namespace_separator: "/",
-        nested_separator: "-",
-    };
+    /// `Ns:Type`, `MassTransit:Fault--Ns:T--`: the separators of MassTransit's RabbitMQ
+    /// formatter, which the in-memory transport uses and a transport that names no style of
+    /// its own gets ([`crate::transport::TransportProfile::entity_names`]).
+    pub const COLONS: EntityNameStyle = EntityNameStyle::new("::", "--", ":", "-");
 
     /// Formats a type name with these separators.
     pub fn format(&self, name: &TypeName) -> String {
@@ -385,6 +404,10 @@ impl EntityNameStyle {
 mod tests {
     use super::*;
 
+    // MassTransit's RabbitMqMessageNameFormatter and ServiceBusMessageNameFormatter separators.
+    const RABBITMQ: EntityNameStyle = EntityNameStyle::new("::", "--", ":", "-");
+    const SERVICE_BUS: EntityNameStyle = EntityNameStyle::new("---", "--", "/", "-");
+
     #[test]
     fn default_urn_uses_dotted_namespace() {
         let urn = Urn::from_module_path("my_app::contracts", "OrderPlaced");
@@ -403,7 +426,7 @@ mod tests {
 
     #[test]
     fn rabbitmq_entity_names_match_masstransit() {
-        let style = EntityNameStyle::RABBITMQ;
+        let style = RABBITMQ;
         let easy = Urn::new("urn:message:MassTransit.RabbitMqTransport.Tests:NameEasy");
         assert_eq!(
             easy.entity_name(&style),
@@ -438,19 +461,13 @@ mod tests {
     #[test]
     fn service_bus_entity_names_use_slashes() {
         let urn = Urn::new("urn:message:Acme:FileReceived");
-        assert_eq!(
-            urn.entity_name(&EntityNameStyle::SERVICE_BUS),
-            "Acme/FileReceived"
-        );
+        assert_eq!(urn.entity_name(&SERVICE_BUS), "Acme/FileReceived");
     }
 
     #[test]
     fn unparseable_urns_are_sanitised() {
         let urn = Urn::new("custom:thing with spaces");
-        assert_eq!(
-            urn.entity_name(&EntityNameStyle::RABBITMQ),
-            "custom:thing-with-spaces"
-        );
+        assert_eq!(urn.entity_name(&RABBITMQ), "custom:thing-with-spaces");
         assert!(TypeName::parse("Ns:G[[A:B]").is_none());
     }
 
@@ -467,7 +484,7 @@ mod tests {
         assert!(urn.type_name().is_none());
         // Still usable: the entity name falls back to the sanitised text, and the fault URN
         // is built without parsing.
-        assert!(urn.entity_name(&EntityNameStyle::RABBITMQ).len() > 20_000);
+        assert!(urn.entity_name(&RABBITMQ).len() > 20_000);
         assert!(urn.fault().as_str().ends_with("]]]]"));
         // Just inside the bounds still parses.
         let depth = TypeName::MAX_DEPTH;

@@ -1,8 +1,17 @@
-//! Management helpers for tests and tools: read a topic as a group, measure a group's lag,
-//! list and delete topics. They use manual partition assignment (no group rebalances).
+//! Management on Kafka: read a topic as a group, measure a group's lag, list and delete
+//! topics (manual partition assignment, no group rebalances), and [`QueueAdmin`] over them.
+//!
+//! [`QueueAdmin`]'s queue names map onto topics: `orders` is endpoint `orders`'s own topic
+//! (its depth is what consumer group `orders` has not committed past), `orders_error` and
+//! `orders_skipped` are every dead-letter or skipped topic of group `orders` (one per topic
+//! it consumes; their depth is what the admin group has not taken yet). Taking reads as the
+//! admin group [`ADMIN_GROUP`] and commits, so a message is taken once; Kafka keeps the
+//! records until retention removes them.
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use busway_core::transport::QueueAdmin;
 use busway_core::{Error, ErrorKind, Result, TransportMessage};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -11,6 +20,9 @@ use crate::client::{Client, from_record};
 use crate::transport::Kafka;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The consumer group [`QueueAdmin::take_messages`] reads as.
+pub const ADMIN_GROUP: &str = "busway-admin";
 
 fn consumer_for(client: &Client, group: &str) -> Result<BaseConsumer> {
     let mut config = Client::base_config(&client.config);
@@ -78,6 +90,16 @@ impl Kafka {
     /// Reads what group `group` has not read of `topic` yet, up to the end of each partition,
     /// and commits it. A management helper for tests and tools.
     pub async fn read(&self, topic: &str, group: &str) -> Result<Vec<TransportMessage>> {
+        self.read_up_to(topic, group, usize::MAX).await
+    }
+
+    /// [`Kafka::read`], stopping after `limit` records; only what is returned is committed.
+    async fn read_up_to(
+        &self,
+        topic: &str,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<TransportMessage>> {
         let client = self.client().clone();
         let topic = topic.to_string();
         let group = group.to_string();
@@ -99,7 +121,7 @@ impl Kafka {
                     ends.push((p, high));
                 }
             }
-            if ends.is_empty() {
+            if ends.is_empty() || limit == 0 {
                 return Ok(Vec::new());
             }
             consumer
@@ -108,7 +130,7 @@ impl Kafka {
             let mut out = Vec::new();
             let mut positions: Vec<(i32, i64)> = Vec::new();
             let deadline = std::time::Instant::now() + TIMEOUT;
-            while !ends.is_empty() && std::time::Instant::now() < deadline {
+            while !ends.is_empty() && out.len() < limit && std::time::Instant::now() < deadline {
                 match consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) => {
                         out.push(from_record(&m));
@@ -161,7 +183,7 @@ impl Kafka {
     pub async fn topic_names(&self) -> Result<Vec<String>> {
         let client = self.client().clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
-            let consumer = consumer_for(&client, "busway-admin")?;
+            let consumer = consumer_for(&client, ADMIN_GROUP)?;
             let metadata = consumer
                 .fetch_metadata(None, TIMEOUT)
                 .map_err(|e| admin_error("fetching metadata failed", e))?;
@@ -179,5 +201,94 @@ impl Kafka {
     pub async fn delete_topics(&self, topics: &[String]) -> Result<()> {
         self.client().delete_topics(topics).await;
         Ok(())
+    }
+}
+
+/// What a busway queue name means on Kafka.
+enum Queue<'a> {
+    /// An endpoint's own topic.
+    Endpoint(&'a str),
+    /// The dead-letter (`error`) or skipped topics of an endpoint's group.
+    Companions(&'a str, &'a str),
+}
+
+impl<'a> Queue<'a> {
+    fn parse(name: &'a str) -> Self {
+        if let Some(endpoint) = name.strip_suffix("_error") {
+            Self::Companions(endpoint, "error")
+        } else if let Some(endpoint) = name.strip_suffix("_skipped") {
+            Self::Companions(endpoint, "skipped")
+        } else {
+            Self::Endpoint(name)
+        }
+    }
+}
+
+impl Kafka {
+    /// The existing topics a busway queue name stands for.
+    async fn topics_of(&self, queue: &Queue<'_>) -> Result<Vec<String>> {
+        let existing = self.topic_names().await?;
+        Ok(match *queue {
+            Queue::Endpoint(endpoint) => {
+                let topic = self.endpoint_topic(endpoint);
+                existing.into_iter().filter(|t| *t == topic).collect()
+            }
+            Queue::Companions(group, kind) => {
+                let config = self.config();
+                let companion = |t: &str| match kind {
+                    "error" => config.dead_letter_topic(t, group),
+                    _ => config.skipped_topic(t, group),
+                };
+                let wanted: Vec<String> = existing.iter().map(|t| companion(t)).collect();
+                existing
+                    .into_iter()
+                    .filter(|t| wanted.contains(t))
+                    .collect()
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl QueueAdmin for Kafka {
+    async fn queue_depth(&self, queue: &str) -> Result<u64> {
+        let parsed = Queue::parse(queue);
+        let group = match parsed {
+            Queue::Endpoint(endpoint) => endpoint,
+            Queue::Companions(..) => ADMIN_GROUP,
+        };
+        let mut depth = 0;
+        for topic in self.topics_of(&parsed).await? {
+            depth += self.lag(group, &topic).await?;
+        }
+        Ok(u64::try_from(depth).unwrap_or(0))
+    }
+
+    /// Reads as [`ADMIN_GROUP`] up to `max` records it has not read yet and commits past
+    /// exactly those, so the next take goes on where this one stopped.
+    async fn take_messages(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
+        let mut out = Vec::new();
+        for topic in self.topics_of(&Queue::parse(queue)).await? {
+            let left = max - out.len();
+            if left == 0 {
+                break;
+            }
+            out.extend(self.read_up_to(&topic, ADMIN_GROUP, left).await?);
+        }
+        Ok(out)
+    }
+
+    async fn purge_queue(&self, queue: &str) -> Result<u64> {
+        Ok(self.take_messages(queue, usize::MAX).await?.len() as u64)
+    }
+
+    /// Deletes the topics the names stand for (an endpoint's topic, its dead-letter and
+    /// skipped topics); the message types' topics, which other services share, stay.
+    async fn delete_queues(&self, queues: &[String]) -> Result<()> {
+        let mut topics = Vec::new();
+        for q in queues {
+            topics.extend(self.topics_of(&Queue::parse(q)).await?);
+        }
+        self.delete_topics(&topics).await
     }
 }

@@ -5,7 +5,8 @@ use std::fmt;
 use std::time::Duration;
 
 use busway_core::Urn;
-use busway_core::urn::EntityNameStyle;
+
+use crate::naming::{message_topic, sanitize};
 
 /// The environment variable [`crate::Kafka::from_env`] reads.
 pub const BROKERS_ENV: &str = "BUSWAY_KAFKA_BROKERS";
@@ -156,11 +157,7 @@ impl KafkaConfig {
         if let Some(t) = self.topics.get(message_type.as_str()) {
             return t.clone();
         }
-        self.prefixed(
-            &message_type
-                .entity_name(&EntityNameStyle::RABBITMQ)
-                .replace(':', "."),
-        )
+        self.prefixed(&message_topic(message_type))
     }
 
     /// The dead-letter topic of `topic` for consumer group `group`.
@@ -182,25 +179,6 @@ impl KafkaConfig {
                 .replace("{group}", group),
         )
     }
-}
-
-/// A valid Kafka topic name: `[a-zA-Z0-9._-]`, at most 249 characters.
-pub fn sanitize(name: &str) -> String {
-    let mut out: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    out.truncate(249);
-    if out.is_empty() || out == "." || out == ".." {
-        out = format!("_{out}");
-    }
-    out
 }
 
 #[cfg(test)]
@@ -250,7 +228,5 @@ mod tests {
             c.dead_letter_topic("orders", "billing"),
             "orders.billing.error"
         );
-        assert_eq!(sanitize("a b/c"), "a_b_c");
-        assert_eq!(sanitize(".."), "_..");
     }
 }

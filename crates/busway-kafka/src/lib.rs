@@ -34,9 +34,10 @@ mod admin;
 mod client;
 mod config;
 mod consumer;
+pub mod naming;
 mod transport;
 
-pub use config::{
-    BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig, sanitize as topic_name,
-};
+pub use admin::ADMIN_GROUP;
+pub use config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig};
+pub use naming::sanitize as topic_name;
 pub use transport::{Kafka, KafkaBuilder, KafkaBusExt, KafkaEndpointExt, KafkaEndpointOptions};

@@ -6,15 +6,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway_core::topology::{EndpointTopology, EndpointView, TopologyView};
-use busway_core::transport::{DeliveryOptions, Receiver, Transport, TransportProfile};
+use busway_core::transport::{
+    DeliveryOptions, Receiver, Transport, TransportProfile, check_scheme,
+};
 use busway_core::{
     Address, AddressKind, BusBuilder, EndpointConfigurator, Error, ErrorKind, Message, RawJson,
     Result, Topology, TransportMessage, Urn,
 };
 
 use crate::client::Client;
-use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig, sanitize};
+use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig};
 use crate::consumer;
+use crate::naming::{ENTITY_NAMES, sanitize};
 
 /// The Kafka transport. Clone it to share one producer between buses.
 ///
@@ -339,7 +342,9 @@ impl Kafka {
 #[async_trait]
 impl Transport for Kafka {
     fn profile(&self) -> TransportProfile {
-        TransportProfile::new("kafka").with_default_serializer(Arc::new(RawJson::rider()))
+        TransportProfile::new("kafka")
+            .with_default_serializer(Arc::new(RawJson::rider()))
+            .with_entity_names(ENTITY_NAMES)
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -441,14 +446,7 @@ impl Transport for Kafka {
         options: &DeliveryOptions,
     ) -> Result<()> {
         Self::no_delay(options)?;
-        if let Some(scheme) = address.scheme()
-            && scheme != "kafka"
-        {
-            return Err(Error::new(
-                ErrorKind::Address,
-                format!("the Kafka transport cannot send to `{address}` (scheme `{scheme}`)"),
-            ));
-        }
+        check_scheme("Kafka", address, &["kafka"])?;
         let topic = match address.kind() {
             // A topic names itself; a full address already carries the prefixed name.
             AddressKind::Topic | AddressKind::Uri => sanitize(address.name()),

@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use busway_core::topology::{EndpointTopology, Topology};
-use busway_core::urn::EntityNameStyle;
-use busway_core::{Error, Result, Urn};
+use busway_core::{Error, Result};
 use lapin::ExchangeKind;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -25,9 +24,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::connector::{Connector, Link};
 use crate::headers::to_amqp;
-
-/// The direct exchange dead-lettered delayed messages return through.
-pub const DELAYED_EXCHANGE: &str = "busway.delayed";
+use crate::naming::{DELAYED_EXCHANGE, exchange_name, wait_queue_name};
 
 /// How long an idle delay wait queue lives after its delay.
 const WAIT_QUEUE_IDLE: Duration = Duration::from_secs(60);
@@ -44,11 +41,6 @@ pub struct RabbitMqEndpointOptions {
     pub queue_expires: Option<Duration>,
     /// Further queue arguments.
     pub arguments: Vec<(String, serde_json::Value)>,
-}
-
-/// The MassTransit entity name of a message type.
-pub(crate) fn entity(urn: &Urn) -> String {
-    urn.entity_name(&EntityNameStyle::RABBITMQ)
 }
 
 /// How an endpoint's exchange and queue are declared.
@@ -119,7 +111,7 @@ impl EndpointSpec {
         };
         spec.queue_arguments = args;
         if e.bind_message_types {
-            spec.message_types = e.message_types.iter().map(entity).collect();
+            spec.message_types = e.message_types.iter().map(exchange_name).collect();
         }
         spec
     }
@@ -330,16 +322,6 @@ pub(crate) async fn message_types(
         bind_exchange(connector, link, other, first, "").await?;
     }
     Ok(())
-}
-
-/// The wait queue (and its exchange) for a delay.
-///
-/// Named `busway.wait.*`: the exchange is auto-delete, so it goes with its queue's binding
-/// when the idle queue expires. (The `busway.delay.*` exchanges of earlier versions were
-/// durable and stayed forever, one per distinct delay; declaring them with other flags
-/// would fail, hence the new name.)
-pub(crate) fn wait_queue_name(delay: Duration) -> String {
-    format!("busway.wait.{}ms", delay.as_millis().max(1))
 }
 
 /// Prepares delayed delivery to `target` (an exchange) after `delay`; returns the exchange

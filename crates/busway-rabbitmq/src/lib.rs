@@ -6,7 +6,7 @@
 //!
 //! # async fn run() -> busway_core::Result<()> {
 //! let bus = Bus::builder()
-//!     .transport(RabbitMq::from_url("amqp://guest:guest@127.0.0.1:5672/%2f")?)
+//!     .transport(RabbitMq::new("amqp://guest:guest@127.0.0.1:5672/%2f")?)
 //!     .build()
 //!     .await?;
 //! # Ok(()) }
@@ -30,14 +30,17 @@
 //!
 //! [lapin]: https://docs.rs/lapin
 
+mod admin;
 mod config;
 mod confirms;
 mod connector;
 mod declare;
 mod frame_guard;
 mod headers;
+pub mod naming;
 mod transport;
 
 pub use config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
-pub use declare::{DELAYED_EXCHANGE, RabbitMqEndpointOptions};
+pub use declare::RabbitMqEndpointOptions;
+pub use naming::DELAYED_EXCHANGE;
 pub use transport::{RabbitMq, RabbitMqBuilder, RabbitMqEndpointExt};

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
-    Backoff, Capabilities, Delivery, DeliveryOptions, MoveError, MoveKind, Receiver, Settlement,
-    Transport, TransportProfile,
+    Backoff, Capabilities, Delivery, DeliveryOptions, GiveBack, MoveError, MoveKind, Receiver,
+    SettleOnDrop, Settlement, Transport, TransportProfile, check_scheme, spawn_on_current,
 };
 use busway_core::{
     Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
@@ -27,15 +27,16 @@ use tokio::time::Instant;
 use crate::config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
 use crate::confirms::{Identity, Outcome};
 use crate::connector::{Attempt, Connector, Link, Publisher, Token};
-use crate::declare::{self, EndpointSpec, RabbitMqEndpointOptions, entity};
+use crate::declare::{self, EndpointSpec, RabbitMqEndpointOptions};
 use crate::headers;
+use crate::naming::{ENTITY_NAMES, exchange_name};
 
 /// The RabbitMQ transport. Clone it to share one connection between buses.
 ///
 /// ```no_run
 /// # async fn f() -> busway_core::Result<()> {
 /// use busway_rabbitmq::RabbitMq;
-/// let transport = RabbitMq::from_url("amqp://guest:guest@127.0.0.1:5672/%2f")?;
+/// let transport = RabbitMq::new("amqp://guest:guest@127.0.0.1:5672/%2f")?;
 /// let bus = busway_core::Bus::builder().transport(transport).build().await?;
 /// # Ok(()) }
 /// ```
@@ -118,14 +119,14 @@ impl RabbitMqBuilder {
 impl RabbitMq {
     /// A transport for `url` (`amqp://user:pass@host:port/vhost`, `amqps://` for TLS;
     /// `?heartbeat=` and `?prefetch=` are read). Connects when the bus is built.
-    pub fn from_url(url: &str) -> Result<Self> {
+    pub fn new(url: &str) -> Result<Self> {
         Self::builder(url).build()
     }
 
     /// A transport for the URL in `BUSWAY_RABBITMQ_URL`, or the local broker with the guest
     /// user when it is not set.
     pub fn from_env() -> Result<Self> {
-        Self::from_url(&Self::env_url())
+        Self::new(&Self::env_url())
     }
 
     /// The URL `from_env` uses.
@@ -155,82 +156,16 @@ impl RabbitMq {
         &self.connector.config
     }
 
-    /// Messages waiting in `queue` (0 if it does not exist). A management helper for tests
-    /// and tools; it works after the bus shut down too.
-    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
-        let queue = queue.to_string();
-        self.with_admin_channel(move |channel| async move {
-            Ok(channel
-                .queue_declare(
-                    ShortString::from(queue.as_str()),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map(|q| q.message_count())
-                .unwrap_or(0))
-        })
-        .await
-    }
-
-    /// Removes and returns up to `max` messages from `queue` (`basic.get`). A management
-    /// helper for tests and tools; an absent queue yields nothing.
-    pub async fn take(&self, queue: &str, max: usize) -> Result<Vec<TransportMessage>> {
-        let queue = queue.to_string();
-        self.with_admin_channel(move |channel| async move {
-            let mut out = Vec::new();
-            while out.len() < max {
-                match channel
-                    .basic_get(
-                        ShortString::from(queue.as_str()),
-                        lapin::options::BasicGetOptions { no_ack: true },
-                    )
-                    .await
-                {
-                    Ok(Some(m)) => {
-                        let d = m.delivery;
-                        out.push(headers::from_delivery(d.data, &d.properties));
-                    }
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Deletes queues and the exchanges of the same names (missing ones are ignored). A
-    /// management helper for tests and tools.
-    pub async fn delete(&self, names: &[String]) -> Result<()> {
-        for name in names {
-            let n = name.clone();
-            self.with_admin_channel(move |channel| async move {
-                let _ = channel
-                    .queue_delete(ShortString::from(n.as_str()), Default::default())
-                    .await;
-                Ok(())
-            })
-            .await?;
-            let n = name.clone();
-            self.with_admin_channel(move |channel| async move {
-                let _ = channel
-                    .exchange_delete(ShortString::from(n.as_str()), Default::default())
-                    .await;
-                Ok(())
-            })
-            .await?;
-        }
-        self.connector.forget_declarations();
-        Ok(())
-    }
-
     /// Runs `f` on a fresh channel: on the transport's connection while it is open, else on
     /// a short-lived connection of its own. The whole call (connect, `f`, close) is bounded by
     /// the publish timeout: a broker that stops answering makes it fail, never hang.
-    async fn with_admin_channel<T, F, Fut>(&self, f: F) -> Result<T>
+    /// Forgets what was declared, so the next use declares it again (after entities were
+    /// deleted).
+    pub(crate) fn forget_declarations(&self) {
+        self.connector.forget_declarations();
+    }
+
+    pub(crate) async fn with_admin_channel<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: FnOnce(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -317,15 +252,11 @@ impl RabbitMq {
                 ));
             }
             _ => {
-                let scheme = address.scheme().unwrap_or_default();
-                if !matches!(scheme, "rabbitmq" | "rabbitmqs" | "amqp" | "amqps") {
-                    return Err(Error::new(
-                        ErrorKind::Address,
-                        format!(
-                            "the RabbitMQ transport cannot send to `{address}` (scheme `{scheme}`)"
-                        ),
-                    ));
-                }
+                check_scheme(
+                    "RabbitMQ",
+                    address,
+                    &["rabbitmq", "rabbitmqs", "amqp", "amqps"],
+                )?;
                 false
             }
         };
@@ -619,6 +550,7 @@ impl Transport for RabbitMq {
         TransportProfile::new("rabbitmq")
             .with_capabilities(Capabilities::new().with_delayed_delivery(true))
             .with_default_prefetch(self.connector.config.prefetch)
+            .with_entity_names(ENTITY_NAMES)
     }
 
     fn endpoint_address(&self, name: &str) -> String {
@@ -630,7 +562,7 @@ impl Transport for RabbitMq {
     }
 
     fn publish_address(&self, message_type: &Urn) -> String {
-        self.endpoint_address(&entity(message_type))
+        self.endpoint_address(&exchange_name(message_type))
     }
 
     async fn deploy(&self, topology: &Topology) -> Result<()> {
@@ -687,7 +619,10 @@ impl Transport for RabbitMq {
                 "a publish lists more message types than are bound; the rest are left out"
             );
         }
-        let mut names = message_types.iter().take(MAX_PUBLISH_TYPES).map(entity);
+        let mut names = message_types
+            .iter()
+            .take(MAX_PUBLISH_TYPES)
+            .map(exchange_name);
         let mut types: Vec<String> = names.next().into_iter().collect();
         types.extend(names.filter(|name| {
             let fits = name.len() <= headers::MAX_SHORT;
@@ -854,7 +789,7 @@ impl Receiver for RabbitReceiver {
                     let message = headers::from_delivery(d.data, &d.properties);
                     let redelivered = d.redelivered;
                     let settlement = Box::new(RabbitSettlement {
-                        acker: Some(d.acker),
+                        acker: SettleOnDrop::new(Unacked(d.acker)),
                         connector: self.connector.clone(),
                         spec: self.spec.clone(),
                     });
@@ -936,14 +871,14 @@ impl Receiver for RabbitReceiver {
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct RabbitSettlement {
-    acker: Option<Acker>,
+    acker: SettleOnDrop<Unacked>,
     connector: Arc<Connector>,
     spec: EndpointSpec,
 }
 
 impl RabbitSettlement {
     async fn ack_now(&mut self) -> Result<()> {
-        let Some(acker) = self.acker.take() else {
+        let Some(Unacked(acker)) = self.acker.take() else {
             return Ok(());
         };
         let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()))
@@ -970,7 +905,7 @@ impl Settlement for RabbitSettlement {
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<()> {
-        let Some(acker) = self.acker.take() else {
+        let Some(Unacked(acker)) = self.acker.take() else {
             return Ok(());
         };
         let nack = acker.nack(BasicNackOptions {
@@ -1019,20 +954,20 @@ impl Settlement for RabbitSettlement {
     }
 }
 
-impl Drop for RabbitSettlement {
-    fn drop(&mut self) {
-        if let Some(acker) = self.acker.take()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            handle.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
-            });
-        }
+/// A delivery not acked yet: nacked with requeue when its settlement is dropped.
+struct Unacked(Acker);
+
+impl GiveBack for Unacked {
+    fn give_back(self) {
+        spawn_on_current(async move {
+            let _ = self
+                .0
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await;
+        });
     }
 }
 

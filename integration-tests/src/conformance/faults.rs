@@ -115,7 +115,7 @@ pub async fn unhandled_type_goes_to_skipped<F: TransportFixture>(fixture: &F) {
     })
     .await;
     running.shutdown().await.expect("shutdown");
-    assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
+    assert_eq!(depth(fixture, &t, &format!("{name}_error")).await, 0);
     cleanup(fixture, &t, &[&name]).await;
 }
 

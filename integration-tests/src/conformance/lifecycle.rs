@@ -44,11 +44,11 @@ pub async fn shutdown_drains_in_flight<F: TransportFixture>(fixture: &F) {
     );
     assert_eq!(gauge.current(), 0);
     assert_eq!(
-        fixture.queue_depth(&t, &name).await,
+        depth(fixture, &t, &name).await,
         2,
         "the two messages not yet taken stay on the queue"
     );
-    assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
+    assert_eq!(depth(fixture, &t, &format!("{name}_error")).await, 0);
     cleanup(fixture, &t, &[&name]).await;
 }
 
@@ -92,11 +92,11 @@ pub async fn shutdown_deadline_requeues<F: TransportFixture>(fixture: &F) {
     crate::support::wait_until_async(WAIT, "the message is back on the queue", || {
         let t2 = t2.clone();
         let name = name.clone();
-        async move { fixture.queue_depth(&t2, &name).await == 1 }
+        async move { depth(fixture, &t2, &name).await == 1 }
     })
     .await;
     assert_eq!(
-        fixture.queue_depth(&t, &format!("{name}_error")).await,
+        depth(fixture, &t, &format!("{name}_error")).await,
         0,
         "not faulted"
     );

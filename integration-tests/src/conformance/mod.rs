@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::TransportFixture;
-use crate::support::{Counter, Gauge, header, init_tracing, take_queue, unique, wait_until};
+use crate::support::{Counter, Gauge, depth, header, init_tracing, take_queue, unique, wait_until};
 
 mod delivery;
 mod faults;
@@ -95,7 +95,7 @@ async fn cleanup<F: TransportFixture>(fixture: &F, t: &F::Transport, endpoints: 
         queues.push(format!("{e}_error"));
         queues.push(format!("{e}_skipped"));
     }
-    fixture.delete_queues(t, &queues).await;
+    fixture.cleanup(t, &queues).await;
 }
 
 /// A handler that counts the messages it consumes.

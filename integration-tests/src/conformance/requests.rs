@@ -154,7 +154,7 @@ pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) 
     assert_eq!(second.n, 42);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        fixture.queue_depth(&t, &error_queue).await,
+        depth(fixture, &t, &error_queue).await,
         0,
         "a late response went to {error_queue}"
     );

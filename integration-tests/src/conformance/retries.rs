@@ -56,9 +56,7 @@ pub async fn retry_counts_are_exact<F: TransportFixture>(fixture: &F) {
     assert_eq!(recovered.get(), 3);
     running.shutdown().await.expect("shutdown");
     assert_eq!(
-        fixture
-            .queue_depth(&t, &format!("{recovering}_error"))
-            .await,
+        depth(fixture, &t, &format!("{recovering}_error")).await,
         0,
         "a recovered message does not fault"
     );
@@ -147,6 +145,6 @@ pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
     assert_eq!(header(&errors[0], names::FAULT_REDELIVERY_COUNT), "1");
     assert_eq!(header(&errors[0], names::FAULT_RETRY_COUNT), "1");
     running.shutdown().await.expect("shutdown");
-    assert_eq!(fixture.queue_depth(&t, &format!("{name}_error")).await, 0);
+    assert_eq!(depth(fixture, &t, &format!("{name}_error")).await, 0);
     cleanup(fixture, &t, &[&name, &exhausted]).await;
 }

@@ -76,7 +76,7 @@ impl Scenario for OutboxScenario {
     async fn raw(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
         let url = self.rabbitmq_url.clone();
         Ok(BuswaySide::boxed(
-            Arc::new(move |_: &str| Ok(RabbitMq::from_url(&url)?)),
+            Arc::new(move |_: &str| Ok(RabbitMq::new(&url)?)),
             settings,
         ))
     }
@@ -103,7 +103,7 @@ impl OutboxSide {
         latency: bool,
     ) -> Result<(Bus, Arc<Tally>, Outbox<PostgresStore>, Dispatcher), BoxError> {
         let name = endpoint_name(phase);
-        let transport = RabbitMq::from_url(&self.url)?;
+        let transport = RabbitMq::new(&self.url)?;
         let tally = Tally::new(n, latency);
         let bus = endpoint_bus(
             Bus::builder().transport(transport.clone()),

@@ -21,11 +21,12 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
 use super::{BenchTransport, BuswaySide};
 use crate::message::{BenchMessage, RawEnvelope, Tally, WAIT, send_all, send_open_loop};
 use crate::{Scenario, Settings, Side};
+use busway::transport::QueueAdmin;
 
 #[async_trait]
 impl BenchTransport for RabbitMq {
     async fn remove(&self, name: &str) {
-        let _ = self.delete(&[name.to_string()]).await;
+        let _ = self.delete_queues(&[name.to_string()]).await;
     }
 }
 
@@ -86,7 +87,7 @@ impl Scenario for RabbitScenario {
     async fn busway(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
         let url = self.url.clone();
         Ok(BuswaySide::boxed(
-            Arc::new(move |_: &str| Ok(RabbitMq::from_url(&url)?)),
+            Arc::new(move |_: &str| Ok(RabbitMq::new(&url)?)),
             settings,
         ))
     }

@@ -144,7 +144,8 @@ impl Bus {
         self.shared.send.dispatch(outgoing).await
     }
 
-    /// The deployed topology (print it with `to_text()` or `to_mermaid()`).
+    /// The deployed topology (print it with [`Bus::topology_text`] or
+    /// [`Bus::topology_mermaid`], in the transport's own terms).
     pub fn topology(&self) -> &Topology {
         &self.shared.topology
     }

@@ -38,10 +38,14 @@ use crate::serializer::Serializer;
 use crate::topology::{EndpointTopology, Topology, TopologyView};
 use crate::urn::{EntityNameStyle, Urn};
 
+mod admin;
 mod backoff;
+mod kit;
 pub(crate) mod message;
 
+pub use admin::QueueAdmin;
 pub use backoff::Backoff;
+pub use kit::{GiveBack, SettleOnDrop, TemporaryEntities, check_scheme, spawn_on_current};
 pub use message::{DeliveryOptions, MoveKind, TransportMessage};
 
 /// What a transport supports beyond publish, send and receive.
@@ -95,6 +99,9 @@ pub struct TransportProfile {
     /// writes raw JSON with identity in headers, as MassTransit's rider does). `None` keeps
     /// MassTransit's JSON envelope.
     pub default_serializer: Option<Arc<dyn Serializer>>,
+    /// How message types become entity names (exchanges, topics) on this transport, for the
+    /// default [`Transport::publish_address`] and [`Transport::describe`].
+    pub entity_names: EntityNameStyle,
 }
 
 impl TransportProfile {
@@ -106,7 +113,14 @@ impl TransportProfile {
             capabilities: Capabilities::new(),
             default_prefetch: None,
             default_serializer: None,
+            entity_names: EntityNameStyle::COLONS,
         }
+    }
+
+    /// How message types become entity names (default [`EntityNameStyle::COLONS`]).
+    pub fn with_entity_names(mut self, style: EntityNameStyle) -> Self {
+        self.entity_names = style;
+        self
     }
 
     /// Declares what the transport supports.
@@ -150,16 +164,19 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
 
     /// The topology in this transport's own terms, for printing
     /// ([`crate::Bus::topology_text`], [`crate::Bus::topology_mermaid`]). The default is
-    /// MassTransit's exchanges and queues; a transport with another model (Kafka's topics and
-    /// consumer groups) says so.
+    /// MassTransit's exchanges and queues, named in the profile's
+    /// [`entity_names`](TransportProfile::entity_names) style; a transport with another model
+    /// (Kafka's topics and consumer groups) says so.
     fn describe(&self, topology: &Topology) -> TopologyView {
-        TopologyView::exchanges_and_queues(topology)
+        TopologyView::exchanges_and_queues(topology, &self.profile().entity_names)
     }
 
     /// The address written as `destinationAddress` when publishing a message type
-    /// (the message type's exchange or topic).
+    /// (the message type's exchange or topic). The default names it in the profile's
+    /// [`entity_names`](TransportProfile::entity_names) style; it is called on every publish,
+    /// so a transport whose profile is not trivial to make overrides it.
     fn publish_address(&self, message_type: &Urn) -> String {
-        self.endpoint_address(&message_type.entity_name_shared(&EntityNameStyle::RABBITMQ))
+        self.endpoint_address(&message_type.entity_name_shared(&self.profile().entity_names))
     }
 
     /// Connects (if needed) and declares everything the topology names. Called once by
