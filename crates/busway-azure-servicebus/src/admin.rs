@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use busway_core::transport::QueueAdmin;
 use busway_core::{Error, ErrorKind, Result, TransportMessage};
 
-use crate::transport::{Received, ServiceBus};
+use crate::transport::ServiceBus;
+use crate::wire::Received;
 
 #[async_trait]
 impl QueueAdmin for ServiceBus {

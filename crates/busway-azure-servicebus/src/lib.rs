@@ -25,11 +25,16 @@
 //! See `docs/guide/azure-service-bus.md` in the repository, including what was tested where.
 
 mod admin;
+mod config;
 mod connection;
 mod management;
 pub mod naming;
+mod receive;
+mod settle;
 mod transport;
+mod wire;
 
+pub use config::{BASE_URL_ENV, CONNECTION_STRING_ENV, ServiceBusBuilder};
 pub use connection::{ConnectionString, sas_token};
 pub use naming::{subscription_name, topic_name};
-pub use transport::{BASE_URL_ENV, CONNECTION_STRING_ENV, ServiceBus, ServiceBusBuilder};
+pub use transport::ServiceBus;

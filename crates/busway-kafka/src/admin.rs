@@ -16,8 +16,9 @@ use busway_core::{Error, ErrorKind, Result, TransportMessage};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::client::{Client, from_record};
+use crate::client::Client;
 use crate::transport::Kafka;
+use crate::wire::from_record;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -33,11 +33,13 @@
 mod admin;
 mod client;
 mod config;
-mod consumer;
 pub mod naming;
+mod receive;
+mod settle;
 mod transport;
+mod wire;
 
 pub use admin::ADMIN_GROUP;
-pub use config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig};
+pub use config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaBuilder, KafkaConfig};
 pub use naming::sanitize as topic_name;
-pub use transport::{Kafka, KafkaBuilder, KafkaBusExt, KafkaEndpointExt, KafkaEndpointOptions};
+pub use transport::{Kafka, KafkaBusExt, KafkaEndpointExt, KafkaEndpointOptions};

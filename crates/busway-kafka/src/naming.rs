@@ -54,9 +54,6 @@ mod tests {
         assert_eq!(sanitize("a b/c"), "a_b_c");
         assert_eq!(sanitize(".."), "_..");
         assert_eq!(sanitize(&"x".repeat(300)).len(), 249);
-        assert_eq!(
-            message_topic(&Urn::new("urn:message:odd")),
-            "odd"
-        );
+        assert_eq!(message_topic(&Urn::new("urn:message:odd")), "odd");
     }
 }

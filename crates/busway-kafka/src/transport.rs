@@ -1,23 +1,23 @@
 //! The [`Transport`] implementation on Kafka.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use busway_core::topology::{EndpointTopology, EndpointView, TopologyView};
 use busway_core::transport::{
-    DeliveryOptions, Receiver, Transport, TransportProfile, check_scheme,
+    DeliveryOptions, Receiver, TemporaryEntities, Transport, TransportProfile, check_scheme,
 };
 use busway_core::{
-    Address, AddressKind, BusBuilder, EndpointConfigurator, Error, ErrorKind, Message, RawJson,
-    Result, Topology, TransportMessage, Urn,
+    Address, AddressKind, BusBuilder, EndpointConfigurator, Error, ErrorKind, RawJson, Result,
+    Topology, TransportMessage, Urn,
 };
 
 use crate::client::Client;
-use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, DeadLetterFailure, KafkaConfig};
-use crate::consumer;
+use crate::config::{BROKERS_ENV, DEFAULT_BROKERS, KafkaBuilder, KafkaConfig};
 use crate::naming::{ENTITY_NAMES, sanitize};
+use crate::receive;
 
 /// The Kafka transport. Clone it to share one producer between buses.
 ///
@@ -33,7 +33,7 @@ use crate::naming::{ENTITY_NAMES, sanitize};
 #[derive(Clone)]
 pub struct Kafka {
     client: Arc<Client>,
-    temporaries: Arc<Mutex<Vec<String>>>,
+    temporaries: Arc<TemporaryEntities>,
 }
 
 impl fmt::Debug for Kafka {
@@ -41,134 +41,6 @@ impl fmt::Debug for Kafka {
         f.debug_struct("Kafka")
             .field("brokers", &self.client.config.brokers())
             .finish()
-    }
-}
-
-/// Builds a [`Kafka`] transport.
-#[derive(Debug, Clone)]
-pub struct KafkaBuilder {
-    config: KafkaConfig,
-}
-
-impl KafkaBuilder {
-    /// Sets any librdkafka property (security, SASL, TLS, tuning): `.property("security.protocol", "SASL_SSL")`.
-    pub fn property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config.properties.insert(name.into(), value.into());
-        self
-    }
-
-    /// Sets a librdkafka property for the producer only (`linger.ms`, `batch.num.messages`).
-    pub fn producer_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config
-            .producer_properties
-            .insert(name.into(), value.into());
-        self
-    }
-
-    /// Sets a librdkafka property for consumers only (`session.timeout.ms`, `fetch.max.bytes`).
-    pub fn consumer_property(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.config
-            .consumer_properties
-            .insert(name.into(), value.into());
-        self
-    }
-
-    /// Partitions of topics busway creates (default 3).
-    pub fn partitions(mut self, partitions: i32) -> Self {
-        self.config.partitions = partitions.max(1);
-        self
-    }
-
-    /// Replication factor of topics busway creates (default 1).
-    pub fn replication(mut self, replication: i32) -> Self {
-        self.config.replication = replication.max(1);
-        self
-    }
-
-    /// Whether missing topics are created (default true). When false, topics are only
-    /// checked and a missing one is an error.
-    pub fn create_topics(mut self, create: bool) -> Self {
-        self.config.create_topics = create;
-        self
-    }
-
-    /// Publishes message type `M` to `topic` instead of its default topic.
-    pub fn topic<M: Message>(self, topic: &str) -> Self {
-        self.topic_for(M::message_type(), topic)
-    }
-
-    /// Publishes message type `urn` to `topic`.
-    pub fn topic_for(mut self, urn: &Urn, topic: &str) -> Self {
-        self.config
-            .topics
-            .insert(urn.as_str().to_string(), sanitize(topic));
-        self
-    }
-
-    /// How long a publish waits, for room in the producer's queue and for the broker's
-    /// delivery report together (default 30 s). It is also librdkafka's
-    /// `message.timeout.ms`; a publish that runs out of it fails as unavailable, and may
-    /// still have been delivered.
-    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
-        self.config.publish_timeout = timeout;
-        self
-    }
-
-    /// Unfinished records a partition may hold before consuming waits for one to finish
-    /// (default 1000).
-    pub fn max_in_flight(mut self, records: usize) -> Self {
-        self.config.max_in_flight = records.max(1);
-        self
-    }
-
-    /// Commit at least this often while messages finish (default 1 s).
-    pub fn commit_interval(mut self, interval: Duration) -> Self {
-        self.config.commit_interval = interval;
-        self
-    }
-
-    /// Commit a partition when its position moved by this many messages (default 100).
-    pub fn commit_every(mut self, messages: i64) -> Self {
-        self.config.commit_every = messages.max(1);
-        self
-    }
-
-    /// Puts `prefix` before every topic name busway derives (message types, endpoints, dead
-    /// letters): one Kafka cluster, several isolated environments. Topics named explicitly are
-    /// not prefixed.
-    pub fn topic_prefix(mut self, prefix: &str) -> Self {
-        self.config.prefix = sanitize(prefix);
-        self
-    }
-
-    /// The dead-letter topic pattern (default `{topic}.{group}.error`).
-    pub fn dead_letter_topic(mut self, pattern: impl Into<String>) -> Self {
-        self.config.dead_letter = pattern.into();
-        self
-    }
-
-    /// What to do with a record whose dead-letter or skipped copy cannot be written
-    /// (default [`DeadLetterFailure::Park`]).
-    pub fn dead_letter_failure(mut self, policy: DeadLetterFailure) -> Self {
-        self.config.dead_letter_failure = policy;
-        self
-    }
-
-    /// The skipped topic pattern (default `{topic}.{group}.skipped`).
-    pub fn skipped_topic(mut self, pattern: impl Into<String>) -> Self {
-        self.config.skipped = pattern.into();
-        self
-    }
-
-    /// The transport.
-    pub fn build(self) -> Result<Kafka> {
-        if self.config.brokers.is_empty() {
-            return Err(Error::config("no Kafka brokers were given"));
-        }
-        Ok(Kafka {
-            client: Arc::new(Client::new(self.config)?),
-            temporaries: Arc::default(),
-        })
     }
 }
 
@@ -276,8 +148,13 @@ impl Kafka {
 
     /// A builder for `brokers`.
     pub fn builder(brokers: &str) -> KafkaBuilder {
-        KafkaBuilder {
-            config: KafkaConfig::new(brokers),
+        KafkaBuilder::new(brokers)
+    }
+
+    pub(crate) fn with_client(client: Client) -> Self {
+        Self {
+            client: Arc::new(client),
+            temporaries: Arc::default(),
         }
     }
 
@@ -457,13 +334,13 @@ impl Transport for Kafka {
 
     async fn receive(&self, endpoint: &EndpointTopology) -> Result<Box<dyn Receiver>> {
         let (topics, group, window, default_type) = self.endpoint_topics(endpoint);
-        if endpoint.temporary
-            && let Ok(mut t) = self.temporaries.lock()
-        {
-            t.extend(topics.iter().cloned());
+        if endpoint.temporary {
+            for topic in &topics {
+                self.temporaries.add(topic);
+            }
         }
         let prefetch = usize::from(endpoint.prefetch);
-        let receiver = consumer::start(
+        let receiver = receive::start(
             self.client.clone(),
             &group,
             &topics,
@@ -476,12 +353,9 @@ impl Transport for Kafka {
     }
 
     async fn close(&self) -> Result<()> {
-        let temporaries = self
-            .temporaries
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        self.client.delete_topics(&temporaries).await;
+        self.client
+            .delete_topics(&self.temporaries.take_all())
+            .await;
         Ok(())
     }
 }

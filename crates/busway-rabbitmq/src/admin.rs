@@ -8,8 +8,8 @@ use busway_core::{Result, TransportMessage};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{FieldTable, ShortString};
 
-use crate::headers;
 use crate::transport::RabbitMq;
+use crate::wire;
 
 #[async_trait]
 impl QueueAdmin for RabbitMq {
@@ -41,7 +41,7 @@ impl QueueAdmin for RabbitMq {
                 {
                     Ok(Some(m)) => {
                         let d = m.delivery;
-                        out.push(headers::from_delivery(d.data, &d.properties));
+                        out.push(wire::from_delivery(d.data, &d.properties));
                     }
                     Ok(None) | Err(_) => break,
                 }

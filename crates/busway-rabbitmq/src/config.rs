@@ -1,10 +1,12 @@
-//! Configuration: the broker URL and client options.
+//! Configuration: the broker URL and client options, and [`RabbitMqBuilder`] that sets them.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use busway_core::{Error, ErrorKind};
 use lapin::uri::{AMQPScheme, AMQPUri};
+
+use crate::transport::RabbitMq;
 
 /// The environment variable [`crate::RabbitMq::from_env`] reads.
 pub const URL_ENV: &str = "BUSWAY_RABBITMQ_URL";
@@ -165,6 +167,75 @@ fn query_param<'a>(url: &'a str, key: &str) -> Option<&'a str> {
         let (k, v) = pair.split_once('=')?;
         k.eq_ignore_ascii_case(key).then_some(v)
     })
+}
+
+/// Builds a [`RabbitMq`] transport with options beyond the URL.
+#[derive(Debug, Clone)]
+pub struct RabbitMqBuilder {
+    config: std::result::Result<RabbitMqConfig, String>,
+}
+
+impl RabbitMqBuilder {
+    /// A builder for `url`; a bad URL fails in [`RabbitMqBuilder::build`].
+    pub(crate) fn new(url: &str) -> Self {
+        Self {
+            config: RabbitMqConfig::parse(url).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn update(mut self, f: impl FnOnce(&mut RabbitMqConfig)) -> Self {
+        if let Ok(c) = &mut self.config {
+            f(c);
+        }
+        self
+    }
+
+    /// The connection name shown in the management UI (default: the process name).
+    pub fn connection_name(self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        self.update(|c| c.connection_name = name)
+    }
+
+    /// The heartbeat interval in seconds (default 10; the URL's `?heartbeat=` also works).
+    pub fn heartbeat(self, seconds: u16) -> Self {
+        self.update(|c| c.uri.query.heartbeat = Some(seconds))
+    }
+
+    /// The prefetch of endpoints that set none (the URL's `?prefetch=` also works).
+    pub fn prefetch(self, prefetch: u16) -> Self {
+        self.update(|c| c.prefetch = Some(prefetch.max(1)))
+    }
+
+    /// Whether `publish`/`send` wait for the broker's confirm (default true). Without
+    /// confirms a message can be lost when the connection drops right after sending.
+    pub fn publisher_confirms(self, on: bool) -> Self {
+        self.update(|c| c.publisher_confirms = on)
+    }
+
+    /// How long the first connection may take before `build` fails (default 10 s).
+    pub fn connect_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.connect_timeout = timeout)
+    }
+
+    /// How long a publish or send waits for the broker (including a reconnect) before it
+    /// fails (default 30 s).
+    pub fn publish_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.publish_timeout = timeout)
+    }
+
+    /// Reconnect back-off: from `min`, doubling, at most `max` (default 100 ms to 5 s).
+    pub fn reconnect_backoff(self, min: Duration, max: Duration) -> Self {
+        self.update(|c| {
+            c.reconnect_min = min;
+            c.reconnect_max = max.max(min);
+        })
+    }
+
+    /// The transport.
+    pub fn build(self) -> busway_core::Result<RabbitMq> {
+        let config = self.config.map_err(Error::config)?;
+        Ok(RabbitMq::with_config(config))
+    }
 }
 
 #[cfg(test)]

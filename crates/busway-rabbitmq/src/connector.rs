@@ -5,6 +5,15 @@
 //! when the connection is lost it starts over. Publishers wait for a link up to the publish
 //! timeout; receivers wait until the bus stops. Each link carries a generation number so
 //! stale channels are never reused.
+//!
+//! lapin's own recovery (`ConnectionProperties::enable_auto_recover`, off by default; read in
+//! lapin 4.12.3, `src/connection_properties.rs` and `start_recovery` in `src/channel.rs`) is
+//! not used. It replays, per channel, only what that channel declared, plus its consumers,
+//! confirm mode and QoS, and stops after 16 reconnect attempts by default; publishes awaiting
+//! a confirm fail and are not resent, and acks of older deliveries fail. busway needs more:
+//! the whole deployed topology declared again (`_error`/`_skipped` on next use), publishes
+//! retried until the publish timeout, queues deleted while connected brought back, reconnects
+//! for as long as the bus runs, and fresh consumer channels on each link generation.
 
 use std::collections::HashSet;
 use std::future::Future;

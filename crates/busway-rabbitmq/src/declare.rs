@@ -10,12 +10,14 @@
 //!   (`busway.wait.<ms>ms`, fed by an auto-delete fanout exchange of the same name) whose
 //!   messages expire after the delay and are dead-lettered to `busway.delayed`. Wait queues
 //!   expire a minute after their last use, and their exchanges go with them.
+//! - Per-endpoint options ([`RabbitMqEndpointOptions`]: quorum queue, single active
+//!   consumer, `x-expires`, further queue arguments), set through [`RabbitMqEndpointExt`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use busway_core::topology::{EndpointTopology, Topology};
-use busway_core::{Error, Result};
+use busway_core::{EndpointConfigurator, Error, Result};
 use lapin::ExchangeKind;
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -23,8 +25,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::connector::{Connector, Link};
-use crate::headers::to_amqp;
 use crate::naming::{DELAYED_EXCHANGE, exchange_name, wait_queue_name};
+use crate::wire::to_amqp;
 
 /// How long an idle delay wait queue lives after its delay.
 const WAIT_QUEUE_IDLE: Duration = Duration::from_secs(60);
@@ -41,6 +43,51 @@ pub struct RabbitMqEndpointOptions {
     pub queue_expires: Option<Duration>,
     /// Further queue arguments.
     pub arguments: Vec<(String, serde_json::Value)>,
+}
+
+/// RabbitMQ options on a receive endpoint.
+pub trait RabbitMqEndpointExt: Sized {
+    /// Declares the endpoint queue as a quorum queue (replicated, at-least-once
+    /// dead-lettering). Its error and skipped queues are quorum queues too.
+    fn quorum_queue(self) -> Self;
+    /// Lets only one consumer at a time receive from the queue.
+    fn single_active_consumer(self) -> Self;
+    /// Deletes the queue after it has been unused this long.
+    fn queue_expires(self, after: Duration) -> Self;
+    /// Adds a queue argument (`x-max-length`, ...).
+    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self;
+}
+
+fn with_options(
+    e: EndpointConfigurator,
+    f: impl FnOnce(&mut RabbitMqEndpointOptions),
+) -> EndpointConfigurator {
+    let mut options = e
+        .extensions()
+        .get::<RabbitMqEndpointOptions>()
+        .cloned()
+        .unwrap_or_default();
+    f(&mut options);
+    e.extension(options)
+}
+
+impl RabbitMqEndpointExt for EndpointConfigurator {
+    fn quorum_queue(self) -> Self {
+        with_options(self, |o| o.quorum = true)
+    }
+
+    fn single_active_consumer(self) -> Self {
+        with_options(self, |o| o.single_active_consumer = true)
+    }
+
+    fn queue_expires(self, after: Duration) -> Self {
+        with_options(self, |o| o.queue_expires = Some(after))
+    }
+
+    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        let (name, value) = (name.into(), value.into());
+        with_options(self, |o| o.arguments.push((name, value)))
+    }
 }
 
 /// How an endpoint's exchange and queue are declared.

@@ -36,11 +36,13 @@ mod confirms;
 mod connector;
 mod declare;
 mod frame_guard;
-mod headers;
 pub mod naming;
+mod receive;
+mod settle;
 mod transport;
+mod wire;
 
-pub use config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
-pub use declare::RabbitMqEndpointOptions;
+pub use config::{DEFAULT_URL, RabbitMqBuilder, RabbitMqConfig, URL_ENV};
+pub use declare::{RabbitMqEndpointExt, RabbitMqEndpointOptions};
 pub use naming::DELAYED_EXCHANGE;
-pub use transport::{RabbitMq, RabbitMqBuilder, RabbitMqEndpointExt};
+pub use transport::RabbitMq;

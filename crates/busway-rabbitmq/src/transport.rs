@@ -1,4 +1,5 @@
-//! The [`Transport`] implementation: publish, send, receive and settle on RabbitMQ.
+//! The [`Transport`] implementation: the [`RabbitMq`] transport, its addresses, topology
+//! deployment, and publish and send with the routing rules that pick their exchange.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,29 +8,24 @@ use std::time::Duration;
 use async_trait::async_trait;
 use busway_core::topology::EndpointTopology;
 use busway_core::transport::{
-    Backoff, Capabilities, Delivery, DeliveryOptions, GiveBack, MoveError, MoveKind, Receiver,
-    SettleOnDrop, Settlement, Transport, TransportProfile, check_scheme, spawn_on_current,
+    Capabilities, DeliveryOptions, Receiver, Transport, TransportProfile, check_scheme,
 };
 use busway_core::{
-    Address, AddressKind, EndpointConfigurator, Error, ErrorKind, Result, Topology,
-    TransportMessage, Urn,
+    Address, AddressKind, Error, ErrorKind, Result, Topology, TransportMessage, Urn,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Acker, BasicProperties, Channel};
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel};
 use tokio::time::Instant;
 
-use crate::config::{DEFAULT_URL, RabbitMqConfig, URL_ENV};
+use crate::config::{DEFAULT_URL, RabbitMqBuilder, RabbitMqConfig, URL_ENV};
 use crate::confirms::{Identity, Outcome};
-use crate::connector::{Attempt, Connector, Link, Publisher, Token};
-use crate::declare::{self, EndpointSpec, RabbitMqEndpointOptions};
-use crate::headers;
+use crate::connector::{Attempt, Connector, Link, Publisher};
+use crate::declare::{self, EndpointSpec};
 use crate::naming::{ENTITY_NAMES, exchange_name};
+use crate::receive::RabbitReceiver;
+use crate::wire;
 
 /// The RabbitMQ transport. Clone it to share one connection between buses.
 ///
@@ -54,68 +50,6 @@ impl fmt::Debug for RabbitMq {
     }
 }
 
-/// Builds a [`RabbitMq`] transport with options beyond the URL.
-#[derive(Debug, Clone)]
-pub struct RabbitMqBuilder {
-    config: std::result::Result<RabbitMqConfig, String>,
-}
-
-impl RabbitMqBuilder {
-    fn update(mut self, f: impl FnOnce(&mut RabbitMqConfig)) -> Self {
-        if let Ok(c) = &mut self.config {
-            f(c);
-        }
-        self
-    }
-
-    /// The connection name shown in the management UI (default: the process name).
-    pub fn connection_name(self, name: impl Into<String>) -> Self {
-        let name = name.into();
-        self.update(|c| c.connection_name = name)
-    }
-
-    /// The heartbeat interval in seconds (default 10; the URL's `?heartbeat=` also works).
-    pub fn heartbeat(self, seconds: u16) -> Self {
-        self.update(|c| c.uri.query.heartbeat = Some(seconds))
-    }
-
-    /// The prefetch of endpoints that set none (the URL's `?prefetch=` also works).
-    pub fn prefetch(self, prefetch: u16) -> Self {
-        self.update(|c| c.prefetch = Some(prefetch.max(1)))
-    }
-
-    /// Whether `publish`/`send` wait for the broker's confirm (default true). Without
-    /// confirms a message can be lost when the connection drops right after sending.
-    pub fn publisher_confirms(self, on: bool) -> Self {
-        self.update(|c| c.publisher_confirms = on)
-    }
-
-    /// How long the first connection may take before `build` fails (default 10 s).
-    pub fn connect_timeout(self, timeout: Duration) -> Self {
-        self.update(|c| c.connect_timeout = timeout)
-    }
-
-    /// How long a publish or send waits for the broker (including a reconnect) before it
-    /// fails (default 30 s).
-    pub fn publish_timeout(self, timeout: Duration) -> Self {
-        self.update(|c| c.publish_timeout = timeout)
-    }
-
-    /// Reconnect back-off: from `min`, doubling, at most `max` (default 100 ms to 5 s).
-    pub fn reconnect_backoff(self, min: Duration, max: Duration) -> Self {
-        self.update(|c| {
-            c.reconnect_min = min;
-            c.reconnect_max = max.max(min);
-        })
-    }
-
-    /// The transport.
-    pub fn build(self) -> Result<RabbitMq> {
-        let config = self.config.map_err(Error::config)?;
-        Ok(RabbitMq::with_config(config))
-    }
-}
-
 impl RabbitMq {
     /// A transport for `url` (`amqp://user:pass@host:port/vhost`, `amqps://` for TLS;
     /// `?heartbeat=` and `?prefetch=` are read). Connects when the bus is built.
@@ -136,12 +70,11 @@ impl RabbitMq {
 
     /// A builder for `url`.
     pub fn builder(url: &str) -> RabbitMqBuilder {
-        RabbitMqBuilder {
-            config: RabbitMqConfig::parse(url).map_err(|e| e.to_string()),
-        }
+        RabbitMqBuilder::new(url)
     }
 
-    fn with_config(config: RabbitMqConfig) -> Self {
+    /// The transport for `config` (what [`RabbitMqBuilder::build`] returns).
+    pub(crate) fn with_config(config: RabbitMqConfig) -> Self {
         let prefix = config.address_prefix();
         let declare: crate::connector::DeclareFn =
             Arc::new(|c, l, t| Box::pin(declare::topology(c, l, t)));
@@ -156,15 +89,15 @@ impl RabbitMq {
         &self.connector.config
     }
 
-    /// Runs `f` on a fresh channel: on the transport's connection while it is open, else on
-    /// a short-lived connection of its own. The whole call (connect, `f`, close) is bounded by
-    /// the publish timeout: a broker that stops answering makes it fail, never hang.
     /// Forgets what was declared, so the next use declares it again (after entities were
     /// deleted).
     pub(crate) fn forget_declarations(&self) {
         self.connector.forget_declarations();
     }
 
+    /// Runs `f` on a fresh channel: on the transport's connection while it is open, else on
+    /// a short-lived connection of its own. The whole call (connect, `f`, close) is bounded by
+    /// the publish timeout: a broker that stops answering makes it fail, never hang.
     pub(crate) async fn with_admin_channel<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: FnOnce(Channel) -> Fut,
@@ -315,7 +248,7 @@ const MAX_PUBLISH_TYPES: usize = 32;
 
 /// An exchange a send declares by itself (no queue).
 #[derive(Debug, Clone)]
-struct ExchangeSpec {
+pub(crate) struct ExchangeSpec {
     name: String,
     durable: bool,
     auto_delete: bool,
@@ -323,7 +256,7 @@ struct ExchangeSpec {
 
 /// Where a message is published and what must exist first.
 #[derive(Debug, Clone)]
-enum Route {
+pub(crate) enum Route {
     /// An endpoint's exchange (declared with its queue and binding).
     Endpoint(EndpointSpec),
     /// An exchange alone.
@@ -355,14 +288,14 @@ impl Route {
             Route::MessageTypes(types) => Box::new(types.iter()),
         };
         for name in names {
-            if name.len() > headers::MAX_SHORT {
+            if name.len() > wire::MAX_SHORT {
                 let preview: String = name.chars().take(60).collect();
                 return Err(Error::new(
                     ErrorKind::Address,
                     format!(
                         "`{preview}...` ({} bytes) cannot be a RabbitMQ exchange or queue name: AMQP allows at most {} bytes",
                         name.len(),
-                        headers::MAX_SHORT
+                        wire::MAX_SHORT
                     ),
                 ));
             }
@@ -396,7 +329,7 @@ impl Route {
 
 /// Publishes with confirms, declaring what the route needs first; retried across channel
 /// and connection failures until the publish timeout.
-async fn publish(
+pub(crate) async fn publish(
     connector: &Arc<Connector>,
     route: Route,
     message: &TransportMessage,
@@ -404,7 +337,7 @@ async fn publish(
 ) -> Result<()> {
     route.check_names()?;
     let make_props = || {
-        let props = headers::properties(message, true);
+        let props = wire::properties(message, true);
         if delay.is_some() {
             // A per-message expiration shorter than the delay would dead-letter the message
             // out of the wait queue early.
@@ -625,7 +558,7 @@ impl Transport for RabbitMq {
             .map(exchange_name);
         let mut types: Vec<String> = names.next().into_iter().collect();
         types.extend(names.filter(|name| {
-            let fits = name.len() <= headers::MAX_SHORT;
+            let fits = name.len() <= wire::MAX_SHORT;
             if !fits {
                 tracing::warn!(
                     name_bytes = name.len(),
@@ -670,348 +603,15 @@ impl Transport for RabbitMq {
                 })
                 .await?;
         }
-        Ok(Box::new(RabbitReceiver {
-            connector: self.connector.clone(),
+        Ok(Box::new(RabbitReceiver::new(
+            self.connector.clone(),
             spec,
-            prefetch: endpoint.prefetch.max(1),
-            tag: format!("busway-{}", uuid::Uuid::new_v4().simple()),
-            active: None,
-            retired: None,
-            stop: Token::new(),
-            stopped: false,
-            failures: 0,
-        }))
+            endpoint.prefetch.max(1),
+        )))
     }
 
     async fn close(&self) -> Result<()> {
         self.connector.close().await;
         Ok(())
-    }
-}
-
-struct Active {
-    channel: Channel,
-    consumer: lapin::Consumer,
-}
-
-struct RabbitReceiver {
-    connector: Arc<Connector>,
-    spec: EndpointSpec,
-    prefetch: u16,
-    tag: String,
-    active: Option<Active>,
-    retired: Option<Active>,
-    stop: Token,
-    stopped: bool,
-    failures: u32,
-}
-
-impl RabbitReceiver {
-    async fn start(&self, link: &Link) -> Result<Active> {
-        declare::endpoint(&self.connector, link, &self.spec).await?;
-        let channel = link.consumer_channel().await?;
-        channel
-            .basic_qos(self.prefetch, BasicQosOptions { global: false })
-            .await
-            .map_err(|e| {
-                Error::transport(format!("basic.qos on `{}` failed", self.spec.name), e)
-            })?;
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(self.spec.name.as_str()),
-                ShortString::from(self.tag.as_str()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| Error::transport(format!("consuming `{}` failed", self.spec.name), e))?;
-        Ok(Active { channel, consumer })
-    }
-}
-
-#[async_trait]
-impl Receiver for RabbitReceiver {
-    async fn next(&mut self) -> Option<Result<Delivery>> {
-        loop {
-            if self.stopped {
-                return None;
-            }
-            if self.active.is_none() {
-                let link = self.connector.link_wait(&self.stop).await?;
-                tracing::debug!(endpoint = %self.spec.name, generation = link.generation, "starting the consumer");
-                let started =
-                    tokio::time::timeout(self.connector.config.connect_timeout, self.start(&link))
-                        .await
-                        .unwrap_or_else(|_| {
-                            // The connection died under us; a new one comes from the supervisor.
-                            link.mark_broken();
-                            Err(Error::new(
-                                ErrorKind::Unavailable,
-                                "RabbitMQ did not answer while the consumer was starting",
-                            ))
-                        });
-                match started {
-                    Ok(active) => {
-                        tracing::debug!(endpoint = %self.spec.name, generation = link.generation, "consumer started");
-                        if self.failures > 0 {
-                            tracing::info!(endpoint = %self.spec.name, "consuming again");
-                        }
-                        self.failures = 0;
-                        self.active = Some(active);
-                    }
-                    Err(err) => {
-                        self.failures += 1;
-                        // The queue may be gone (deleted, expired): declare everything again
-                        // on the next try instead of trusting what this link declared before.
-                        self.connector.forget_declarations();
-                        if self.failures == 1 || self.failures.is_multiple_of(10) {
-                            tracing::warn!(endpoint = %self.spec.name, attempt = self.failures, error = %err, "could not start consuming; retrying");
-                        }
-                        // 100 ms doubling to 5 s.
-                        let backoff = Backoff::delay_for(
-                            self.failures,
-                            Duration::from_millis(100),
-                            Duration::from_secs(5),
-                        );
-                        tokio::select! {
-                            _ = self.stop.cancelled() => return None,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        continue;
-                    }
-                }
-            }
-            let Some(active) = self.active.as_mut() else {
-                continue;
-            };
-            match active.consumer.next().await {
-                Some(Ok(d)) => {
-                    let message = headers::from_delivery(d.data, &d.properties);
-                    let redelivered = d.redelivered;
-                    let settlement = Box::new(RabbitSettlement {
-                        acker: SettleOnDrop::new(Unacked(d.acker)),
-                        connector: self.connector.clone(),
-                        spec: self.spec.clone(),
-                    });
-                    let mut delivery = Delivery::new(message, settlement);
-                    delivery.redelivered = redelivered;
-                    return Some(Ok(delivery));
-                }
-                Some(Err(err)) => {
-                    tracing::debug!(endpoint = %self.spec.name, error = %err, "the consumer failed; resuming");
-                    self.active = None;
-                }
-                None => {
-                    self.active = None;
-                    if !self.stopped {
-                        // The broker cancels a consumer when its queue is deleted (by an
-                        // operator, a policy, `x-expires`): declare the queue and its bindings
-                        // again before consuming, or the endpoint stays dead and publishes to
-                        // its message types are dropped.
-                        tracing::warn!(endpoint = %self.spec.name, "the broker cancelled the consumer (was the queue deleted?); declaring the endpoint again");
-                        self.connector.forget_declarations();
-                        tokio::select! {
-                            _ = self.stop.cancelled() => return None,
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn stop(&mut self) -> Result<()> {
-        self.stopped = true;
-        self.stop.cancel();
-        if let Some(mut active) = self.active.take() {
-            let _ = active
-                .channel
-                .basic_cancel(
-                    ShortString::from(self.tag.as_str()),
-                    BasicCancelOptions::default(),
-                )
-                .await;
-            // Deliveries already buffered in the client go back to the queue.
-            while let Ok(Some(Ok(d))) =
-                tokio::time::timeout(Duration::from_millis(200), active.consumer.next()).await
-            {
-                let _ = d
-                    .acker
-                    .nack(BasicNackOptions {
-                        multiple: false,
-                        requeue: true,
-                    })
-                    .await;
-            }
-            // Keep the channel open: deliveries already handed out are still to be acked on
-            // it. It closes when the receiver is dropped, after the endpoint settled them.
-            self.retired = Some(active);
-        }
-        Ok(())
-    }
-
-    async fn close(&mut self) -> Result<()> {
-        for active in [self.retired.take(), self.active.take()]
-            .into_iter()
-            .flatten()
-        {
-            if active.channel.status().connected() {
-                let _ = active
-                    .channel
-                    .close(200, ShortString::from("busway: endpoint stopped"))
-                    .await;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// How long an ack or nack may take before the channel is presumed dead (the broker then
-/// redelivers the message when it notices).
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-struct RabbitSettlement {
-    acker: SettleOnDrop<Unacked>,
-    connector: Arc<Connector>,
-    spec: EndpointSpec,
-}
-
-impl RabbitSettlement {
-    async fn ack_now(&mut self) -> Result<()> {
-        let Some(Unacked(acker)) = self.acker.take() else {
-            return Ok(());
-        };
-        let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()))
-            .await
-            .unwrap_or(Ok(false));
-        match acked {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::new(
-                ErrorKind::Transport,
-                "the ack was not sent: its channel is gone; RabbitMQ will redeliver the message",
-            )),
-            Err(e) => Err(Error::transport(
-                "the ack failed; RabbitMQ will redeliver the message",
-                e,
-            )),
-        }
-    }
-}
-
-#[async_trait]
-impl Settlement for RabbitSettlement {
-    async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.ack_now().await
-    }
-
-    async fn requeue(mut self: Box<Self>) -> Result<()> {
-        let Some(Unacked(acker)) = self.acker.take() else {
-            return Ok(());
-        };
-        let nack = acker.nack(BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        });
-        match tokio::time::timeout(SETTLE_TIMEOUT, nack).await {
-            Ok(result) => result.map(|_| ()).map_err(|e| {
-                Error::transport("requeue failed; RabbitMQ will redeliver the message", e)
-            }),
-            Err(_) => Err(Error::new(
-                ErrorKind::Unavailable,
-                "requeue timed out; RabbitMQ will redeliver the message when the channel closes",
-            )),
-        }
-    }
-
-    async fn move_to(
-        mut self: Box<Self>,
-        kind: MoveKind,
-        message: TransportMessage,
-    ) -> std::result::Result<(), MoveError> {
-        let spec = self.spec.companion(kind.suffix());
-        if let Err(err) = publish(&self.connector, Route::Endpoint(spec), &message, None).await {
-            // Still unacked: the bus backs off and moves it again.
-            return Err(MoveError::retry(err, self));
-        }
-        Ok(self.ack_now().await?)
-    }
-
-    async fn redeliver(
-        mut self: Box<Self>,
-        message: TransportMessage,
-        delay: Duration,
-    ) -> Result<()> {
-        let mut target = self.spec.clone();
-        target.message_types.clear();
-        publish(
-            &self.connector,
-            Route::Endpoint(target),
-            &message,
-            Some(delay.max(Duration::from_millis(1))),
-        )
-        .await?;
-        self.ack_now().await
-    }
-}
-
-/// A delivery not acked yet: nacked with requeue when its settlement is dropped.
-struct Unacked(Acker);
-
-impl GiveBack for Unacked {
-    fn give_back(self) {
-        spawn_on_current(async move {
-            let _ = self
-                .0
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
-        });
-    }
-}
-
-/// RabbitMQ options on a receive endpoint.
-pub trait RabbitMqEndpointExt: Sized {
-    /// Declares the endpoint queue as a quorum queue (replicated, at-least-once
-    /// dead-lettering). Its error and skipped queues are quorum queues too.
-    fn quorum_queue(self) -> Self;
-    /// Lets only one consumer at a time receive from the queue.
-    fn single_active_consumer(self) -> Self;
-    /// Deletes the queue after it has been unused this long.
-    fn queue_expires(self, after: Duration) -> Self;
-    /// Adds a queue argument (`x-max-length`, ...).
-    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self;
-}
-
-fn with_options(
-    e: EndpointConfigurator,
-    f: impl FnOnce(&mut RabbitMqEndpointOptions),
-) -> EndpointConfigurator {
-    let mut options = e
-        .extensions()
-        .get::<RabbitMqEndpointOptions>()
-        .cloned()
-        .unwrap_or_default();
-    f(&mut options);
-    e.extension(options)
-}
-
-impl RabbitMqEndpointExt for EndpointConfigurator {
-    fn quorum_queue(self) -> Self {
-        with_options(self, |o| o.quorum = true)
-    }
-
-    fn single_active_consumer(self) -> Self {
-        with_options(self, |o| o.single_active_consumer = true)
-    }
-
-    fn queue_expires(self, after: Duration) -> Self {
-        with_options(self, |o| o.queue_expires = Some(after))
-    }
-
-    fn queue_argument(self, name: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
-        let (name, value) = (name.into(), value.into());
-        with_options(self, |o| o.arguments.push((name, value)))
     }
 }

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use busway_core::headers::names;
-use busway_core::transport::{Backoff, Delivery, MoveError, MoveKind, Receiver, Settlement};
-use busway_core::{Error, ErrorKind, Result, TransportMessage};
+use busway_core::transport::{Backoff, Delivery, Receiver};
+use busway_core::{Error, ErrorKind, Result};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
@@ -33,10 +33,11 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, from_record, kafka_error};
-use crate::config::DeadLetterFailure;
+use crate::client::{Client, kafka_error};
+use crate::settle::KafkaSettlement;
+use crate::wire::from_record;
 
-mod state;
+pub(crate) mod state;
 
 use state::{PartitionKey, Record, RecordRef, State, lock};
 
@@ -130,8 +131,8 @@ pub(crate) struct Shared {
     room: Notify,
     /// Wakes the committer: a position may have moved, or the commit interval passed.
     commit_due: Notify,
-    client: Arc<Client>,
-    group: String,
+    pub(crate) client: Arc<Client>,
+    pub(crate) group: String,
     window: usize,
     stop: CancellationToken,
     /// Records without `MT-MessageType` are taken as this type (the endpoint's only one).
@@ -155,7 +156,7 @@ impl Shared {
         true
     }
 
-    fn finish(&self, record: &RecordRef) {
+    pub(crate) fn finish(&self, record: &RecordRef) {
         let every = self.client.config.commit_every;
         let finished = lock(&self.state).finish(record, self.window, every);
         if finished.room {
@@ -179,12 +180,12 @@ impl Shared {
     }
 
     /// Stops handing out records (the endpoint's `next` ends), for `DeadLetterFailure::StopAfter`.
-    fn halt(&self) {
+    pub(crate) fn halt(&self) {
         lock(&self.state).stopped = true;
         self.ready.notify_waiters();
     }
 
-    fn requeue(&self, record: Record) {
+    pub(crate) fn requeue(&self, record: Record) {
         let mut state = lock(&self.state);
         state.handed_out = state.handed_out.saturating_sub(1);
         let alive = state
@@ -429,11 +430,7 @@ impl Receiver for KafkaReceiver {
                     drop(state);
                     let message = record.message.clone();
                     let redelivered = record.redelivered;
-                    let settlement = Box::new(KafkaSettlement {
-                        shared: self.shared.clone(),
-                        record: Some(record),
-                        move_failures: 0,
-                    });
+                    let settlement = Box::new(KafkaSettlement::new(self.shared.clone(), record));
                     let mut delivery = Delivery::new(message, settlement);
                     delivery.redelivered = redelivered;
                     return Some(Ok(delivery));
@@ -474,121 +471,5 @@ impl Receiver for KafkaReceiver {
         }
         self.shared.consumer.unsubscribe();
         Ok(())
-    }
-}
-
-struct KafkaSettlement {
-    shared: Arc<Shared>,
-    record: Option<Record>,
-    /// Failed writes of this record's dead-letter or skipped copy.
-    move_failures: u32,
-}
-
-impl KafkaSettlement {
-    fn complete(&mut self) {
-        if let Some(record) = self.record.take() {
-            self.shared.finish(&RecordRef::from(&record));
-        }
-    }
-}
-
-#[async_trait]
-impl Settlement for KafkaSettlement {
-    async fn ack(mut self: Box<Self>) -> Result<()> {
-        self.complete();
-        Ok(())
-    }
-
-    async fn requeue(mut self: Box<Self>) -> Result<()> {
-        if let Some(record) = self.record.take() {
-            self.shared.requeue(record);
-        }
-        Ok(())
-    }
-
-    async fn move_to(
-        mut self: Box<Self>,
-        kind: MoveKind,
-        mut message: TransportMessage,
-    ) -> std::result::Result<(), MoveError> {
-        let Some(record) = self.record.as_ref() else {
-            return Ok(());
-        };
-        let config = &self.shared.client.config;
-        let topic = match kind {
-            MoveKind::Skipped => config.skipped_topic(&record.topic, &self.shared.group),
-            _ => config.dead_letter_topic(&record.topic, &self.shared.group),
-        };
-        message
-            .headers
-            .insert("MT-Fault-Topic", record.topic.as_str());
-        message
-            .headers
-            .insert("MT-Fault-Partition", i64::from(record.partition));
-        message.headers.insert("MT-Fault-Offset", record.offset);
-        if message.partition_key.is_none() {
-            message.partition_key = record.key.clone();
-        }
-        if message.content_type.is_none() {
-            message.content_type = record.message.content_type.clone();
-        }
-        message.headers.remove(names::CONTENT_TYPE);
-        if let Err(err) = self.shared.client.produce(&topic, &message).await {
-            self.move_failures = self.move_failures.saturating_add(1);
-            let limit = match config.dead_letter_failure {
-                DeadLetterFailure::SkipAfter(n) | DeadLetterFailure::StopAfter(n) => Some(n),
-                _ => None,
-            };
-            if limit.is_some_and(|n| self.move_failures >= n) {
-                let stop = matches!(config.dead_letter_failure, DeadLetterFailure::StopAfter(_));
-                let outcome = if stop {
-                    "ENDPOINT STOPPED: a dead-letter copy could not be written (DeadLetterFailure::StopAfter); the record is not committed and runs again when the endpoint starts again"
-                } else {
-                    "MESSAGE LOST: its dead-letter copy could not be written; skipping it as configured (DeadLetterFailure::SkipAfter)"
-                };
-                tracing::error!(
-                    group = %self.shared.group,
-                    topic = %record.topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    key = ?record.key,
-                    dead_letter_topic = %topic,
-                    failures = self.move_failures,
-                    error = %err,
-                    "{outcome}"
-                );
-                if stop {
-                    self.shared.halt();
-                    // Dropping the settlement hands the record back unfinished.
-                    return Err(MoveError::from(err));
-                }
-                self.complete();
-                return Ok(());
-            }
-            // The record stays unfinished (its offset is not committed): the bus backs off
-            // and writes the dead-letter copy again.
-            return Err(MoveError::retry(err, self));
-        }
-        self.complete();
-        Ok(())
-    }
-
-    async fn redeliver(
-        self: Box<Self>,
-        _message: TransportMessage,
-        _delay: std::time::Duration,
-    ) -> Result<()> {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "Kafka has no delayed delivery; use in-process retry",
-        ))
-    }
-}
-
-impl Drop for KafkaSettlement {
-    fn drop(&mut self) {
-        if let Some(record) = self.record.take() {
-            self.shared.requeue(record);
-        }
     }
 }

@@ -9,25 +9,25 @@ use std::time::{Duration, Instant};
 
 use busway_core::TransportMessage;
 
-pub(super) type PartitionKey = (String, i32);
+pub(crate) type PartitionKey = (String, i32);
 
-pub(super) struct Part {
+pub(crate) struct Part {
     /// Offsets handed out and not yet committed past: offset → finished.
-    pub(super) offsets: BTreeMap<i64, bool>,
+    pub(crate) offsets: BTreeMap<i64, bool>,
     /// Where the next commit would put the group (lowest unfinished, or one past the last).
-    pub(super) position: Option<i64>,
+    pub(crate) position: Option<i64>,
     /// The last position committed.
-    pub(super) committed: Option<i64>,
-    pub(super) last_commit: Instant,
-    pub(super) paused: bool,
-    pub(super) generation: u64,
+    pub(crate) committed: Option<i64>,
+    pub(crate) last_commit: Instant,
+    pub(crate) paused: bool,
+    pub(crate) generation: u64,
     /// The highest offset received in this assignment of the partition.
-    pub(super) last_received: Option<i64>,
+    pub(crate) last_received: Option<i64>,
 }
 
 impl Part {
     /// The commit position, if it moved by at least `every` since the last commit.
-    pub(super) fn moved_by(&self, every: i64) -> Option<i64> {
+    pub(crate) fn moved_by(&self, every: i64) -> Option<i64> {
         let position = self.position?;
         if self.committed == Some(position) {
             return None;
@@ -37,58 +37,58 @@ impl Part {
     }
 
     /// Not paused, with its in-flight window full.
-    pub(super) fn stalls_at(&self, window: usize) -> bool {
+    pub(crate) fn stalls_at(&self, window: usize) -> bool {
         !self.paused && self.offsets.len() >= window
     }
 }
 
-pub(super) struct Lane {
-    pub(super) partition: PartitionKey,
+pub(crate) struct Lane {
+    pub(crate) partition: PartitionKey,
     /// The assignment of the partition this lane belongs to: a record of an earlier
     /// assignment (revoked, then assigned again) must not release it.
-    pub(super) generation: u64,
-    pub(super) waiting: VecDeque<Record>,
+    pub(crate) generation: u64,
+    pub(crate) waiting: VecDeque<Record>,
 }
 
-pub(super) struct Record {
-    pub(super) topic: String,
-    pub(super) partition: i32,
-    pub(super) offset: i64,
-    pub(super) key: Option<String>,
-    pub(super) message: TransportMessage,
-    pub(super) redelivered: bool,
-    pub(super) generation: u64,
+pub(crate) struct Record {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<String>,
+    pub(crate) message: TransportMessage,
+    pub(crate) redelivered: bool,
+    pub(crate) generation: u64,
 }
 
 #[derive(Default)]
-pub(super) struct State {
-    pub(super) parts: HashMap<PartitionKey, Part>,
-    pub(super) lanes: HashMap<(String, String), Lane>,
-    pub(super) ready: VecDeque<Record>,
-    pub(super) generation: u64,
-    pub(super) stopped: bool,
-    pub(super) handed_out: usize,
+pub(crate) struct State {
+    pub(crate) parts: HashMap<PartitionKey, Part>,
+    pub(crate) lanes: HashMap<(String, String), Lane>,
+    pub(crate) ready: VecDeque<Record>,
+    pub(crate) generation: u64,
+    pub(crate) stopped: bool,
+    pub(crate) handed_out: usize,
 }
 
 /// What finishing a record asks of the caller.
 #[derive(Debug, Default)]
-pub(super) struct Finished {
+pub(crate) struct Finished {
     /// A full partition has room again: wake the pump.
-    pub(super) room: bool,
+    pub(crate) room: bool,
     /// A paused partition is down to half its window: resume it.
-    pub(super) resume: Option<PartitionKey>,
+    pub(crate) resume: Option<PartitionKey>,
     /// The partition's position moved by `commit_every`: wake the committer (the commit
     /// interval is the pump's tick).
-    pub(super) commit_due: bool,
+    pub(crate) commit_due: bool,
 }
 
-pub(super) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+pub(crate) fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl State {
     /// Files a received record; returns whether its partition's window is now full.
-    pub(super) fn file(&mut self, record: Record, window: usize) -> bool {
+    pub(crate) fn file(&mut self, record: Record, window: usize) -> bool {
         let pk = (record.topic.clone(), record.partition);
         let generation = {
             self.generation += 1;
@@ -151,12 +151,12 @@ impl State {
     }
 
     /// Whether a partition that is not paused has a full in-flight window.
-    pub(super) fn any_full(&self, window: usize) -> bool {
+    pub(crate) fn any_full(&self, window: usize) -> bool {
         self.parts.values().any(|p| p.stalls_at(window))
     }
 
     /// Marks every full partition that is not paused as paused, and returns them.
-    pub(super) fn pause_full(&mut self, window: usize) -> Vec<PartitionKey> {
+    pub(crate) fn pause_full(&mut self, window: usize) -> Vec<PartitionKey> {
         let mut paused = Vec::new();
         for (pk, p) in self.parts.iter_mut() {
             if p.stalls_at(window) {
@@ -168,7 +168,7 @@ impl State {
     }
 
     /// Drops what belongs to revoked partitions; returns their commit positions.
-    pub(super) fn revoke(&mut self, revoked: &[PartitionKey]) -> Vec<(PartitionKey, i64)> {
+    pub(crate) fn revoke(&mut self, revoked: &[PartitionKey]) -> Vec<(PartitionKey, i64)> {
         let mut commits = Vec::new();
         for pk in revoked {
             if let Some(part) = self.parts.remove(pk)
@@ -187,7 +187,7 @@ impl State {
     /// Marks a handed-out record finished: its partition's commit position moves past every
     /// finished offset at the front, and its key's lane lets the next record go. Says what
     /// the caller must do next (wake the pump, resume a paused partition).
-    pub(super) fn finish(
+    pub(crate) fn finish(
         &mut self,
         record: &RecordRef,
         window: usize,
@@ -227,7 +227,7 @@ impl State {
     /// true), or the lane ends. A record of an earlier assignment of its partition leaves
     /// the lane alone: after a rebalance the lane belongs to the new assignment's records,
     /// and releasing it would run two records of one key at once.
-    pub(super) fn release_lane(&mut self, record: &RecordRef) -> bool {
+    pub(crate) fn release_lane(&mut self, record: &RecordRef) -> bool {
         let Some(key) = &record.key else {
             return false;
         };
@@ -253,7 +253,7 @@ impl State {
 
     /// Forgets that these positions were committed (the commit failed), so the next due
     /// check or revoke commits them again.
-    pub(super) fn commit_failed(&mut self, commits: &[(PartitionKey, i64)]) {
+    pub(crate) fn commit_failed(&mut self, commits: &[(PartitionKey, i64)]) {
         for (pk, position) in commits {
             if let Some(part) = self.parts.get_mut(pk)
                 && part.committed == Some(*position)
@@ -264,7 +264,7 @@ impl State {
     }
 
     /// Positions that moved since their last commit (all, or only those due).
-    pub(super) fn due_commits(
+    pub(crate) fn due_commits(
         &mut self,
         every: i64,
         interval: Duration,
@@ -286,12 +286,12 @@ impl State {
 }
 
 /// What a settlement needs to know about its record after handing the message out.
-pub(super) struct RecordRef {
-    pub(super) topic: String,
-    pub(super) partition: i32,
-    pub(super) offset: i64,
-    pub(super) key: Option<String>,
-    pub(super) generation: u64,
+pub(crate) struct RecordRef {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<String>,
+    pub(crate) generation: u64,
 }
 
 impl From<&Record> for RecordRef {

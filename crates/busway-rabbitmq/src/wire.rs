@@ -1,4 +1,5 @@
-//! Converting between busway messages and AMQP properties and header tables.
+//! The wire format: a busway [`TransportMessage`] to and from AMQP basic properties and
+//! header tables.
 
 use std::time::Duration;
 
