@@ -13,7 +13,10 @@ use busway::outbox::sqlx::{self, PgPool, SqlitePool};
 use busway::outbox::{Outbox, PostgresStore, SqliteStore};
 use busway::prelude::*;
 use busway_examples::OrderPlaced;
+use chrono::Utc;
+use rust_decimal::Decimal;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 /// Where orders live.
 enum Database {

@@ -17,7 +17,11 @@ use std::time::Duration;
 use busway::headers::names;
 use busway::prelude::*;
 use busway::{BoxError, Fault};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 // ---- message contracts -------------------------------------------------------------------
 

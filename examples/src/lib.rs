@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use busway::prelude::*;
 use busway::{BoxError, ConsumeErrorKind, Transport};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 /// Published when an order is placed; the same contract as a .NET `Contracts.OrderPlaced`.
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]

@@ -12,6 +12,7 @@ use busway::transport::MoveKind;
 use busway::{ConsumeErrorKind, OutgoingMessage, ReceiveContext, Transport, TransportMessage};
 use busway_integration_tests::support::{Counter, Gauge, init_tracing, wait_until};
 use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -4,8 +4,12 @@ use busway::headers::names;
 use busway::prelude::*;
 use busway::serializer::{MASSTRANSIT_JSON, RAW_JSON, Serializers, decode_message};
 use busway::{Envelope, Fault, MassTransitJson, RawJson, Serializer, TransportMessage, Urn};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use uuid::Uuid;
 
 /// MassTransit's documented example envelope
 /// (doc/content/3.documentation/2.configuration/serialization.md, "Message Envelope").

@@ -53,6 +53,9 @@ mod kafka_specific {
         Counter, Gauge, header, init_tracing, unique, wait_until,
     };
     use futures_util::StreamExt;
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
 
     const WAIT: Duration = Duration::from_secs(60);
 

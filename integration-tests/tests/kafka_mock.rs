@@ -12,6 +12,7 @@ use busway::prelude::*;
 use busway_integration_tests::support::{init_tracing, wait_until};
 use futures_util::StreamExt;
 use rdkafka::mocking::MockCluster;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

@@ -9,6 +9,7 @@ use busway::kafka::Kafka;
 use busway::prelude::*;
 use busway_integration_tests::kafka::TlsBroker;
 use busway_integration_tests::support::{init_tracing, unique, wait_until};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

@@ -15,6 +15,7 @@ use busway::prelude::*;
 use busway_integration_tests::db::{SqliteFile, postgres_pool};
 use busway_integration_tests::rabbit::TestVhost;
 use busway_integration_tests::support::{Counter, ToggleProxy, init_tracing, unique, wait_until};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

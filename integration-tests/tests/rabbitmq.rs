@@ -37,11 +37,15 @@ mod rabbit_specific {
     use busway::{Address, Transport, TransportMessage};
     use busway_integration_tests::rabbit::{TestVhost, transport_for};
     use busway_integration_tests::support::{Counter, header, init_tracing, unique, wait_until};
+    use chrono::{DateTime, Utc};
     use futures_util::StreamExt;
     use lapin::options::*;
     use lapin::types::{AMQPValue, FieldTable, ShortString};
     use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Serialize};
     use serde_json::Value;
+    use uuid::Uuid;
 
     const WAIT: Duration = Duration::from_secs(20);
 

@@ -14,6 +14,7 @@ use busway::transport::QueueAdmin;
 use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, transport_for};
 use busway_integration_tests::support::init_tracing;
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

@@ -19,6 +19,8 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
 

@@ -10,6 +10,7 @@ use busway::prelude::*;
 use busway::rabbitmq::RabbitMq;
 use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, require_broker};
 use busway_integration_tests::support::{init_tracing, unique, wait_until};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

@@ -99,6 +99,8 @@ mod servicebus_specific {
     use busway_integration_tests::support::{
         Counter, ToggleProxy, header, init_tracing, unique, wait_until,
     };
+    use serde::{Deserialize, Serialize};
+    use uuid::Uuid;
 
     use super::*;
 

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use busway::BoxError;
 use busway::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use uuid::Uuid;
 
 /// The benchmark message: a sequence number, the time it was (meant to be) sent, a payload.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]

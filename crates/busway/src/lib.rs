@@ -28,6 +28,8 @@ pub use busway_core::{
 ///
 /// ```compile_fail
 /// use busway::prelude::*;
+/// use serde::{Deserialize, Serialize};
+/// use uuid::Uuid;
 ///
 /// #[derive(Serialize, Deserialize, Message)]
 /// struct OrderPlaced {
@@ -39,6 +41,9 @@ pub use busway_core::{
 ///
 /// ```
 /// use busway::prelude::*;
+/// use rust_decimal::Decimal;
+/// use serde::{Deserialize, Serialize};
+/// use uuid::Uuid;
 ///
 /// #[derive(Serialize, Deserialize, Message)]
 /// #[serde(rename_all = "camelCase")]
@@ -101,7 +106,12 @@ pub mod deps {
     pub use uuid;
 }
 
-/// Everything a typical service needs: `use busway::prelude::*;`.
+/// busway's own names a typical service uses: `use busway::prelude::*;`.
+///
+/// Only busway's items: a contract's `Serialize`/`Deserialize` come from `serde` in your
+/// `Cargo.toml` (the derives need the crate by that name), and `Uuid`, `Decimal` and
+/// `DateTime<Utc>` from `uuid`, `rust_decimal` and `chrono`, or from [`crate::deps`] if you
+/// would rather not list them.
 pub mod prelude {
     #[cfg(feature = "macros")]
     pub use crate::Message;
@@ -109,10 +119,6 @@ pub mod prelude {
         Bus, ConsumeContext, ConsumeError, Consumer, DomainEventHandler, DomainEvents, InMemory,
         Mediator, Retry,
     };
-    pub use chrono::{DateTime, Utc};
-    pub use rust_decimal::Decimal;
-    pub use serde::{Deserialize, Serialize};
-    pub use uuid::Uuid;
 }
 
 #[doc(hidden)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use busway::kafka::{Kafka, KafkaEndpointExt};
 use busway::prelude::*;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use busway::prelude::*;
 use busway::servicebus::ServiceBus;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, Message)]
 #[serde(rename_all = "camelCase")]

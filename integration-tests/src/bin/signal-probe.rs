@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use busway::prelude::*;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, Message)]
 struct Tick {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use busway::prelude::*;
 use busway::{BoxError, BusBuilder, Transport};
+use uuid::Uuid;
 
 use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
 use crate::{Settings, Side};
