@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Runs Microsoft's Node.js Service Bus REST client, `azure-sb` 0.11.2 (pinned in
 // package.json), against an endpoint -- meant for the local stand-in in
-// ../src/servicebus.rs -- and prints one JSON line per step:
+// ../src/servicebus/ -- and prints one JSON line per step:
 //   {"step": "...", "ok": true|false, "error": "...", "detail": {...}}
 // It exits 0 only if every step passed.
 //

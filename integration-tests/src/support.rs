@@ -1,12 +1,12 @@
 //! Helpers for tests: unique names, counters, polling with a deadline.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use busway::TransportMessage;
 use busway::transport::QueueAdmin;
+use busway::{ConsumeContext, ConsumeError, Message, TransportMessage};
 
 use crate::TransportFixture;
 
@@ -78,6 +78,82 @@ impl Counter {
     /// The value.
     pub fn get(&self) -> usize {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What handlers saw, in arrival order: clones share one log, which the test reads back.
+///
+/// ```ignore
+/// let seen = Recorder::default();
+/// e.handler(seen.record(|ctx: &ConsumeContext<Work>| ctx.message().n));
+/// let ns = seen.wait_for(3, WAIT, "three messages").await;
+/// ```
+#[derive(Debug)]
+pub struct Recorder<T>(Arc<Mutex<Vec<T>>>);
+
+impl<T> Clone for Recorder<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> Default for Recorder<T> {
+    fn default() -> Self {
+        Self(Arc::default())
+    }
+}
+
+impl<T: Clone + Send + 'static> Recorder<T> {
+    /// Adds an entry.
+    pub fn push(&self, entry: T) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+    }
+
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A copy of the entries so far.
+    pub fn entries(&self) -> Vec<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (bounded by `timeout`) until there are at least `count` entries; returns them.
+    pub async fn wait_for(&self, count: usize, timeout: Duration, what: &str) -> Vec<T> {
+        wait_until(timeout, what, || self.len() >= count).await;
+        self.entries()
+    }
+
+    /// A handler that records `entry(&ctx)` for each message and succeeds.
+    pub fn record<M: Message>(
+        &self,
+        entry: impl Fn(&ConsumeContext<M>) -> T + Send + Sync + 'static,
+    ) -> impl Fn(ConsumeContext<M>) -> std::future::Ready<Result<(), ConsumeError>> + Send + Sync + 'static
+    {
+        self.record_then(entry, |_| std::future::ready(Ok(())))
+    }
+
+    /// A handler that records `entry(&ctx)` for each message, then runs `then` (which may
+    /// publish, respond or fail).
+    pub fn record_then<M: Message, Fut>(
+        &self,
+        entry: impl Fn(&ConsumeContext<M>) -> T + Send + Sync + 'static,
+        then: impl Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static,
+    ) -> impl Fn(ConsumeContext<M>) -> Fut + Send + Sync + 'static
+    where
+        Fut: Future<Output = Result<(), ConsumeError>> + Send + 'static,
+    {
+        let log = self.clone();
+        move |ctx| {
+            log.push(entry(&ctx));
+            then(ctx)
+        }
     }
 }
 

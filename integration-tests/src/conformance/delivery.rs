@@ -41,24 +41,20 @@ pub async fn competing_consumers_each_message_once<F: TransportFixture>(fixture:
     init_tracing();
     let t = fixture.transport().await;
     let name = unique("competing");
-    let seen = Arc::new(Mutex::new(Vec::<(usize, u64)>::new()));
+    let seen = Recorder::<(usize, u64)>::default();
     let mut buses = Vec::new();
     let mut running = Vec::new();
     for instance in 0..2 {
-        let seen = seen.clone();
+        let handler = seen.record_then(
+            move |ctx: &ConsumeContext<Competing>| (instance, ctx.message().n),
+            |_| async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(())
+            },
+        );
         let bus = build::<F>(
             &t,
-            Bus::builder().receive_endpoint(name.clone(), move |e| {
-                e.prefetch(1)
-                    .handler(move |ctx: ConsumeContext<Competing>| {
-                        let seen = seen.clone();
-                        async move {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            seen.lock().expect("lock").push((instance, ctx.message().n));
-                            Ok(())
-                        }
-                    })
-            }),
+            Bus::builder().receive_endpoint(name.clone(), move |e| e.prefetch(1).handler(handler)),
         )
         .await;
         running.push(bus.start().await.expect("start"));
@@ -70,12 +66,9 @@ pub async fn competing_consumers_each_message_once<F: TransportFixture>(fixture:
             .await
             .expect("send");
     }
-    wait_until(WAIT, "60 messages consumed", || {
-        seen.lock().expect("lock").len() >= 60
-    })
-    .await;
+    seen.wait_for(60, WAIT, "60 messages consumed").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let seen = seen.lock().expect("lock").clone();
+    let seen = seen.entries();
     assert_eq!(seen.len(), 60, "every message consumed exactly once");
     let mut ns: Vec<u64> = seen.iter().map(|(_, n)| *n).collect();
     ns.sort_unstable();

@@ -232,25 +232,20 @@ pub async fn fault_event_is_published<F: TransportFixture>(fixture: &F) {
     let t = fixture.transport().await;
     let failing = unique("fault-source");
     let listener = unique("fault-listener");
-    let faults = Arc::new(Mutex::new(Vec::<(Fault<FaultSource>, Envelope)>::new()));
-    let f = faults.clone();
+    let faults = Recorder::<(Fault<FaultSource>, Envelope)>::default();
+    let listen = faults.record(|ctx: &ConsumeContext<Fault<FaultSource>>| {
+        (
+            ctx.message().clone(),
+            ctx.receive_context().envelope().clone(),
+        )
+    });
     let bus = build::<F>(
         &t,
         Bus::builder()
             .receive_endpoint(failing.clone(), |e| {
                 e.handler(|_: ConsumeContext<FaultSource>| async { Err(PaymentDeclined.into()) })
             })
-            .receive_endpoint(listener.clone(), move |e| {
-                e.temporary()
-                    .handler(move |ctx: ConsumeContext<Fault<FaultSource>>| {
-                        let f = f.clone();
-                        async move {
-                            let envelope = ctx.receive_context().envelope().clone();
-                            f.lock().expect("lock").push((ctx.into_message(), envelope));
-                            Ok(())
-                        }
-                    })
-            }),
+            .receive_endpoint(listener.clone(), move |e| e.temporary().handler(listen)),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -261,11 +256,7 @@ pub async fn fault_event_is_published<F: TransportFixture>(fixture: &F) {
         .correlation_id(correlation)
         .await
         .expect("send");
-    wait_until(WAIT, "the fault is consumed", || {
-        !faults.lock().expect("lock").is_empty()
-    })
-    .await;
-    let (fault, envelope) = faults.lock().expect("lock")[0].clone();
+    let (fault, envelope) = faults.wait_for(1, WAIT, "the fault is consumed").await[0].clone();
     assert_eq!(fault.message, FaultSource { n: 9 });
     assert_eq!(fault.faulted_message_id, Some(id));
     assert_eq!(fault.exceptions[0].message, "the card was declined");

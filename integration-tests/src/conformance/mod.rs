@@ -4,7 +4,7 @@
 //! Every test uses its own message types and uniquely named endpoints, so the tests can run in
 //! parallel on one broker without seeing each other's messages.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use busway::headers::names;
@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::TransportFixture;
-use crate::support::{Counter, Gauge, depth, header, init_tracing, take_queue, unique, wait_until};
+use crate::support::{
+    Counter, Gauge, Recorder, depth, header, init_tracing, take_queue, unique, wait_until,
+};
 
 mod delivery;
 mod faults;

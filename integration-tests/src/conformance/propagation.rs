@@ -14,62 +14,31 @@ pub async fn ids_propagate_through_publish_chains<F: TransportFixture>(fixture: 
     init_tracing();
     let t = fixture.transport().await;
     let (a, b, c) = (unique("chain-a"), unique("chain-b"), unique("chain-c"));
-    let seen = Arc::new(Mutex::new(Vec::<(char, Seen)>::new()));
-    let (sa, sb, sc) = (seen.clone(), seen.clone(), seen.clone());
-    let record = |ctx_env: Envelope, input: &str| Seen {
-        envelope: ctx_env,
-        input_address: input.to_string(),
-    };
+    let seen = Recorder::<(char, Seen)>::default();
+    fn saw<M: Message>(k: char) -> impl Fn(&ConsumeContext<M>) -> (char, Seen) {
+        move |ctx| {
+            let seen = Seen {
+                envelope: ctx.receive_context().envelope().clone(),
+                input_address: ctx.input_address().to_string(),
+            };
+            (k, seen)
+        }
+    }
+    let on_a = seen.record_then(saw::<ChainA>('a'), |ctx| async move {
+        ctx.publish(ChainB { n: 2 }).await?;
+        Ok(())
+    });
+    let on_b = seen.record_then(saw::<ChainB>('b'), |ctx| async move {
+        ctx.publish(ChainC { n: 3 }).await?;
+        Ok(())
+    });
+    let on_c = seen.record(saw::<ChainC>('c'));
     let bus = build::<F>(
         &t,
         Bus::builder()
-            .receive_endpoint(a.clone(), move |e| {
-                e.temporary().handler(move |ctx: ConsumeContext<ChainA>| {
-                    let sa = sa.clone();
-                    async move {
-                        sa.lock().expect("lock").push((
-                            'a',
-                            record(
-                                ctx.receive_context().envelope().clone(),
-                                ctx.input_address(),
-                            ),
-                        ));
-                        ctx.publish(ChainB { n: 2 }).await?;
-                        Ok(())
-                    }
-                })
-            })
-            .receive_endpoint(b.clone(), move |e| {
-                e.temporary().handler(move |ctx: ConsumeContext<ChainB>| {
-                    let sb = sb.clone();
-                    async move {
-                        sb.lock().expect("lock").push((
-                            'b',
-                            record(
-                                ctx.receive_context().envelope().clone(),
-                                ctx.input_address(),
-                            ),
-                        ));
-                        ctx.publish(ChainC { n: 3 }).await?;
-                        Ok(())
-                    }
-                })
-            })
-            .receive_endpoint(c.clone(), move |e| {
-                e.temporary().handler(move |ctx: ConsumeContext<ChainC>| {
-                    let sc = sc.clone();
-                    async move {
-                        sc.lock().expect("lock").push((
-                            'c',
-                            record(
-                                ctx.receive_context().envelope().clone(),
-                                ctx.input_address(),
-                            ),
-                        ));
-                        Ok(())
-                    }
-                })
-            }),
+            .receive_endpoint(a.clone(), move |e| e.temporary().handler(on_a))
+            .receive_endpoint(b.clone(), move |e| e.temporary().handler(on_b))
+            .receive_endpoint(c.clone(), move |e| e.temporary().handler(on_c)),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -80,11 +49,7 @@ pub async fn ids_propagate_through_publish_chains<F: TransportFixture>(fixture: 
         .header("MT-Custom", "not carried")
         .await
         .expect("publish");
-    wait_until(WAIT, "the chain completes", || {
-        seen.lock().expect("lock").len() == 3
-    })
-    .await;
-    let seen = seen.lock().expect("lock").clone();
+    let seen = seen.wait_for(3, WAIT, "the chain completes").await;
     let get = |k: char| {
         seen.iter()
             .find(|(x, _)| *x == k)
@@ -141,44 +106,28 @@ pub async fn traceparent_propagates<F: TransportFixture>(fixture: &F) {
     init_tracing();
     let t = fixture.transport().await;
     let (a, b) = (unique("traced"), unique("traced-next"));
-    type Traces = Arc<Mutex<Vec<(char, busway::TraceContext, Option<busway::TraceContext>)>>>;
-    let traces: Traces = Arc::default();
-    let (ta, tb) = (traces.clone(), traces.clone());
+    let traces = Recorder::<(char, busway::TraceContext, Option<busway::TraceContext>)>::default();
+    fn traced<M: Message>(
+        k: char,
+    ) -> impl Fn(&ConsumeContext<M>) -> (char, busway::TraceContext, Option<busway::TraceContext>)
+    {
+        move |ctx| {
+            let rc = ctx.receive_context();
+            (k, rc.trace_context(), rc.parent_trace_context())
+        }
+    }
+    let on_a = traces.record_then(traced::<Traced>('a'), |ctx| async move {
+        // Published through the bus handle, not the context: the task-local trace context
+        // still links it.
+        ctx.bus().publish(TracedNext { n: 2 }).await?;
+        Ok(())
+    });
+    let on_b = traces.record(traced::<TracedNext>('b'));
     let bus = build::<F>(
         &t,
         Bus::builder()
-            .receive_endpoint(a.clone(), move |e| {
-                e.temporary().handler(move |ctx: ConsumeContext<Traced>| {
-                    let ta = ta.clone();
-                    async move {
-                        let rc = ctx.receive_context();
-                        ta.lock().expect("lock").push((
-                            'a',
-                            rc.trace_context(),
-                            rc.parent_trace_context(),
-                        ));
-                        // Published through the bus handle, not the context: the task-local
-                        // trace context still links it.
-                        ctx.bus().publish(TracedNext { n: 2 }).await?;
-                        Ok(())
-                    }
-                })
-            })
-            .receive_endpoint(b.clone(), move |e| {
-                e.temporary()
-                    .handler(move |ctx: ConsumeContext<TracedNext>| {
-                        let tb = tb.clone();
-                        async move {
-                            let rc = ctx.receive_context();
-                            tb.lock().expect("lock").push((
-                                'b',
-                                rc.trace_context(),
-                                rc.parent_trace_context(),
-                            ));
-                            Ok(())
-                        }
-                    })
-            }),
+            .receive_endpoint(a.clone(), move |e| e.temporary().handler(on_a))
+            .receive_endpoint(b.clone(), move |e| e.temporary().handler(on_b)),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -187,11 +136,7 @@ pub async fn traceparent_propagates<F: TransportFixture>(fixture: &F) {
         .header(names::TRACEPARENT, root)
         .await
         .expect("publish");
-    wait_until(WAIT, "both consumed", || {
-        traces.lock().expect("lock").len() == 2
-    })
-    .await;
-    let traces = traces.lock().expect("lock").clone();
+    let traces = traces.wait_for(2, WAIT, "both consumed").await;
     let (_, a_trace, a_parent) = traces
         .iter()
         .find(|(k, _, _)| *k == 'a')

@@ -98,23 +98,20 @@ pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) 
     init_tracing();
     let t = fixture.transport().await;
     let answering = unique("answering");
-    let response_address = Arc::new(Mutex::new(None::<String>));
-    let seen = response_address.clone();
+    let response_address = Recorder::<Option<String>>::default();
+    let answer = response_address.record_then(
+        |ctx: &ConsumeContext<Question>| ctx.response_address().map(str::to_string),
+        |ctx| async move {
+            ctx.respond(Answer {
+                n: ctx.message().n * 2,
+            })
+            .await?;
+            Ok(())
+        },
+    );
     let bus = build::<F>(
         &t,
-        Bus::builder().receive_endpoint(answering.clone(), move |e| {
-            let seen = seen.clone();
-            e.temporary().handler(move |ctx: ConsumeContext<Question>| {
-                *seen.lock().expect("lock") = ctx.response_address().map(str::to_string);
-                async move {
-                    ctx.respond(Answer {
-                        n: ctx.message().n * 2,
-                    })
-                    .await?;
-                    Ok(())
-                }
-            })
-        }),
+        Bus::builder().receive_endpoint(answering.clone(), move |e| e.temporary().handler(answer)),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -124,9 +121,7 @@ pub async fn unreadable_responses_go_to_error<F: TransportFixture>(fixture: &F) 
         .await
         .expect("a response");
     assert_eq!(first.n, 2);
-    let address = response_address
-        .lock()
-        .expect("lock")
+    let address = response_address.entries()[0]
         .clone()
         .expect("the request carried a response address");
     let address = Address::parse(&address).expect("a response address");

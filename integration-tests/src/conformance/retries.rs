@@ -85,9 +85,17 @@ pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
     }
     let name = unique("redeliver");
     let exhausted = unique("redeliver-x");
-    let seen_counts = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let seen_counts = Recorder::<u32>::default();
     let attempts_x = Counter::default();
-    let s = seen_counts.clone();
+    let redelivered = seen_counts.record_then(
+        |ctx: &ConsumeContext<Redelivered>| ctx.redelivery_count(),
+        |ctx| async move {
+            if ctx.redelivery_count() < 2 {
+                return Err(ConsumeError::msg("try again later"));
+            }
+            Ok(())
+        },
+    );
     let ax = attempts_x.clone();
     let started = std::time::Instant::now();
     let bus = build::<F>(
@@ -98,17 +106,7 @@ pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
                     Duration::from_millis(200),
                     Duration::from_millis(200),
                 ]))
-                .handler(move |ctx: ConsumeContext<Redelivered>| {
-                    let s = s.clone();
-                    async move {
-                        let count = ctx.redelivery_count();
-                        s.lock().expect("lock").push(count);
-                        if count < 2 {
-                            return Err(ConsumeError::msg("try again later"));
-                        }
-                        Ok(())
-                    }
-                })
+                .handler(redelivered)
             })
             .receive_endpoint(exhausted.clone(), move |e| {
                 e.redelivery(Retry::intervals([Duration::from_millis(50)]))
@@ -130,15 +128,12 @@ pub async fn delayed_redelivery<F: TransportFixture>(fixture: &F) {
     bus.send(format!("queue:{exhausted}"), RedeliveredExhausted { n: 1 })
         .await
         .expect("send");
-    wait_until(WAIT, "the third delivery", || {
-        seen_counts.lock().expect("lock").len() >= 3
-    })
-    .await;
+    seen_counts.wait_for(3, WAIT, "the third delivery").await;
     assert!(
         started.elapsed() >= Duration::from_millis(400),
         "two redeliveries waited their intervals"
     );
-    assert_eq!(*seen_counts.lock().expect("lock"), vec![0, 1, 2]);
+    assert_eq!(seen_counts.entries(), vec![0, 1, 2]);
     let errors = take_queue(fixture, &t, &format!("{exhausted}_error"), 1, WAIT).await;
     assert_eq!(attempts_x.get(), 4, "(1 + 1 retry) × (1 + 1 redelivery)");
     assert_eq!(header(&errors[0], names::REDELIVERY_COUNT), "1");

@@ -7,19 +7,11 @@ pub async fn scheduled_send_waits<F: TransportFixture>(fixture: &F) {
     init_tracing();
     let t = fixture.transport().await;
     let name = unique("scheduled");
-    let at = Arc::new(Mutex::new(None::<std::time::Instant>));
-    let a = at.clone();
+    let at = Recorder::<std::time::Instant>::default();
+    let handler = at.record(|_: &ConsumeContext<Scheduled>| std::time::Instant::now());
     let bus = build::<F>(
         &t,
-        Bus::builder().receive_endpoint(name.clone(), move |e| {
-            e.temporary().handler(move |_: ConsumeContext<Scheduled>| {
-                let a = a.clone();
-                async move {
-                    *a.lock().expect("lock") = Some(std::time::Instant::now());
-                    Ok(())
-                }
-            })
-        }),
+        Bus::builder().receive_endpoint(name.clone(), move |e| e.temporary().handler(handler)),
     )
     .await;
     let running = bus.start().await.expect("start");
@@ -38,11 +30,7 @@ pub async fn scheduled_send_waits<F: TransportFixture>(fixture: &F) {
         .delay(Duration::from_millis(500))
         .await
         .expect("scheduled send");
-    wait_until(WAIT, "the scheduled message arrives", || {
-        at.lock().expect("lock").is_some()
-    })
-    .await;
-    let arrived = at.lock().expect("lock").expect("set");
+    let arrived = at.wait_for(1, WAIT, "the scheduled message arrives").await[0];
     assert!(
         arrived.duration_since(sent) >= Duration::from_millis(450),
         "delivered after the delay"
