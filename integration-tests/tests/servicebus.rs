@@ -139,6 +139,55 @@ mod servicebus_specific {
         n: u32,
     }
 
+    /// A receive answered without `BrokerProperties` (the message locked, but unreadable) is
+    /// unlocked at once and delivered on the next receive, not left locked until its lock
+    /// runs out (30 s here) or lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreadable_receive_answer_is_unlocked() {
+        init_tracing();
+        let standin = StandIn::start();
+        let t = on_standin(&standin)
+            .lock_duration(Duration::from_secs(30))
+            .build()
+            .expect("transport");
+        let name = unique("garbled");
+        let got = Counter::default();
+        let g = got.clone();
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(name.clone(), move |e| {
+                e.prefetch(1).handler(move |_: ConsumeContext<Crashy>| {
+                    g.incr();
+                    async { Ok(()) }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        standin.garble_next_receives(1);
+        let running = bus.start().await.expect("start");
+        let started = std::time::Instant::now();
+        bus.send(format!("queue:{name}"), Crashy { n: 1 })
+            .await
+            .expect("send");
+        wait_until(
+            WAIT,
+            "the message is consumed after the garbled answer",
+            || got.get() == 1,
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "unlocked, not left to its 30 s lock: {:?}",
+            started.elapsed()
+        );
+        let counts = standin.counts();
+        assert!(counts.unlocked >= 1, "{counts:?}");
+        assert_eq!(counts.received, 2, "{counts:?}");
+        assert_eq!(counts.completed, 1, "{counts:?}");
+        running.shutdown().await.expect("shutdown");
+    }
+
     /// MassTransit's topology: a topic per message type, a subscription per consuming
     /// endpoint named after it (shortened past 50 characters) forwarding to its queue, queues
     /// with the configured lock duration and delivery count.

@@ -27,8 +27,13 @@ impl QueueAdmin for ServiceBus {
             if matches!(u16::from(*response.status()), 404 | 410) {
                 break;
             }
-            let Some(received) = Received::read(&response)? else {
-                break;
+            let received = match Received::read(&response) {
+                Ok(Some(received)) => received,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = response.unlock_message().await;
+                    return Err(e);
+                }
             };
             out.push(received.message);
             let _ = response.delete_message().await;

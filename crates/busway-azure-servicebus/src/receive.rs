@@ -43,7 +43,16 @@ pub(crate) async fn poll(
             r = client.peek_lock_message2(Some(wait)) => r,
         };
         let outcome = match response {
-            Ok(response) => Received::read(&response).map(|r| r.map(|r| (r, response))),
+            Ok(response) => match Received::read(&response) {
+                Ok(received) => Ok(received.map(|r| (r, response))),
+                Err(e) => {
+                    if matches!(u16::from(*response.status()), 200 | 201) {
+                        // Locked but unreadable: hand it back now.
+                        let _ = response.unlock_message().await;
+                    }
+                    Err(e)
+                }
+            },
             Err(e) => Err(Error::with_source(
                 ErrorKind::Unavailable,
                 format!("Service Bus did not answer a receive on `{queue}`"),

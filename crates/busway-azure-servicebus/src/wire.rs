@@ -174,7 +174,15 @@ impl Received {
             }
         }
         let Some(props) = props else {
-            return Ok(None);
+            // A message was locked for us but cannot be read: an error, so the receiver
+            // unlocks it (it comes back at once, its delivery count counting the attempt)
+            // rather than leaving it locked until the lock runs out.
+            return Err(Error::new(
+                ErrorKind::Transport,
+                format!(
+                    "Service Bus answered a receive ({status}) without readable BrokerProperties"
+                ),
+            ));
         };
         // Collected in one pass (linear, unlike an insert per property).
         let mut out: Headers = out.into_iter().collect();

@@ -241,7 +241,16 @@ pub(super) async fn receive(
                 if peek_lock {
                     q.locked.insert(token, (m.clone(), now + q.lock_duration));
                 }
-                return delivered(entity, host, &m, token, until, peek_lock);
+                let mut response = delivered(entity, host, &m, token, until, peek_lock);
+                let garbled = peek_lock
+                    && state
+                        .garble
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                if garbled {
+                    response.headers_mut().remove("BrokerProperties");
+                }
+                return response;
             }
         }
         tokio::select! {

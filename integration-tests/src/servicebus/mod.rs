@@ -175,6 +175,8 @@ struct State {
     entities: Mutex<Entities>,
     changed: Notify,
     counters: Counters,
+    /// Peek-lock answers still to send without `BrokerProperties` (a fault to inject).
+    garble: AtomicU64,
 }
 
 impl State {
@@ -225,6 +227,7 @@ impl StandInBuilder {
             entities: Mutex::new(Entities::default()),
             changed: Notify::new(),
             counters: Counters::default(),
+            garble: AtomicU64::new(0),
         });
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
@@ -331,6 +334,12 @@ impl StandIn {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    /// Answers the next `n` peek-lock receives without the `BrokerProperties` header (the
+    /// message is locked all the same), to test a transport against a broken answer.
+    pub fn garble_next_receives(&self, n: u64) {
+        self.state.garble.store(n, Ordering::SeqCst);
     }
 
     /// The counters so far.
