@@ -4,7 +4,12 @@
 //! cargo run --release -p busway-bench -- all
 //! cargo run --release -p busway-bench -- rabbitmq kafka --pairs 7 --payload 1024
 //! cargo run --release -p busway-bench -- all --smoke --out /tmp/bench   # a quick check
+//! busway-bench count inmemory --messages 10000 --side busway   # fixed work, for callgrind
 //! ```
+//!
+//! `count` runs exactly one end-to-end pass of N messages on one side and nothing else (no
+//! warm-up, calibration or paced latency phase), so the instructions it executes depend on N
+//! only: `(I(2N) - I(N)) / N` under `valgrind --tool=callgrind` is the cost per message.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +85,9 @@ async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("backlog-side") {
         return backlog_side(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("count") {
+        return count(&args[1..]).await;
     }
     let (names, settings) = match parse(&args) {
         Ok(p) => p,
@@ -158,6 +166,78 @@ async fn backlog_side(args: &[String]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("backlog {label}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `count <scenario> --messages N [--side busway|raw]`: one end-to-end pass of exactly N
+/// messages on one side of a broker scenario; prints the elapsed time.
+async fn count(args: &[String]) -> ExitCode {
+    let mut side_name = "busway".to_string();
+    let mut rest = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--side" {
+            match args.get(i + 1) {
+                Some(v) => side_name = v.clone(),
+                None => {
+                    eprintln!("--side needs busway or raw");
+                    return ExitCode::from(2);
+                }
+            }
+            i += 2;
+        } else {
+            rest.push(args[i].clone());
+            i += 1;
+        }
+    }
+    let (names, settings) = match parse(&rest) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let all = scenarios::all();
+    let (Some(name), Some(n)) = (names.first(), settings.messages) else {
+        eprintln!("usage: busway-bench count <scenario> --messages N [--side busway|raw]");
+        return ExitCode::from(2);
+    };
+    let Some(scenario) = all.iter().find(|s| s.name() == name) else {
+        eprintln!(
+            "`count` runs a broker scenario (inmemory, rabbitmq, kafka, outbox), not `{name}`"
+        );
+        return ExitCode::from(2);
+    };
+    if let Err(reason) = scenario.available().await {
+        eprintln!("{name} is not available: {reason}");
+        return ExitCode::FAILURE;
+    }
+    let side = match side_name.as_str() {
+        "busway" => scenario.busway(&settings).await,
+        "raw" => scenario.raw(&settings).await,
+        other => {
+            eprintln!("unknown side `{other}`: busway or raw");
+            return ExitCode::from(2);
+        }
+    };
+    let mut side = match side {
+        Ok(side) => side,
+        Err(e) => {
+            eprintln!("{name} {side_name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = side.end_to_end(n).await;
+    side.cleanup().await;
+    match result {
+        Ok(elapsed) => {
+            println!("{name} {side_name}: {n} messages end to end in {elapsed:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name} {side_name}: {e}");
             ExitCode::FAILURE
         }
     }
