@@ -36,7 +36,9 @@ mod rabbit_specific {
     use busway::transport::QueueAdmin;
     use busway::{Address, Transport, TransportMessage};
     use busway_integration_tests::rabbit::{TestVhost, transport_for};
-    use busway_integration_tests::support::{Counter, header, init_tracing, unique, wait_until};
+    use busway_integration_tests::support::{
+        Counter, Recorder, header, init_tracing, unique, wait_until,
+    };
     use chrono::{DateTime, Utc};
     use futures_util::StreamExt;
     use lapin::options::*;
@@ -656,6 +658,172 @@ mod rabbit_specific {
     struct OrderStatus {
         order_id: Uuid,
         status: String,
+    }
+
+    /// Issue 14.5: message type URNs match without regard to case, as MassTransit's do
+    /// (`MessageUrn` comparisons are ordinal-ignore-case). A MassTransit sender whose contract
+    /// is named `urn:message:contracts:checkorder` reaches a busway consumer of
+    /// `urn:message:Contracts:CheckOrder` instead of `_skipped`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn message_type_urns_match_in_any_case() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-case");
+        let got = Counter::default();
+        let g = got.clone();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("order-lookup", move |e| {
+                e.handler(move |ctx: ConsumeContext<CheckOrder>| {
+                    assert_eq!(
+                        ctx.message().order_id.to_string(),
+                        "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"
+                    );
+                    g.incr();
+                    async { Ok(()) }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6e1","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c6e2","sourceAddress":"rabbitmq://localhost/DESKTOP_Lookup_bus_abc","destinationAddress":"rabbitmq://localhost/order-lookup","messageType":["urn:message:contracts:checkorder"],"message":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Lookup","processId":1,"assembly":"Lookup","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        channel
+            .basic_publish(
+                ShortString::from("order-lookup"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        wait_until(WAIT, "the consumer got the differently cased type", || {
+            got.get() == 1
+        })
+        .await;
+        running.shutdown().await.expect("shutdown");
+        let skipped = vhost.list("list_queues", &["name", "messages"]);
+        assert!(
+            skipped
+                .iter()
+                .all(|q| q["name"] != "order-lookup_skipped" || q["messages"] == 0),
+            "{skipped:?}"
+        );
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
+    /// Issue 14.7: a message a MassTransit service sent while consuming (so it carries the
+    /// busway producer's old `traceparent` next to its own fresh `MT-Activity-Id`, which is
+    /// all MassTransit writes) and that RabbitMQ dead-lettered once (`x-death`,
+    /// `x-first-death-*`): the busway consumer continues MassTransit's trace, and what it
+    /// publishes carries the application header but none of the broker's bookkeeping.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_messages_keep_the_trace_and_drop_broker_headers() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-forwarded");
+        let parents = Recorder::<Option<busway::TraceContext>>::default();
+        let next_headers = Recorder::<busway::Headers>::default();
+        let on_check = parents.record_then(
+            |ctx: &ConsumeContext<CheckOrder>| ctx.receive_context().parent_trace_context(),
+            |ctx| async move {
+                ctx.publish(OrderStatus {
+                    order_id: ctx.message().order_id,
+                    status: "checked".into(),
+                })
+                .await?;
+                Ok(())
+            },
+        );
+        let on_status =
+            next_headers.record(|ctx: &ConsumeContext<OrderStatus>| ctx.headers().clone());
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("order-check", move |e| e.handler(on_check))
+            .receive_endpoint("order-status", move |e| e.handler(on_status))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let stale = "00-11111111111111111111111111111111-2222222222222222-01";
+        let fresh = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        // MassTransit carries non-MT headers in the envelope (traceparent, Tenant) and writes
+        // MT-Activity-Id as a transport header; RabbitMQ added the dead-letter history.
+        let envelope = format!(
+            r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6f1","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c6f2","sourceAddress":"rabbitmq://localhost/order-service","destinationAddress":"rabbitmq://localhost/order-check","messageType":["urn:message:Contracts:CheckOrder"],"message":{{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{"traceparent":"{stale}","Tenant":"acme"}},"host":{{"machineName":"DESKTOP","processName":"OrderService","processId":1,"assembly":"OrderService","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#
+        );
+        let mut death = FieldTable::default();
+        death.insert(ShortString::from("count"), AMQPValue::LongLongInt(1));
+        death.insert(
+            ShortString::from("reason"),
+            AMQPValue::LongString("expired".into()),
+        );
+        death.insert(
+            ShortString::from("queue"),
+            AMQPValue::LongString("order-check-wait".into()),
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("MT-Activity-Id"),
+            AMQPValue::LongString(fresh.into()),
+        );
+        headers.insert(
+            ShortString::from("x-death"),
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        );
+        headers.insert(
+            ShortString::from("x-first-death-reason"),
+            AMQPValue::LongString("expired".into()),
+        );
+        headers.insert(
+            ShortString::from("x-first-death-queue"),
+            AMQPValue::LongString("order-check-wait".into()),
+        );
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .basic_publish(
+                ShortString::from("order-check"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .expect("publish");
+        let parent =
+            parents.wait_for(1, WAIT, "the check consumed").await[0].expect("a parent trace");
+        assert_eq!(parent.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.span_id(), "00f067aa0ba902b7");
+        let carried = next_headers.wait_for(1, WAIT, "the status consumed").await[0].clone();
+        assert_eq!(carried.get_str("Tenant").as_deref(), Some("acme"));
+        for leaked in ["x-death", "x-first-death-reason", "x-first-death-queue"] {
+            assert!(
+                carried.get(leaked).is_none(),
+                "{leaked} leaked: {carried:?}"
+            );
+        }
+        let trace = carried
+            .get_str("traceparent")
+            .expect("the next message has a traceparent");
+        assert!(
+            trace.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "the next message stays in MassTransit's trace: {trace}"
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
     }
 
     /// Issue 14.1: a MassTransit request client gets its answer. Its bus endpoint is declared

@@ -453,7 +453,7 @@ impl Dispatcher {
             .iter()
             .filter_map(|urn| self.shared.by_type.get(urn));
         match (hits.next(), hits.next()) {
-            (None, _) => return Cow::Borrowed(&[]),
+            (None, _) => return Cow::Owned(self.matching_any_case(rc)),
             (Some(only), None) => return Cow::Borrowed(only.as_slice()),
             _ => {}
         }
@@ -468,6 +468,25 @@ impl Dispatcher {
             }
         }
         Cow::Owned(out)
+    }
+
+    /// The slow path when no type matched exactly: MassTransit compares message type URNs
+    /// without regard to case, so `urn:message:contracts:orderplaced` reaches a consumer of
+    /// `urn:message:Contracts:OrderPlaced`.
+    fn matching_any_case(&self, rc: &ReceiveContext) -> Vec<usize> {
+        let mut out = Vec::new();
+        for urn in rc.message_types() {
+            for (registered, indices) in &self.shared.by_type {
+                if registered.matches(urn.as_str()) {
+                    for i in indices {
+                        if !out.contains(i) {
+                            out.push(*i);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
 

@@ -245,7 +245,11 @@ impl<Req: Message> Request<'_, Req> {
             }
         };
         let types = &received.envelope.message_type;
-        if types.iter().any(|t| t == Resp::message_type()) || received.any_message_type {
+        if types
+            .iter()
+            .any(|t| Resp::message_type().matches(t.as_str()))
+            || received.any_message_type
+        {
             let message = decode_message::<Resp>(&received.message).map_err(|e| {
                 Error::with_source(
                     ErrorKind::Deserialize,

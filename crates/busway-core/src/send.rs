@@ -283,7 +283,11 @@ pub(crate) fn build_outgoing(
     {
         for (k, v) in env.headers.iter() {
             let lower = k.to_ascii_lowercase();
-            if lower.starts_with("mt-") || lower == "traceparent" || lower == "tracestate" {
+            if lower.starts_with("mt-")
+                || lower == "traceparent"
+                || lower == "tracestate"
+                || is_broker_bookkeeping(&lower)
+            {
                 continue;
             }
             headers.insert(k, v.clone());
@@ -381,4 +385,19 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
             },
         }
     }
+}
+
+/// Headers a broker adds to a delivery about that delivery (RabbitMQ's dead-letter history
+/// `x-death` / `x-first-death-*` / `x-last-death-*`, the delayed-message plugin's `x-delay`,
+/// federation's `x-received-from`, quorum queues' `x-delivery-count`): they describe the
+/// consumed message's trip, not a message published while consuming it, so they are not
+/// carried. (MassTransit 8 drops only `MT-*` when it carries headers
+/// (`SendContextExtensions.TransferConsumeContextHeaders`); with its raw JSON serializer these
+/// reach the next message and, on RabbitMQ, make a fresh message look dead-lettered.)
+fn is_broker_bookkeeping(lower: &str) -> bool {
+    matches!(
+        lower,
+        "x-death" | "x-delay" | "x-received-from" | "x-delivery-count"
+    ) || lower.starts_with("x-first-death-")
+        || lower.starts_with("x-last-death-")
 }

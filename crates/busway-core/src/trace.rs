@@ -125,9 +125,14 @@ impl TraceContext {
         out.iter().map(|&b| char::from(b)).collect()
     }
 
-    /// Reads `traceparent`, or MassTransit's `MT-Activity-Id`, from headers.
+    /// Reads MassTransit's `MT-Activity-Id`, or else `traceparent`, from headers.
+    ///
+    /// `MT-Activity-Id` wins when both are there: MassTransit writes only that header
+    /// (`LogContextActivityExtensions`) and carries every other non-`MT-` header on as it was,
+    /// so a message a .NET service sent while consuming a busway message has busway's old
+    /// `traceparent` next to its own fresh `MT-Activity-Id`. busway writes the two alike.
     pub fn from_headers(headers: &Headers) -> Option<Self> {
-        [names::TRACEPARENT, names::MT_ACTIVITY_ID]
+        [names::MT_ACTIVITY_ID, names::TRACEPARENT]
             .iter()
             .find_map(|n| headers.get_str(n).and_then(|v| Self::parse(&v)))
     }

@@ -84,6 +84,20 @@ impl Urn {
         self.entity_name_shared(style).to_string()
     }
 
+    /// Whether `other` names this message type. Like MassTransit, URNs are compared without
+    /// regard to (ASCII) case: `urn:message:contracts:orderplaced` is
+    /// `urn:message:Contracts:OrderPlaced`.
+    ///
+    /// ```
+    /// use busway_core::Urn;
+    /// let placed = Urn::new("urn:message:Contracts:OrderPlaced");
+    /// assert!(placed.matches("URN:MESSAGE:contracts:orderplaced"));
+    /// assert!(!placed.matches("urn:message:Contracts:OrderShipped"));
+    /// ```
+    pub fn matches(&self, other: &str) -> bool {
+        self.as_str().eq_ignore_ascii_case(other)
+    }
+
     /// [`Urn::entity_name`] as a shared string: no allocation when the name is cached.
     pub fn entity_name_shared(&self, style: &EntityNameStyle) -> Arc<str> {
         thread_local! {
