@@ -826,6 +826,127 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// Issue 14.1: a MassTransit request client that uses RabbitMQ's direct reply-to
+    /// (`SetRabbitMqReplyToRequestClientFactory`) gets its answer. As MassTransit does it
+    /// (`RabbitMqRequestClientExtensions`, `RabbitMqSendTransportContext`): it consumes
+    /// `amq.rabbitmq.reply-to` with no-ack, and publishes the request on that same channel
+    /// with the AMQP `reply-to` property `amq.rabbitmq.reply-to` and `responseAddress =
+    /// rabbitmq://host/vhost/amq.rabbitmq.reply-to`. The response must go to the default
+    /// exchange with the token the broker put in `reply-to` (`ReplyToSendEndpoint`); a
+    /// declare of `amq.rabbitmq.reply-to` (what busway did) is refused by the broker.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_masstransit_direct_reply_to_request_gets_its_response() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-reply-to");
+        let service = unique("check-order-direct");
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint(service.clone(), |e| {
+                e.handler(|ctx: ConsumeContext<CheckOrder>| async move {
+                    if ctx.message().order_id.is_nil() {
+                        return Err(ConsumeError::msg("no such order"));
+                    }
+                    ctx.respond(OrderStatus {
+                        order_id: ctx.message().order_id,
+                        status: "packed".into(),
+                    })
+                    .await
+                    .map_err(ConsumeError::from)?;
+                    Ok(())
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        let mut replies = channel
+            .basic_consume(
+                ShortString::from("amq.rabbitmq.reply-to"),
+                ShortString::from("reply-to-client"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume amq.rabbitmq.reply-to");
+        let response_address = format!(
+            "rabbitmq://127.0.0.1/{}/amq.rabbitmq.reply-to",
+            vhost.name()
+        );
+        let request_id = "181c0000-6393-3630-a1b2-08daf4e7c7dd";
+        let order_id = "7d0c8a51-2f44-4c1e-8e3b-3f1b6c2a9e10";
+        let envelope = format!(
+            r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c7dc","requestId":"{request_id}","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c7de","sourceAddress":"{response_address}","destinationAddress":"rabbitmq://127.0.0.1/{vhost}/{service}","responseAddress":"{response_address}","messageType":["urn:message:Contracts:CheckOrder"],"message":{{"orderId":"{order_id}"}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"OrderClient","processId":4242,"assembly":"OrderClient","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
+            vhost = vhost.name()
+        );
+        channel
+            .basic_publish(
+                ShortString::from(service.as_str()),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_reply_to(ShortString::from("amq.rabbitmq.reply-to"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish the request");
+        let delivery = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .expect("the response came back through direct reply-to in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
+        assert_eq!(body["requestId"], request_id);
+        assert_eq!(body["message"]["orderId"], order_id);
+        assert_eq!(body["message"]["status"], "packed");
+        assert_eq!(body["destinationAddress"], response_address.as_str());
+        // A request that faults: the Fault<CheckOrder> comes back the same way.
+        let failing = envelope
+            .replace(order_id, "00000000-0000-0000-0000-000000000000")
+            .replace(request_id, "181c0000-6393-3630-a1b2-08daf4e7c7ee");
+        channel
+            .basic_publish(
+                ShortString::from(service.as_str()),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                failing.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_reply_to(ShortString::from("amq.rabbitmq.reply-to"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish the failing request");
+        let delivery = tokio::time::timeout(WAIT, replies.next())
+            .await
+            .expect("the fault came back through direct reply-to in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let fault: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
+        assert_eq!(fault["requestId"], "181c0000-6393-3630-a1b2-08daf4e7c7ee");
+        assert_eq!(
+            fault["messageType"][0],
+            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]"
+        );
+        // Nothing named amq.rabbitmq.reply-to was declared (the broker refuses that).
+        let exchanges = vhost.list("list_exchanges", &["name"]);
+        assert!(
+            exchanges
+                .iter()
+                .all(|e| e["name"] != "amq.rabbitmq.reply-to"),
+            "{exchanges:?}"
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// Issue 14.1: a MassTransit request client gets its answer. Its bus endpoint is declared
     /// as MassTransit declares it (`RabbitMqBusFactoryConfigurator`: exchange and queue
     /// non-durable, auto-delete, `x-expires` 60000 from `RabbitMqReceiveEndpointBuilder`), and

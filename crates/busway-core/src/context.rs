@@ -549,6 +549,7 @@ impl<M> ConsumeContext<M> {
                 message,
             ),
         };
+        let builder = builder.reply_to(self.receive.transport_message().reply_to.clone());
         match self.request_id() {
             Some(id) => builder.request_id(id),
             None => builder,

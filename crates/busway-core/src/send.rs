@@ -43,6 +43,8 @@ pub(crate) struct SendOptions {
     pub(crate) time_to_live: Option<Duration>,
     pub(crate) partition_key: Option<String>,
     pub(crate) serializer: Option<Arc<dyn Serializer>>,
+    /// A response's routing token from the request's transport ([`DeliveryOptions::reply_to`]).
+    pub(crate) reply_to: Option<String>,
 }
 
 /// A publish or send being prepared; `.await` it to deliver.
@@ -149,6 +151,12 @@ impl<'a, M: Message> SendBuilder<'a, M> {
     /// Sets the request id.
     pub fn request_id(mut self, id: Uuid) -> Self {
         self.options.request_id = Some(id);
+        self
+    }
+
+    /// The request's transport reply token, for a response (see [`DeliveryOptions::reply_to`]).
+    pub(crate) fn reply_to(mut self, token: Option<String>) -> Self {
+        self.options.reply_to = token;
         self
     }
 
@@ -350,6 +358,7 @@ pub(crate) fn build_outgoing(
         target,
         delivery: DeliveryOptions {
             delay: options.delay,
+            reply_to: options.reply_to,
         },
         time_to_live: options.time_to_live,
         partition_key,

@@ -96,6 +96,7 @@ impl Serializer for MassTransitJson {
             headers: envelope.headers.clone(),
             time_to_live: None,
             partition_key: None,
+            reply_to: None,
         })
     }
 
@@ -234,6 +235,7 @@ impl Serializer for RawJson {
             headers,
             time_to_live: None,
             partition_key: None,
+            reply_to: None,
         })
     }
 

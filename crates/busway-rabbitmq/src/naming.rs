@@ -32,6 +32,13 @@ pub fn exchange_name(message_type: &Urn) -> String {
     message_type.entity_name(&ENTITY_NAMES)
 }
 
+/// RabbitMQ's direct reply-to pseudo-queue. A MassTransit request client that uses it
+/// (`SetRabbitMqReplyToRequestClientFactory`) sends `responseAddress =
+/// rabbitmq://host/vhost/amq.rabbitmq.reply-to` and the AMQP `reply-to` token the broker
+/// made; the response goes to the default exchange with that token as routing key
+/// (MassTransit's `ReplyToSendEndpoint`, `RabbitMqExchangeNames.ReplyTo`).
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
 /// The wait queue (and its exchange) that holds messages delayed by `delay` until they
 /// expire into [`DELAYED_EXCHANGE`].
 ///

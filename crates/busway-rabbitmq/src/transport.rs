@@ -23,7 +23,7 @@ use crate::config::{DEFAULT_URL, RabbitMqBuilder, RabbitMqConfig, URL_ENV};
 use crate::confirms::{Identity, Outcome};
 use crate::connector::{Attempt, Connector, Link, Publisher};
 use crate::declare::{self, EndpointSpec};
-use crate::naming::{ENTITY_NAMES, exchange_name};
+use crate::naming::{ENTITY_NAMES, REPLY_TO, exchange_name};
 use crate::receive::RabbitReceiver;
 use crate::wire;
 
@@ -242,6 +242,12 @@ impl RabbitMq {
     }
 }
 
+/// Whether `address` is RabbitMQ's direct reply-to pseudo-queue (MassTransit's
+/// `IsReplyToAddress`: the path ends with `amq.rabbitmq.reply-to`).
+fn is_reply_to(address: &Address) -> bool {
+    address.name() == REPLY_TO
+}
+
 /// The most message types one publish declares and binds (MassTransit contracts list a
 /// handful: the type, its interfaces, `Fault`).
 const MAX_PUBLISH_TYPES: usize = 32;
@@ -263,6 +269,8 @@ pub(crate) enum Route {
     Exchange(ExchangeSpec),
     /// The message type exchanges of a publish.
     MessageTypes(Vec<String>),
+    /// A direct reply-to token: the default exchange, routed by the token.
+    ReplyTo(String),
 }
 
 impl Route {
@@ -271,6 +279,16 @@ impl Route {
             Route::Endpoint(spec) => &spec.name,
             Route::Exchange(spec) => &spec.name,
             Route::MessageTypes(types) => types.first().map(String::as_str).unwrap_or(""),
+            Route::ReplyTo(_) => "",
+        }
+    }
+
+    /// The routing key of an undelayed publish (exchanges here are fanout: none, but a
+    /// reply-to token routes through the default exchange).
+    fn routing_key(&self) -> String {
+        match self {
+            Route::ReplyTo(token) => token.clone(),
+            _ => String::new(),
         }
     }
 
@@ -286,6 +304,7 @@ impl Route {
             ),
             Route::Exchange(spec) => Box::new(std::iter::once(&spec.name)),
             Route::MessageTypes(types) => Box::new(types.iter()),
+            Route::ReplyTo(token) => Box::new(std::iter::once(token)),
         };
         for name in names {
             if name.len() > wire::MAX_SHORT {
@@ -303,9 +322,11 @@ impl Route {
         Ok(())
     }
 
-    /// Sends must reach a queue; publishes may have no subscribers.
+    /// Sends must reach a queue; publishes may have no subscribers, and a reply-to
+    /// requester may have gone (the broker then drops the response, as it does for
+    /// MassTransit's).
     fn mandatory(&self) -> bool {
-        !matches!(self, Route::MessageTypes(_))
+        !matches!(self, Route::MessageTypes(_) | Route::ReplyTo(_))
     }
 
     async fn ensure(&self, connector: &Arc<Connector>, link: &Link) -> Result<()> {
@@ -323,6 +344,7 @@ impl Route {
                 .await
             }
             Route::MessageTypes(types) => declare::message_types(connector, link, types).await,
+            Route::ReplyTo(_) => Ok(()),
         }
     }
 }
@@ -370,7 +392,7 @@ pub(crate) async fn publish(
                             .map_err(Attempt::Retry)?;
                         (wait, target.clone())
                     }
-                    None => (target.clone(), String::new()),
+                    None => (target.clone(), route.routing_key()),
                 };
                 let mandatory = route.mandatory() || delay.is_some();
                 // An endpoint's queue was declared and bound before the publish; a return
@@ -577,6 +599,20 @@ impl Transport for RabbitMq {
         message: TransportMessage,
         options: &DeliveryOptions,
     ) -> Result<()> {
+        if is_reply_to(address) {
+            let token = options.reply_to.clone().ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Address,
+                    format!(
+                        "`{address}` is RabbitMQ's direct reply-to, which needs the request's \
+                         reply-to token; only a response to a request that carried one can go there"
+                    ),
+                )
+            })?;
+            // The token routes through the default exchange; a delay would need a wait queue,
+            // which the pseudo-queue cannot be reached from, so the response goes now.
+            return self.deliver(Route::ReplyTo(token), &message, None).await;
+        }
         let route = self.route_for(address)?;
         self.deliver(route, &message, options.delay).await
     }

@@ -167,6 +167,7 @@ pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties) -> Transport
         .as_ref()
         .and_then(|e| e.as_str().parse::<u64>().ok())
         .map(Duration::from_millis);
+    message.reply_to = props.reply_to().as_ref().map(|s| s.as_str().to_string());
     message
 }
 

@@ -351,6 +351,8 @@ async fn send_fault(
         own_headers_only: true,
         request_id: env.request_id,
         initiator_id: env.message_id,
+        // A request's fault goes where its response would, by the same transport token.
+        reply_to: rc.transport_message().reply_to.clone(),
         ..SendOptions::default()
     };
     if details.retry_count > 0 {

@@ -27,6 +27,10 @@ pub struct TransportMessage {
     pub time_to_live: Option<Duration>,
     /// A partition or ordering key, for transports that have one.
     pub partition_key: Option<String>,
+    /// Where the sender wants replies, in the broker's own terms, when it said so outside
+    /// the envelope: RabbitMQ's `reply-to` property (a direct reply-to token such as
+    /// `amq.rabbitmq.reply-to.g1h2AA...`). Set by transports on received messages.
+    pub reply_to: Option<String>,
 }
 
 impl TransportMessage {
@@ -81,12 +85,19 @@ impl TransportMessage {
 pub struct DeliveryOptions {
     /// Deliver no earlier than this long from now (transport delayed delivery).
     pub delay: Option<Duration>,
+    /// For a response: the request's [`TransportMessage::reply_to`], which a transport needs
+    /// to route to an address that names no entity of its own (RabbitMQ's direct reply-to
+    /// pseudo-queue `amq.rabbitmq.reply-to`).
+    pub reply_to: Option<String>,
 }
 
 impl DeliveryOptions {
     /// Options with a delivery delay.
     pub fn delayed(delay: Duration) -> Self {
-        Self { delay: Some(delay) }
+        Self {
+            delay: Some(delay),
+            ..Self::default()
+        }
     }
 }
 
