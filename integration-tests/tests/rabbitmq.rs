@@ -826,6 +826,179 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// A .NET enum: System.Text.Json as MassTransit configures it writes the number.
+    #[derive(
+        Debug, Clone, Copy, PartialEq, serde_repr::Serialize_repr, serde_repr::Deserialize_repr,
+    )]
+    #[repr(i32)]
+    enum ShipmentState {
+        Pending = 0,
+        Shipped = 2,
+    }
+
+    /// A nested .NET record.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Parcel {
+        weight_grams: u32,
+        label: Option<String>,
+    }
+
+    /// A contract with the .NET value types of issue 14.2, as `busway::dotnet` maps them.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:ShipmentBooked")]
+    struct ShipmentBooked {
+        shipment_id: Uuid,
+        state: ShipmentState,
+        #[serde(with = "busway::dotnet::time_span")]
+        transit_time: std::time::Duration,
+        #[serde(default, with = "busway::dotnet::time_span::option")]
+        grace: Option<std::time::Duration>,
+        #[serde(with = "busway::dotnet::date_time")]
+        local_pickup: chrono::NaiveDateTime,
+        #[serde(with = "busway::dotnet::date_time_offset")]
+        booked_at: chrono::DateTime<chrono::FixedOffset>,
+        #[serde(with = "busway::dotnet::bytes")]
+        signature: Vec<u8>,
+        fee: Decimal,
+        insured_value: Option<Decimal>,
+        parcels: Vec<Parcel>,
+        attributes: std::collections::HashMap<String, String>,
+    }
+
+    /// Issue 14.2: the body System.Text.Json writes for a .NET contract with `TimeSpan`,
+    /// `DateTime` (Unspecified), `DateTimeOffset`, `byte[]`, `decimal`, an enum, nullables,
+    /// a list of records and a dictionary (MassTransit's `SystemTextJsonMessageSerializer`
+    /// options: camelCase, no enum string converter, `StringDecimalJsonConverter`) is read by
+    /// a busway consumer, and what busway writes back has the same strings.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dotnet_value_types_round_trip() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-dotnet");
+        let got = Recorder::<ShipmentBooked>::default();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("shipments", {
+                let on = got.record(|ctx: &ConsumeContext<ShipmentBooked>| ctx.message().clone());
+                move |e| e.handler(on)
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        // As .NET 8 writes it (WriteIndented, as MassTransit sets it).
+        let message = r#"{
+    "shipmentId": "5a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+    "state": 2,
+    "transitTime": "1.02:03:04.5000000",
+    "grace": null,
+    "localPickup": "2026-12-03T10:00:00.1234567",
+    "bookedAt": "2026-12-03T10:00:00.5+01:00",
+    "signature": "AAEC/f7/",
+    "fee": "12.50",
+    "insuredValue": null,
+    "parcels": [
+      { "weightGrams": 1200, "label": "fragile" },
+      { "weightGrams": 300, "label": null }
+    ],
+    "attributes": { "Carrier": "DHL", "priority": "high" }
+  }"#;
+        let envelope = format!(
+            r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c801","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c802","sourceAddress":"rabbitmq://localhost/DESKTOP_Shipping_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:ShipmentBooked","messageType":["urn:message:Contracts:ShipmentBooked"],"message":{message},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"Shipping","processId":1,"assembly":"Shipping","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#
+        );
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .basic_publish(
+                ShortString::from("Contracts:ShipmentBooked"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        let booked = got.wait_for(1, WAIT, "the shipment consumed").await[0].clone();
+        assert_eq!(booked.state, ShipmentState::Shipped);
+        assert_eq!(
+            booked.transit_time,
+            std::time::Duration::from_millis(93_784_500)
+        );
+        assert_eq!(booked.grace, None);
+        assert_eq!(
+            booked.local_pickup.to_string(),
+            "2026-12-03 10:00:00.123456700"
+        );
+        assert_eq!(
+            booked.booked_at.to_rfc3339(),
+            "2026-12-03T10:00:00.500+01:00"
+        );
+        assert_eq!(booked.signature, vec![0, 1, 2, 253, 254, 255]);
+        assert_eq!(booked.fee.to_string(), "12.50");
+        assert_eq!(booked.insured_value, None);
+        assert_eq!(booked.parcels[0].weight_grams, 1200);
+        assert_eq!(booked.parcels[1].label, None);
+        assert_eq!(booked.attributes["Carrier"], "DHL");
+
+        // busway → .NET: a queue bound like a MassTransit consumer's reads busway's body.
+        channel
+            .queue_declare(
+                ShortString::from("dotnet-shipments"),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                ShortString::from("dotnet-shipments"),
+                ShortString::from("Contracts:ShipmentBooked"),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let mut out = booked.clone();
+        out.grace = Some(std::time::Duration::from_secs(90));
+        out.state = ShipmentState::Pending;
+        bus.publish(out).await.expect("publish back");
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from("dotnet-shipments"),
+                ShortString::from("dotnet"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("busway's message in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let m = &body["message"];
+        assert_eq!(m["state"], 0);
+        assert_eq!(m["transitTime"], "1.02:03:04.5000000");
+        assert_eq!(m["grace"], "00:01:30");
+        assert_eq!(m["localPickup"], "2026-12-03T10:00:00.1234567");
+        assert_eq!(m["bookedAt"], "2026-12-03T10:00:00.5+01:00");
+        assert_eq!(m["signature"], "AAEC/f7/");
+        assert_eq!(m["fee"], "12.50");
+        assert_eq!(m["insuredValue"], Value::Null);
+        assert_eq!(m["parcels"][1]["label"], Value::Null);
+        assert_eq!(m["attributes"]["Carrier"], "DHL");
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// Issue 14.1: a MassTransit request client that uses RabbitMQ's direct reply-to
     /// (`SetRabbitMqReplyToRequestClientFactory`) gets its answer. As MassTransit does it
     /// (`RabbitMqRequestClientExtensions`, `RabbitMqSendTransportContext`): it consumes

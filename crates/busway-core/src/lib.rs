@@ -13,6 +13,7 @@ pub mod address;
 pub mod bus;
 pub mod consumer;
 pub mod context;
+pub mod dotnet;
 pub mod endpoint;
 pub mod envelope;
 pub mod error;

@@ -16,9 +16,9 @@ pub use busway_core::{
 
 #[doc(inline)]
 pub use busway_core::{
-    address, bus, consumer, context, endpoint, envelope, error, fault, headers, host, inmemory,
-    mediator, naming, observer, outgoing, pipeline, request, send, serializer, testing, topology,
-    trace, transport, urn,
+    address, bus, consumer, context, dotnet, endpoint, envelope, error, fault, headers, host,
+    inmemory, mediator, naming, observer, outgoing, pipeline, request, send, serializer, testing,
+    topology, trace, transport, urn,
 };
 
 /// `#[derive(Message)]`: see [`busway_macros::Message`].
