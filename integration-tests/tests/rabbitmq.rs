@@ -826,6 +826,111 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// A .NET contract `Contracts.ReturnRequested` with `[MessageUrn("return-requested")]`:
+    /// MassTransit writes the URN from the attribute but names the exchange after the type
+    /// (`MessageUrn` vs `RabbitMqMessageNameFormatter`).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "return-requested", entity_name = "Contracts:ReturnRequested")]
+    struct ReturnRequested {
+        order_id: Uuid,
+    }
+
+    /// Issue 14.4: with `#[message(entity_name = ..)]` busway binds, and publishes to, the
+    /// exchange MassTransit uses for such a contract, while the URN on the wire stays the
+    /// attribute's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn entity_name_override_meets_masstransit() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-entity");
+        let got = Recorder::<Uuid>::default();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("returns", {
+                let on = got.record(|ctx: &ConsumeContext<ReturnRequested>| ctx.message().order_id);
+                move |e| e.handler(on)
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let bindings = vhost.list("list_bindings", &["source_name", "destination_name"]);
+        assert!(
+            bindings
+                .iter()
+                .any(|b| b["source_name"] == "Contracts:ReturnRequested"
+                    && b["destination_name"] == "returns"),
+            "{bindings:?}"
+        );
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c901","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c902","sourceAddress":"rabbitmq://localhost/DESKTOP_Returns_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:ReturnRequested","messageType":["urn:message:return-requested"],"message":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Returns","processId":1,"assembly":"Returns","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
+        channel
+            .basic_publish(
+                ShortString::from("Contracts:ReturnRequested"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        let ids = got
+            .wait_for(1, WAIT, "the MassTransit publish consumed")
+            .await;
+        assert_eq!(ids[0].to_string(), "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4");
+        // busway publishes to the same exchange, with the attribute's URN.
+        channel
+            .queue_declare(
+                ShortString::from("dotnet-returns"),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                ShortString::from("dotnet-returns"),
+                ShortString::from("Contracts:ReturnRequested"),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        bus.publish(ReturnRequested {
+            order_id: Uuid::now_v7(),
+        })
+        .await
+        .expect("publish");
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from("dotnet-returns"),
+                ShortString::from("dotnet"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("busway's publish in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        assert_eq!(
+            body["messageType"],
+            serde_json::json!(["urn:message:return-requested"])
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// A .NET enum: System.Text.Json as MassTransit configures it writes the number.
     #[derive(
         Debug, Clone, Copy, PartialEq, serde_repr::Serialize_repr, serde_repr::Deserialize_repr,

@@ -61,6 +61,7 @@ pub fn new_id() -> Uuid {
 pub mod private {
     use super::*;
 
+    pub use crate::urn::set_entity_name;
     pub use serde::Serialize;
     pub use serde::de::DeserializeOwned;
     pub use std::sync::OnceLock;

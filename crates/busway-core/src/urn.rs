@@ -5,6 +5,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -103,30 +104,31 @@ impl Urn {
         thread_local! {
             // The last name this thread asked for: a run of publishes of one type skips the
             // shared map's lock and hashing.
-            static LAST: std::cell::RefCell<Option<(Urn, EntityNameStyle, Arc<str>)>> =
+            static LAST: std::cell::RefCell<Option<LastName>> =
                 const { std::cell::RefCell::new(None) };
         }
+        let generation = OVERRIDES_GENERATION.load(Ordering::Acquire);
         let hit = LAST.with(|last| {
             last.borrow()
                 .as_ref()
-                .filter(|(urn, s, _)| urn == self && s == style)
-                .map(|(_, _, name)| name.clone())
+                .filter(|(g, urn, s, _)| *g == generation && urn == self && s == style)
+                .map(|(_, _, _, name)| name.clone())
         });
         if let Some(name) = hit {
             return name;
         }
         let name = self.entity_name_shared_slow(style);
-        LAST.with(|last| *last.borrow_mut() = Some((self.clone(), style.clone(), name.clone())));
+        LAST.with(|last| {
+            *last.borrow_mut() = Some((generation, self.clone(), style.clone(), name.clone()))
+        });
         name
     }
 
     fn entity_name_shared_slow(&self, style: &EntityNameStyle) -> Arc<str> {
         // Publishing asks for the same few names over and over: remember them (up to a
         // bound, so names of arbitrary types read off the wire cannot grow it forever).
-        type Cache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
-        static CACHE: OnceLock<Cache> = OnceLock::new();
         const MAX_CACHED: usize = 4096;
-        let cache = CACHE.get_or_init(Default::default);
+        let cache = NAME_CACHE.get_or_init(Default::default);
         let key = (self.clone(), style.clone());
         if let Some(name) = cache.read().ok().and_then(|c| c.get(&key).cloned()) {
             return name;
@@ -141,6 +143,12 @@ impl Urn {
     }
 
     fn format_entity_name(&self, style: &EntityNameStyle) -> String {
+        if let Some(name) = OVERRIDES
+            .get()
+            .and_then(|o| o.read().ok()?.get(self).cloned())
+        {
+            return name.to_string();
+        }
         match self.type_name() {
             Some(name) => style.format(&name),
             None => self
@@ -156,6 +164,50 @@ impl Urn {
                 .collect(),
         }
     }
+}
+
+type NameCache = RwLock<HashMap<(Urn, EntityNameStyle), Arc<str>>>;
+
+/// A thread's last entity name: the override generation it was made in, URN, style, name.
+type LastName = (u64, Urn, EntityNameStyle, Arc<str>);
+
+/// Entity names computed so far, per URN and style.
+static NAME_CACHE: OnceLock<NameCache> = OnceLock::new();
+
+/// Entity names set for a message type ([`set_entity_name`]).
+static OVERRIDES: OnceLock<RwLock<HashMap<Urn, Arc<str>>>> = OnceLock::new();
+
+/// Bumped by every [`set_entity_name`], so names cached before it are not used after.
+static OVERRIDES_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// Names the broker entity (exchange, topic) of a message type on every transport, instead
+/// of the name derived from its URN: MassTransit's `[EntityName("...")]`, or a .NET contract
+/// whose `[MessageUrn]` differs from its type name (MassTransit names the exchange after the
+/// type, not the URN). `#[message(entity_name = "...")]` calls it when the type is first
+/// used. The name is used as given (a Kafka transport still makes it a valid topic name).
+///
+/// ```
+/// use busway_core::Urn;
+/// use busway_core::urn::{EntityNameStyle, set_entity_name};
+///
+/// let urn = Urn::new("urn:message:order-placed");
+/// set_entity_name(&urn, "Contracts:OrderPlaced");
+/// assert_eq!(urn.entity_name(&EntityNameStyle::COLONS), "Contracts:OrderPlaced");
+/// ```
+pub fn set_entity_name(message_type: &Urn, entity_name: &str) {
+    let overrides = OVERRIDES.get_or_init(Default::default);
+    let mut map = overrides.write().unwrap_or_else(|e| e.into_inner());
+    if map.get(message_type).map(|n| &**n) == Some(entity_name) {
+        return;
+    }
+    map.insert(message_type.clone(), Arc::from(entity_name));
+    if let Some(cache) = NAME_CACHE.get() {
+        cache
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(urn, _), _| urn != message_type);
+    }
+    OVERRIDES_GENERATION.fetch_add(1, Ordering::Release);
 }
 
 impl PartialEq for Urn {

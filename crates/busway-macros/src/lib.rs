@@ -16,6 +16,10 @@ use syn::{Data, DeriveInput, Fields, LitStr, Path, parse_macro_input};
 /// - `#[message(urn = "urn:message:Contracts:OrderPlaced")]` sets the message type URN. A value
 ///   that does not start with `urn:` gets the `urn:message:` prefix, as MassTransit's
 ///   `[MessageUrn]` does. Without it the URN is `urn:message:{module.path}:{TypeName}`.
+/// - `#[message(entity_name = "Contracts:OrderPlaced")]` names the type's exchange or topic on
+///   every transport, as MassTransit's `[EntityName]` does; use it too for a .NET contract
+///   whose `[MessageUrn]` differs from its type name (MassTransit names the exchange after the
+///   type). See `busway::urn::set_entity_name`.
 /// - `#[message(crate = "busway_core")]` names the crate that exports `Message` when `busway`
 ///   is not a direct dependency.
 /// - `#[message(snake_case)]` keeps multi-word field names as written on the wire (see below).
@@ -43,12 +47,14 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 
 struct ContainerOptions {
     urn: Option<LitStr>,
+    entity_name: Option<LitStr>,
     krate: Path,
     snake_case: bool,
 }
 
 fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     let mut urn = None;
+    let mut entity_name = None;
     let mut krate: Path = syn::parse_quote!(::busway);
     let mut snake_case = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
@@ -69,6 +75,13 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 };
                 urn = Some(LitStr::new(&full, value.span()));
                 Ok(())
+            } else if meta.path.is_ident("entity_name") {
+                let value: LitStr = meta.value()?.parse()?;
+                if value.value().trim().is_empty() {
+                    return Err(meta.error("the entity name must not be empty"));
+                }
+                entity_name = Some(value);
+                Ok(())
             } else if meta.path.is_ident("crate") {
                 let value: LitStr = meta.value()?.parse()?;
                 krate = value.parse()?;
@@ -78,13 +91,14 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 Ok(())
             } else {
                 Err(meta.error(
-                    "unknown message attribute; expected `urn = \"...\"`, `crate = \"...\"` or `snake_case`",
+                    "unknown message attribute; expected `urn = \"...\"`, `entity_name = \"...\"`, `crate = \"...\"` or `snake_case`",
                 ))
             }
         })?;
     }
     Ok(ContainerOptions {
         urn,
+        entity_name,
         krate,
         snake_case,
     })
@@ -239,22 +253,30 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     }
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
 
-    let urn_body = match (&container.urn, generic) {
-        (Some(urn), false) => quote! {
+    let make_urn = match &container.urn {
+        Some(urn) => quote!(#krate::Urn::from_static(#urn)),
+        None => quote!(#krate::Urn::from_module_path(::core::module_path!(), #name)),
+    };
+    // With an entity name, the URN is made once and the name registered with it.
+    let make_urn = match &container.entity_name {
+        Some(entity) => quote! {{
+            let urn = #make_urn;
+            #krate::__private::set_entity_name(&urn, #entity);
+            urn
+        }},
+        None => make_urn,
+    };
+    let urn_body = match (&container.urn, &container.entity_name, generic) {
+        (Some(urn), None, false) => quote! {
             static URN: #krate::Urn = #krate::Urn::from_static(#urn);
             &URN
         },
-        (Some(urn), true) => quote! {
-            #krate::__private::urn_for_type::<Self>(|| #krate::Urn::from_static(#urn))
-        },
-        (None, false) => quote! {
+        (_, _, false) => quote! {
             static URN: #krate::__private::OnceLock<#krate::Urn> = #krate::__private::OnceLock::new();
-            URN.get_or_init(|| #krate::Urn::from_module_path(::core::module_path!(), #name))
+            URN.get_or_init(|| #make_urn)
         },
-        (None, true) => quote! {
-            #krate::__private::urn_for_type::<Self>(|| {
-                #krate::Urn::from_module_path(::core::module_path!(), #name)
-            })
+        (_, _, true) => quote! {
+            #krate::__private::urn_for_type::<Self>(|| #make_urn)
         },
     };
 
