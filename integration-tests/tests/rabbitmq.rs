@@ -826,6 +826,122 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// A .NET interface `Contracts.IOrderEvent`, as a busway contract with the fields read.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:IOrderEvent")]
+    struct OrderEvent {
+        order_id: Uuid,
+    }
+
+    /// A .NET class `Contracts.OrderCancelled : IOrderEvent`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:OrderCancelled", implements(OrderEvent))]
+    struct OrderCancelled {
+        order_id: Uuid,
+        reason: String,
+    }
+
+    /// Issue 14.3: a contract that declares the contracts it implements is published with
+    /// every URN in `messageType` (concrete first, as MassTransit lists them) and its
+    /// exchange is bound to the interface's (MassTransit's RabbitMQ publish topology,
+    /// `FlattenHierarchy`), so a MassTransit consumer of `IOrderEvent` (a queue bound to
+    /// that exchange) and a busway consumer of the base contract both receive it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn polymorphic_publish_reaches_interface_consumers() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-poly");
+        let base = Recorder::<Uuid>::default();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("order-audit", {
+                let on = base.record(|ctx: &ConsumeContext<OrderEvent>| ctx.message().order_id);
+                move |e| e.handler(on)
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        // What a MassTransit consumer of IOrderEvent has: its queue bound to the exchange.
+        channel
+            .exchange_declare(
+                ShortString::from("Contracts:IOrderEvent"),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("exchange");
+        channel
+            .queue_declare(
+                ShortString::from("dotnet-order-events"),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                ShortString::from("dotnet-order-events"),
+                ShortString::from("Contracts:IOrderEvent"),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let id = Uuid::now_v7();
+        bus.publish(OrderCancelled {
+            order_id: id,
+            reason: "customer".into(),
+        })
+        .await
+        .expect("publish");
+        assert_eq!(base.wait_for(1, WAIT, "the base consumer").await, vec![id]);
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from("dotnet-order-events"),
+                ShortString::from("dotnet"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("the interface queue got it in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        assert_eq!(
+            body["messageType"],
+            serde_json::json!([
+                "urn:message:Contracts:OrderCancelled",
+                "urn:message:Contracts:IOrderEvent"
+            ])
+        );
+        assert_eq!(body["message"]["reason"], "customer");
+        let bindings = vhost.list("list_bindings", &["source_name", "destination_name"]);
+        assert!(
+            bindings
+                .iter()
+                .any(|b| b["source_name"] == "Contracts:OrderCancelled"
+                    && b["destination_name"] == "Contracts:IOrderEvent"),
+            "{bindings:?}"
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// A .NET contract `Contracts.ReturnRequested` with `[MessageUrn("return-requested")]`:
     /// MassTransit writes the URN from the attribute but names the exchange after the type
     /// (`MessageUrn` vs `RabbitMqMessageNameFormatter`).

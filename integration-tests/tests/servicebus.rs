@@ -139,6 +139,66 @@ mod servicebus_specific {
         n: u32,
     }
 
+    #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:IShipmentEvent")]
+    struct ShipmentEvent {
+        n: u32,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(
+        urn = "urn:message:Contracts:ShipmentDelayed",
+        implements(ShipmentEvent)
+    )]
+    struct ShipmentDelayed {
+        n: u32,
+        hours: u32,
+    }
+
+    /// Issue 14.3 on Service Bus: publishing a contract that implements another creates, on
+    /// the concrete type's topic, a subscription named as MassTransit names it
+    /// (`IShipmentEvent-Contracts`: the destination topic's segments reversed) that forwards
+    /// to the interface's topic, so the interface's consumers receive it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn polymorphic_publish_forwards_to_interface_topics() {
+        init_tracing();
+        let standin = StandIn::start();
+        let t = on_standin(&standin).build().expect("transport");
+        let got = Counter::default();
+        let g = got.clone();
+        let name = unique("shipment-audit");
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(name.clone(), move |e| {
+                e.handler(move |ctx: ConsumeContext<ShipmentEvent>| {
+                    assert_eq!(ctx.message().n, 7);
+                    g.incr();
+                    async { Ok(()) }
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        bus.publish(ShipmentDelayed { n: 7, hours: 3 })
+            .await
+            .expect("publish");
+        wait_until(WAIT, "the interface consumer got it", || got.get() == 1).await;
+        assert!(
+            standin
+                .subscriptions("Contracts/ShipmentDelayed")
+                .contains(&(
+                    "IShipmentEvent-Contracts".to_string(),
+                    Some("Contracts/IShipmentEvent".to_string())
+                )),
+            "{:?}",
+            standin.subscriptions("Contracts/ShipmentDelayed")
+        );
+        running.shutdown().await.expect("shutdown");
+    }
+
     /// A receive answered without `BrokerProperties` (the message locked, but unreadable) is
     /// unlocked at once and delivered on the next receive, not left locked until its lock
     /// runs out (30 s here) or lost.

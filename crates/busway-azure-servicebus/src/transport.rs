@@ -128,6 +128,48 @@ impl ServiceBus {
         self.shared.management.queue(name, &settings).await
     }
 
+    /// Topics of the contracts a published type implements, and on each type's topic a
+    /// subscription forwarding to each of its direct contracts' topics, as MassTransit's
+    /// publish topology keeps the hierarchy (`PublishEndpointBrokerTopologyBuilder`,
+    /// `MaintainHierarchy`): the subscription is named after the destination topic's path
+    /// segments reversed and joined by `-` (`IOrderEvent-Contracts`). Without a recorded
+    /// hierarchy (a fault's types) the first type forwards to each of the others.
+    async fn ensure_contract_forwarding(&self, message_types: &[Urn]) -> Result<()> {
+        let mut edges: Vec<(&Urn, Urn)> = Vec::new();
+        for urn in message_types {
+            if let Some(direct) = busway_core::urn::direct_contracts(urn) {
+                edges.extend(
+                    direct
+                        .iter()
+                        .filter(|d| message_types.contains(d))
+                        .map(|d| (urn, d.clone())),
+                );
+            }
+        }
+        if edges.is_empty() {
+            edges = message_types[1..]
+                .iter()
+                .map(|d| (&message_types[0], d.clone()))
+                .collect();
+        }
+        for (from, to) in edges {
+            let (source, target) = (topic_name(from), topic_name(&to));
+            self.ensure_topic(&source).await?;
+            self.ensure_topic(&target).await?;
+            let reversed: Vec<&str> = target.split('/').rev().collect();
+            self.shared
+                .management
+                .subscription(
+                    &source,
+                    &subscription_name(&reversed.join("-")),
+                    &target,
+                    &self.shared.settings,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn ensure_topic(&self, name: &str) -> Result<()> {
         if !self.shared.provision {
             return Ok(());
@@ -301,6 +343,9 @@ impl Transport for ServiceBus {
             .ok_or_else(|| Error::config("cannot publish a message without a message type"))?;
         let topic = topic_name(first);
         self.ensure_topic(&topic).await?;
+        if message_types.len() > 1 && self.shared.provision {
+            self.ensure_contract_forwarding(message_types).await?;
+        }
         self.send_to_topic(&topic, &message, options.delay).await
     }
 

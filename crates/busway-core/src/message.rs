@@ -40,6 +40,15 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The message type URN, the routing identity on every transport.
     fn message_type() -> &'static Urn;
 
+    /// The other contracts this message is, in the order MassTransit lists them after the
+    /// concrete type in `messageType`: each declared contract, followed by the contracts it
+    /// declares (`#[message(implements(OrderEvent))]`). Publishing lists them all, and the
+    /// transports route the concrete type to each (RabbitMQ exchange-to-exchange bindings,
+    /// Service Bus forwarding subscriptions), so consumers of a base contract receive it.
+    fn implemented_types() -> &'static [Urn] {
+        &[]
+    }
+
     /// The message key (Kafka partition key, ordering lane), if the contract has one.
     fn message_key(&self) -> Option<String> {
         None
@@ -61,7 +70,7 @@ pub fn new_id() -> Uuid {
 pub mod private {
     use super::*;
 
-    pub use crate::urn::set_entity_name;
+    pub use crate::urn::{set_direct_contracts, set_entity_name};
     pub use serde::Serialize;
     pub use serde::de::DeserializeOwned;
     pub use std::sync::OnceLock;
@@ -79,6 +88,29 @@ pub mod private {
         write
             .entry(id)
             .or_insert_with(|| Box::leak(Box::new(make())))
+    }
+
+    /// The implemented contracts of a generic message type, computed once per concrete type.
+    pub fn types_for_type<T: 'static>(make: impl FnOnce() -> Vec<Urn>) -> &'static [Urn] {
+        static CACHE: OnceLock<RwLock<HashMap<TypeId, &'static [Urn]>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(Default::default);
+        let id = TypeId::of::<T>();
+        if let Some(types) = cache.read().unwrap_or_else(|e| e.into_inner()).get(&id) {
+            return types;
+        }
+        let mut write = cache.write().unwrap_or_else(|e| e.into_inner());
+        write
+            .entry(id)
+            .or_insert_with(|| Box::leak(make().into_boxed_slice()))
+    }
+
+    /// Adds contract `C` and the contracts it implements to `out`, each once.
+    pub fn push_contract<C: crate::Message>(out: &mut Vec<Urn>) {
+        for urn in std::iter::once(C::message_type()).chain(C::implemented_types()) {
+            if !out.contains(urn) {
+                out.push(urn.clone());
+            }
+        }
     }
 
     /// Converts a correlation id field to `Option<Uuid>`.

@@ -244,7 +244,10 @@ impl<'a, M: Message> SendBuilder<'a, M> {
             parent,
             target,
             options,
-            vec![M::message_type().clone()],
+            std::iter::once(M::message_type())
+                .chain(M::implemented_types())
+                .cloned()
+                .collect(),
             body,
             own,
         ))

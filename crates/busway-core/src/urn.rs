@@ -210,6 +210,31 @@ pub fn set_entity_name(message_type: &Urn, entity_name: &str) {
     OVERRIDES_GENERATION.fetch_add(1, Ordering::Release);
 }
 
+/// The contracts each message type declares it implements directly.
+static DIRECT_CONTRACTS: OnceLock<RwLock<HashMap<Urn, Arc<[Urn]>>>> = OnceLock::new();
+
+/// Records the contracts `message_type` declares directly (`#[message(implements(..))]`
+/// calls it when the type is first used), for transports that keep MassTransit's contract
+/// hierarchy in their topology (Service Bus forwards each topic to its direct bases' topics).
+pub fn set_direct_contracts(message_type: &Urn, contracts: Vec<Urn>) {
+    DIRECT_CONTRACTS
+        .get_or_init(Default::default)
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(message_type.clone(), Arc::from(contracts));
+}
+
+/// The contracts `message_type` declares directly, if it was recorded with
+/// [`set_direct_contracts`].
+pub fn direct_contracts(message_type: &Urn) -> Option<Arc<[Urn]>> {
+    DIRECT_CONTRACTS
+        .get()?
+        .read()
+        .ok()?
+        .get(message_type)
+        .cloned()
+}
+
 impl PartialEq for Urn {
     fn eq(&self, other: &Self) -> bool {
         self.as_str() == other.as_str()

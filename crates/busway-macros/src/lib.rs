@@ -20,6 +20,10 @@ use syn::{Data, DeriveInput, Fields, LitStr, Path, parse_macro_input};
 ///   every transport, as MassTransit's `[EntityName]` does; use it too for a .NET contract
 ///   whose `[MessageUrn]` differs from its type name (MassTransit names the exchange after the
 ///   type). See `busway::urn::set_entity_name`.
+/// - `#[message(implements(OrderEvent, Auditable))]` declares the contracts (other `Message`
+///   types) this one also is, as a .NET class implements interfaces: publishing lists their
+///   URNs after its own and routes to their exchanges or topics, so their consumers receive
+///   it. Each listed contract's own `implements` are included after it.
 /// - `#[message(crate = "busway_core")]` names the crate that exports `Message` when `busway`
 ///   is not a direct dependency.
 /// - `#[message(snake_case)]` keeps multi-word field names as written on the wire (see below).
@@ -48,6 +52,7 @@ pub fn derive_message(input: TokenStream) -> TokenStream {
 struct ContainerOptions {
     urn: Option<LitStr>,
     entity_name: Option<LitStr>,
+    implements: Vec<Path>,
     krate: Path,
     snake_case: bool,
 }
@@ -55,6 +60,7 @@ struct ContainerOptions {
 fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     let mut urn = None;
     let mut entity_name = None;
+    let mut implements: Vec<Path> = Vec::new();
     let mut krate: Path = syn::parse_quote!(::busway);
     let mut snake_case = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
@@ -82,6 +88,11 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 }
                 entity_name = Some(value);
                 Ok(())
+            } else if meta.path.is_ident("implements") {
+                meta.parse_nested_meta(|inner| {
+                    implements.push(inner.path.clone());
+                    Ok(())
+                })
             } else if meta.path.is_ident("crate") {
                 let value: LitStr = meta.value()?.parse()?;
                 krate = value.parse()?;
@@ -91,7 +102,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 Ok(())
             } else {
                 Err(meta.error(
-                    "unknown message attribute; expected `urn = \"...\"`, `entity_name = \"...\"`, `crate = \"...\"` or `snake_case`",
+                    "unknown message attribute; expected `urn = \"...\"`, `entity_name = \"...\"`, `implements(..)`, `crate = \"...\"` or `snake_case`",
                 ))
             }
         })?;
@@ -99,6 +110,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     Ok(ContainerOptions {
         urn,
         entity_name,
+        implements,
         krate,
         snake_case,
     })
@@ -266,8 +278,22 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
         }},
         None => make_urn,
     };
-    let urn_body = match (&container.urn, &container.entity_name, generic) {
-        (Some(urn), None, false) => quote! {
+    let contracts = &container.implements;
+    let make_urn = if contracts.is_empty() {
+        make_urn
+    } else {
+        quote! {{
+            let urn = #make_urn;
+            #krate::__private::set_direct_contracts(
+                &urn,
+                ::std::vec![#(<#contracts as #krate::Message>::message_type().clone()),*],
+            );
+            urn
+        }}
+    };
+    let plain = container.entity_name.is_none() && contracts.is_empty();
+    let urn_body = match (&container.urn, plain, generic) {
+        (Some(urn), true, false) => quote! {
             static URN: #krate::Urn = #krate::Urn::from_static(#urn);
             &URN
         },
@@ -279,6 +305,33 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             #krate::__private::urn_for_type::<Self>(|| #make_urn)
         },
     };
+
+    let implemented = (!contracts.is_empty()).then(|| {
+        let body = if generic {
+            quote! {
+                #krate::__private::types_for_type::<Self>(|| {
+                    let mut out: ::std::vec::Vec<#krate::Urn> = ::std::vec::Vec::new();
+                    #(#krate::__private::push_contract::<#contracts>(&mut out);)*
+                    out
+                })
+            }
+        } else {
+            quote! {
+                static TYPES: #krate::__private::OnceLock<::std::vec::Vec<#krate::Urn>> =
+                    #krate::__private::OnceLock::new();
+                TYPES.get_or_init(|| {
+                    let mut out: ::std::vec::Vec<#krate::Urn> = ::std::vec::Vec::new();
+                    #(#krate::__private::push_contract::<#contracts>(&mut out);)*
+                    out
+                })
+            }
+        };
+        quote! {
+            fn implemented_types() -> &'static [#krate::Urn] {
+                #body
+            }
+        }
+    });
 
     let key = fields.key.map(|access| {
         quote! {
@@ -300,6 +353,7 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             fn message_type() -> &'static #krate::Urn {
                 #urn_body
             }
+            #implemented
             #key
             #correlation
         }
