@@ -826,6 +826,156 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:RemindCustomer")]
+    struct RemindCustomer {
+        n: u32,
+    }
+
+    /// Issue 14.8: a scheduled send carries `MT-Scheduling-TokenId` (MassTransit's
+    /// `ScheduleSendPipe` sets it) and returns a handle with that token; cancelling drops the
+    /// message when it arrives (acknowledged, not consumed, not in `_skipped`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduled_sends_carry_a_token_and_can_be_cancelled() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-schedule");
+        let got = Recorder::<(u32, Option<String>)>::default();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("reminders", {
+                let on = got.record(|ctx: &ConsumeContext<RemindCustomer>| {
+                    (
+                        ctx.message().n,
+                        ctx.headers()
+                            .get_str("MT-Scheduling-TokenId")
+                            .map(|s| s.into_owned()),
+                    )
+                });
+                move |e| e.handler(on)
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let kept = bus
+            .schedule_send(
+                "queue:reminders",
+                Duration::from_millis(300),
+                RemindCustomer { n: 1 },
+            )
+            .await
+            .expect("schedule");
+        let cancelled = bus
+            .schedule_send(
+                "queue:reminders",
+                Duration::from_millis(300),
+                RemindCustomer { n: 2 },
+            )
+            .await
+            .expect("schedule");
+        assert_ne!(kept.token_id, cancelled.token_id);
+        assert!(
+            kept.destination.ends_with("/reminders"),
+            "{}",
+            kept.destination
+        );
+        bus.cancel_scheduled_send(&cancelled);
+        let seen = got.wait_for(1, WAIT, "the kept reminder").await;
+        assert_eq!(seen[0], (1, Some(kept.token_id.to_string())));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(got.len(), 1, "the cancelled reminder was not consumed");
+        running.shutdown().await.expect("shutdown");
+        let queues = vhost.list("list_queues", &["name", "messages"]);
+        assert!(
+            queues.iter().all(|q| q["messages"] == 0),
+            "nothing left behind or skipped: {queues:?}"
+        );
+    }
+
+    /// Issue 14.8: scheduling through a MassTransit scheduler endpoint (Quartz) sends
+    /// `ScheduleMessage` and `CancelScheduledMessage` in MassTransit's shape
+    /// (`ScheduleMessageCommand<T>`, `EndpointScheduleMessageProvider`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scheduling_through_a_masstransit_scheduler_endpoint() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-quartz");
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("reminders", |e| {
+                e.handler(|_: ConsumeContext<RemindCustomer>| async { Ok(()) })
+            })
+            .build()
+            .await
+            .expect("build");
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        // busway's send to `queue:quartz` declares the scheduler's queue (durable), as
+        // MassTransit's Quartz endpoint has it.
+        let at = chrono::Utc::now() + chrono::Duration::minutes(5);
+        let handle = bus
+            .schedule_send_via(
+                "queue:quartz",
+                "queue:reminders",
+                at,
+                RemindCustomer { n: 3 },
+            )
+            .await
+            .expect("schedule via the scheduler");
+        bus.cancel_scheduled_send_via("queue:quartz", &handle)
+            .await
+            .expect("cancel via the scheduler");
+        let mut consumer = channel
+            .basic_consume(
+                ShortString::from("quartz"),
+                ShortString::from("quartz"),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        async fn next(consumer: &mut lapin::Consumer) -> Value {
+            let d = tokio::time::timeout(WAIT, consumer.next())
+                .await
+                .expect("a scheduler command in time")
+                .expect("a delivery")
+                .expect("a good delivery");
+            serde_json::from_slice::<Value>(&d.data).expect("JSON")
+        }
+        let schedule = next(&mut consumer).await;
+        assert_eq!(
+            schedule["messageType"],
+            serde_json::json!(["urn:message:MassTransit.Scheduling:ScheduleMessage"])
+        );
+        let m = &schedule["message"];
+        assert_eq!(m["correlationId"], handle.token_id.to_string());
+        assert_eq!(
+            m["payloadType"],
+            serde_json::json!(["urn:message:Contracts:RemindCustomer"])
+        );
+        assert_eq!(
+            m["destination"],
+            format!("rabbitmq://127.0.0.1/{}/reminders", vhost.name())
+        );
+        assert_eq!(m["payload"]["n"], 3);
+        let when =
+            chrono::DateTime::parse_from_rfc3339(m["scheduledTime"].as_str().expect("a time"))
+                .expect("an RFC 3339 time");
+        assert_eq!(when.timestamp(), at.timestamp());
+        let cancel = next(&mut consumer).await;
+        assert_eq!(
+            cancel["messageType"],
+            serde_json::json!(["urn:message:MassTransit.Scheduling:CancelScheduledMessage"])
+        );
+        assert_eq!(cancel["message"]["tokenId"], handle.token_id.to_string());
+        assert!(cancel["message"]["timestamp"].is_string());
+        let _ = conn.close(200, ShortString::from("done")).await;
+        drop(bus);
+    }
+
     /// A .NET interface `Contracts.IOrderEvent`, as a busway contract with the fields read.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
     #[serde(rename_all = "camelCase")]

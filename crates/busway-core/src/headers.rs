@@ -54,6 +54,8 @@ pub mod names {
     pub const HOST_FRAMEWORK_VERSION: &str = "MT-Host-FrameworkVersion";
     /// The operating system version.
     pub const HOST_OPERATING_SYSTEM_VERSION: &str = "MT-Host-OperatingSystemVersion";
+    /// The token of a scheduled send (MassTransit's `MessageHeaders.SchedulingTokenId`).
+    pub const SCHEDULING_TOKEN_ID: &str = "MT-Scheduling-TokenId";
     /// W3C trace context.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state.

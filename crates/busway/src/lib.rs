@@ -17,8 +17,8 @@ pub use busway_core::{
 #[doc(inline)]
 pub use busway_core::{
     address, bus, consumer, context, dotnet, endpoint, envelope, error, fault, headers, host,
-    inmemory, mediator, naming, observer, outgoing, pipeline, request, send, serializer, testing,
-    topology, trace, transport, urn,
+    inmemory, mediator, naming, observer, outgoing, pipeline, request, scheduling, send,
+    serializer, testing, topology, trace, transport, urn,
 };
 
 /// `#[derive(Message)]`: see [`busway_macros::Message`].

@@ -379,6 +379,7 @@ impl BusBuilder {
             None => current_host(),
         };
         let shared = BusShared {
+            cancelled_schedules: Default::default(),
             send: SendContext {
                 transport,
                 system: profile.system,

@@ -88,6 +88,18 @@ pub(crate) async fn handle_delivery(
             return;
         }
     };
+    if rt
+        .bus
+        .shared()
+        .cancelled_schedules
+        .take(&received.envelope.headers)
+    {
+        tracing::info!(endpoint = %rt.info.name, "a scheduled message whose send was cancelled arrived; acknowledging it without consuming it");
+        if let Err(err) = settlement.ack().await {
+            tracing::warn!(endpoint = %rt.info.name, error = %err, "acknowledging a cancelled scheduled message failed");
+        }
+        return;
+    }
     let rc = ReceiveContext::new(
         rt.bus.clone(),
         rt.info.clone(),
