@@ -379,12 +379,17 @@ fn derive_sets_urns_keys_and_correlation() {
     struct Generic<T> {
         value: T,
     }
-    // Every instantiation of a generic contract shares the contract's URN.
+    // A generic contract's URN names its arguments per instantiation, as MassTransit's
+    // MessageUrn does (`[[System:Byte]]` for a .NET `byte`).
     assert_eq!(
         Generic::<u8>::message_type().as_str(),
-        "urn:message:envelope:Generic"
+        "urn:message:envelope:Generic[[System:Byte]]"
     );
     assert_eq!(
+        Generic::<OrderPlaced>::message_type().as_str(),
+        "urn:message:envelope:Generic[[Contracts:OrderPlaced]]"
+    );
+    assert_ne!(
         Generic::<String>::message_type(),
         Generic::<u8>::message_type()
     );
@@ -393,6 +398,22 @@ fn derive_sets_urns_keys_and_correlation() {
         "computed once"
     );
     let _ = Generic { value: 1u8 }.value;
+
+    #[derive(Serialize, Deserialize, Message)]
+    #[message(shared_urn)]
+    struct Shared<T> {
+        value: T,
+    }
+    assert_eq!(
+        Shared::<String>::message_type(),
+        Shared::<u8>::message_type(),
+        "shared_urn: one URN for every instantiation"
+    );
+    assert_eq!(
+        Shared::<u8>::message_type().as_str(),
+        "urn:message:envelope:Shared"
+    );
+    let _ = Shared { value: 1u8 }.value;
 
     let order = OrderPlaced {
         order_id: Uuid::now_v7(),

@@ -976,6 +976,67 @@ mod rabbit_specific {
         drop(bus);
     }
 
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:OrderShipped")]
+    struct OrderShipped {
+        order_id: Uuid,
+    }
+
+    /// A .NET generic contract `Contracts.Tracked<T>`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:Tracked")]
+    struct Tracked<T> {
+        tracking_code: String,
+        event: T,
+    }
+
+    /// Issue 14.4: MassTransit publishes `Contracts.Tracked<Contracts.OrderShipped>` with the
+    /// URN `urn:message:Contracts:Tracked[[Contracts:OrderShipped]]` to the exchange
+    /// `Contracts:Tracked--OrderShipped--` (`DefaultMessageNameFormatter` leaves out an
+    /// argument's namespace when it is the generic type's); a busway consumer of
+    /// `Tracked<OrderShipped>` binds that exchange and reads it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn generic_contracts_named_per_instantiation() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-generic");
+        let got = Recorder::<String>::default();
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint("tracking", {
+                let on = got.record(|ctx: &ConsumeContext<Tracked<OrderShipped>>| {
+                    ctx.message().tracking_code.clone()
+                });
+                move |e| e.handler(on)
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7ca01","conversationId":"181c0000-6393-3630-7cc2-08daf4e7ca02","sourceAddress":"rabbitmq://localhost/DESKTOP_Shipping_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:Tracked--OrderShipped--","messageType":["urn:message:Contracts:Tracked[[Contracts:OrderShipped]]"],"message":{"trackingCode":"JD0142","event":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Shipping","processId":1,"assembly":"Shipping","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
+        let conn = raw_connection(&vhost.url()).await;
+        let channel = conn.create_channel().await.expect("channel");
+        channel
+            .basic_publish(
+                ShortString::from("Contracts:Tracked--OrderShipped--"),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                envelope.as_bytes(),
+                BasicProperties::default()
+                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish to the exchange busway declared");
+        assert_eq!(
+            got.wait_for(1, WAIT, "the generic contract consumed").await,
+            vec!["JD0142".to_string()]
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// A .NET interface `Contracts.IOrderEvent`, as a busway contract with the fields read.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
     #[serde(rename_all = "camelCase")]

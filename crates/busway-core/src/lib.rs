@@ -55,7 +55,7 @@ pub use headers::Headers;
 pub use host::HostInfo;
 pub use inmemory::InMemory;
 pub use mediator::{DomainEventHandler, DomainEvents, Mediator};
-pub use message::{Message, new_id};
+pub use message::{Message, UrnArgument, new_id};
 pub use naming::{
     DefaultEndpointNameFormatter, EndpointNameFormatter, KebabCaseEndpointNameFormatter,
     SnakeCaseEndpointNameFormatter,

@@ -60,6 +60,55 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     }
 }
 
+/// How a type appears as a generic argument of a message type URN, as MassTransit writes it:
+/// `urn:message:Contracts:Batch[[Contracts:OrderPlaced]]` for `Batch<OrderPlaced>`,
+/// `[[System:Int32]]` for an `int`. Every [`Message`] is one (its URN without the
+/// `urn:message:` prefix); so are the primitives a .NET contract can be generic over.
+///
+/// ```
+/// use busway_core::UrnArgument;
+/// assert_eq!(<i32 as UrnArgument>::urn_argument(), "System:Int32");
+/// assert_eq!(<String as UrnArgument>::urn_argument(), "System:String");
+/// ```
+pub trait UrnArgument {
+    /// The argument's name inside `[[..]]`.
+    fn urn_argument() -> String;
+}
+
+impl<T: Message> UrnArgument for T {
+    fn urn_argument() -> String {
+        let urn = T::message_type().as_str();
+        urn.strip_prefix("urn:message:").unwrap_or(urn).to_string()
+    }
+}
+
+macro_rules! system_arguments {
+    ($($ty:ty => $name:literal),* $(,)?) => {$(
+        impl UrnArgument for $ty {
+            fn urn_argument() -> String {
+                $name.to_string()
+            }
+        }
+    )*};
+}
+
+system_arguments!(
+    String => "System:String",
+    bool => "System:Boolean",
+    u8 => "System:Byte",
+    i8 => "System:SByte",
+    i16 => "System:Int16",
+    u16 => "System:UInt16",
+    i32 => "System:Int32",
+    u32 => "System:UInt32",
+    i64 => "System:Int64",
+    u64 => "System:UInt64",
+    f32 => "System:Single",
+    f64 => "System:Double",
+    Uuid => "System:Guid",
+    chrono::DateTime<chrono::Utc> => "System:DateTime",
+);
+
 /// A new message id: a time-ordered UUID (version 7), like MassTransit's sequential `NewId`.
 pub fn new_id() -> Uuid {
     Uuid::now_v7()
@@ -70,6 +119,7 @@ pub fn new_id() -> Uuid {
 pub mod private {
     use super::*;
 
+    pub use super::UrnArgument;
     pub use crate::urn::{set_direct_contracts, set_entity_name};
     pub use serde::Serialize;
     pub use serde::de::DeserializeOwned;
@@ -104,8 +154,17 @@ pub mod private {
             .or_insert_with(|| Box::leak(make().into_boxed_slice()))
     }
 
+    /// `base` with MassTransit's generic argument list: `base[[A],[B]]`.
+    pub fn generic_urn(base: Urn, arguments: &[String]) -> Urn {
+        if arguments.is_empty() {
+            return base;
+        }
+        let inner: Vec<String> = arguments.iter().map(|a| format!("[{a}]")).collect();
+        Urn::new(format!("{}[{}]", base.as_str(), inner.join(",")))
+    }
+
     /// Adds contract `C` and the contracts it implements to `out`, each once.
-    pub fn push_contract<C: crate::Message>(out: &mut Vec<Urn>) {
+    pub fn push_contract<C: Message>(out: &mut Vec<Urn>) {
         for urn in std::iter::once(C::message_type()).chain(C::implemented_types()) {
             if !out.contains(urn) {
                 out.push(urn.clone());

@@ -24,6 +24,11 @@ use syn::{Data, DeriveInput, Fields, LitStr, Path, parse_macro_input};
 ///   types) this one also is, as a .NET class implements interfaces: publishing lists their
 ///   URNs after its own and routes to their exchanges or topics, so their consumers receive
 ///   it. Each listed contract's own `implements` are included after it.
+/// - A generic contract's URN names its type arguments, per instantiation, as MassTransit's
+///   does: `Batch<OrderPlaced>` is `urn:message:Contracts:Batch[[Contracts:OrderPlaced]]`
+///   (each type parameter must be a `Message` or a primitive, see
+///   `busway::UrnArgument`). `#[message(shared_urn)]` gives every instantiation the
+///   one URN instead.
 /// - `#[message(crate = "busway_core")]` names the crate that exports `Message` when `busway`
 ///   is not a direct dependency.
 /// - `#[message(snake_case)]` keeps multi-word field names as written on the wire (see below).
@@ -53,6 +58,7 @@ struct ContainerOptions {
     urn: Option<LitStr>,
     entity_name: Option<LitStr>,
     implements: Vec<Path>,
+    shared_urn: bool,
     krate: Path,
     snake_case: bool,
 }
@@ -61,6 +67,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
     let mut urn = None;
     let mut entity_name = None;
     let mut implements: Vec<Path> = Vec::new();
+    let mut shared_urn = false;
     let mut krate: Path = syn::parse_quote!(::busway);
     let mut snake_case = false;
     for attr in input.attrs.iter().filter(|a| a.path().is_ident("message")) {
@@ -93,6 +100,9 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                     implements.push(inner.path.clone());
                     Ok(())
                 })
+            } else if meta.path.is_ident("shared_urn") {
+                shared_urn = true;
+                Ok(())
             } else if meta.path.is_ident("crate") {
                 let value: LitStr = meta.value()?.parse()?;
                 krate = value.parse()?;
@@ -102,7 +112,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
                 Ok(())
             } else {
                 Err(meta.error(
-                    "unknown message attribute; expected `urn = \"...\"`, `entity_name = \"...\"`, `implements(..)`, `crate = \"...\"` or `snake_case`",
+                    "unknown message attribute; expected `urn = \"...\"`, `entity_name = \"...\"`, `implements(..)`, `shared_urn`, `crate = \"...\"` or `snake_case`",
                 ))
             }
         })?;
@@ -111,6 +121,7 @@ fn container_options(input: &DeriveInput) -> syn::Result<ContainerOptions> {
         urn,
         entity_name,
         implements,
+        shared_urn,
         krate,
         snake_case,
     })
@@ -258,6 +269,11 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             where_clause.predicates.push(
                 syn::parse_quote!(#ident: ::core::marker::Send + ::core::marker::Sync + 'static),
             );
+            if !container.shared_urn {
+                where_clause
+                    .predicates
+                    .push(syn::parse_quote!(#ident: #krate::__private::UrnArgument));
+            }
         }
         where_clause.predicates.push(syn::parse_quote!(
             Self: #krate::__private::Serialize + #krate::__private::DeserializeOwned
@@ -268,6 +284,18 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
     let make_urn = match &container.urn {
         Some(urn) => quote!(#krate::Urn::from_static(#urn)),
         None => quote!(#krate::Urn::from_module_path(::core::module_path!(), #name)),
+    };
+    // A generic contract's URN names its arguments, per instantiation, as MassTransit's does.
+    let type_params: Vec<_> = input.generics.type_params().map(|p| &p.ident).collect();
+    let make_urn = if generic && !container.shared_urn && !type_params.is_empty() {
+        quote! {
+            #krate::__private::generic_urn(
+                #make_urn,
+                &[#(<#type_params as #krate::__private::UrnArgument>::urn_argument()),*],
+            )
+        }
+    } else {
+        make_urn
     };
     // With an entity name, the URN is made once and the name registered with it.
     let make_urn = match &container.entity_name {

@@ -11,7 +11,7 @@ pub use busway_core::{
     Mediator, Message, OutgoingCapture, OutgoingMessage, RawJson, ReceiveContext, RequestClient,
     RequestFault, Response, Result, Retry, RunningBus, SendBuilder, SendTarget, Serializer,
     SettledBy, SnakeCaseEndpointNameFormatter, Topology, TraceContext, Transport, TransportMessage,
-    Urn, async_trait, new_id,
+    Urn, UrnArgument, async_trait, new_id,
 };
 
 #[doc(inline)]
