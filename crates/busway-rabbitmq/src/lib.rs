@@ -38,6 +38,7 @@ mod declare;
 mod frame_guard;
 pub mod naming;
 mod receive;
+mod route;
 mod settle;
 mod transport;
 mod wire;

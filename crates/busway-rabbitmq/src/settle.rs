@@ -14,7 +14,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use crate::connector::Connector;
 use crate::declare::EndpointSpec;
-use crate::transport::{Route, publish};
+use crate::route::{Route, publish};
 
 /// How long an ack or nack may take before the channel is presumed dead (the broker then
 /// redelivers the message when it notices).
