@@ -144,12 +144,12 @@ pub mod time_span {
         Ok(Duration::new(secs, (ticks * 100) as u32))
     }
 
-    /// Writes [`format`].
+    /// Writes [`format()`].
     pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&format(value))
     }
 
-    /// Reads [`parse`].
+    /// Reads [`parse()`].
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
         parse(&text).map_err(D::Error::custom)
@@ -204,7 +204,7 @@ pub mod date_time {
             .map_err(|e| format!("`{text}` is not a .NET DateTime: {e}"))
     }
 
-    /// Writes [`format`].
+    /// Writes [`format()`].
     pub fn serialize<S: Serializer>(
         value: &NaiveDateTime,
         serializer: S,
@@ -212,7 +212,7 @@ pub mod date_time {
         serializer.serialize_str(&format(value))
     }
 
-    /// Reads [`parse`].
+    /// Reads [`parse()`].
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<NaiveDateTime, D::Error> {
@@ -237,7 +237,7 @@ pub mod date_time_utc {
         super::date_time::parse(text).map(|t| t.and_utc())
     }
 
-    /// Writes [`format`].
+    /// Writes [`format()`].
     pub fn serialize<S: Serializer>(
         value: &DateTime<Utc>,
         serializer: S,
@@ -245,7 +245,7 @@ pub mod date_time_utc {
         serializer.serialize_str(&format(value))
     }
 
-    /// Reads [`parse`].
+    /// Reads [`parse()`].
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<DateTime<Utc>, D::Error> {
@@ -290,7 +290,7 @@ pub mod date_time_offset {
             .map_err(|e| format!("`{text}` is not a .NET DateTimeOffset: {e}"))
     }
 
-    /// Writes [`format`].
+    /// Writes [`format()`].
     pub fn serialize<S: Serializer>(
         value: &DateTime<FixedOffset>,
         serializer: S,
@@ -298,7 +298,7 @@ pub mod date_time_offset {
         serializer.serialize_str(&format(value))
     }
 
-    /// Reads [`parse`].
+    /// Reads [`parse()`].
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<DateTime<FixedOffset>, D::Error> {
@@ -337,12 +337,12 @@ pub mod bytes {
             .map_err(|e| format!("not base64 (a .NET byte[]): {e}"))
     }
 
-    /// Writes [`format`].
+    /// Writes [`format()`].
     pub fn serialize<S: Serializer>(value: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&format(value))
     }
 
-    /// Reads [`parse`].
+    /// Reads [`parse()`].
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
         parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
     }
