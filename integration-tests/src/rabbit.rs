@@ -124,3 +124,137 @@ impl Drop for TestVhost {
             .output();
     }
 }
+
+/// A raw AMQP client, standing in for a .NET service's RabbitMQ client: publishing bytes
+/// shaped as MassTransit writes them and reading what busway writes, without busway's code.
+pub mod raw {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use lapin::options::{
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+        QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{FieldTable, ShortString};
+    use lapin::{
+        BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind,
+    };
+    use serde_json::Value;
+
+    /// A connection and a channel with publisher confirms on `url`.
+    pub async fn channel(url: &str) -> (Connection, Channel) {
+        let connection = tokio::time::timeout(
+            Duration::from_secs(20),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .expect("connecting to RabbitMQ timed out")
+        .expect("a raw AMQP connection (is RabbitMQ up? `rabbitmq-server -detached`)");
+        let channel = connection.create_channel().await.expect("a channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("publisher confirms");
+        (connection, channel)
+    }
+
+    /// The AMQP properties MassTransit sets on every message: its content type, persistent.
+    pub fn masstransit_properties() -> BasicProperties {
+        BasicProperties::default()
+            .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+            .with_delivery_mode(2)
+    }
+
+    /// Publishes `body` to `exchange` with `properties` and waits for the broker's confirm.
+    pub async fn publish(
+        channel: &Channel,
+        exchange: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
+        let confirm = channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(""),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(
+            confirm.is_ack(),
+            "the broker took the message for `{exchange}`"
+        );
+    }
+
+    /// Declares durable queue `queue` bound to durable fanout exchange `exchange` and
+    /// consumes it without acks: what a MassTransit consumer of that exchange would get.
+    pub async fn tap(channel: &Channel, exchange: &str, queue: &str) -> Consumer {
+        bind_queue(channel, exchange, queue).await;
+        consume(channel, queue).await
+    }
+
+    /// Declares durable queue `queue` bound to durable fanout exchange `exchange`.
+    pub async fn bind_queue(channel: &Channel, exchange: &str, queue: &str) {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                ShortString::from(exchange),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .expect("the tapped exchange");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(ShortString::from(queue), durable, FieldTable::default())
+            .await
+            .expect("the tap queue");
+        channel
+            .queue_bind(
+                ShortString::from(queue),
+                ShortString::from(exchange),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("binding the tap queue");
+    }
+
+    /// Consumes `queue` without acks.
+    pub async fn consume(channel: &Channel, queue: &str) -> Consumer {
+        channel
+            .basic_consume(
+                ShortString::from(queue),
+                ShortString::from(format!("raw-{queue}")),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consuming")
+    }
+
+    /// The next message's body as JSON; panics naming `what` after `timeout`.
+    pub async fn next_json(consumer: &mut Consumer, timeout: Duration, what: &str) -> Value {
+        let delivery = tokio::time::timeout(timeout, consumer.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {timeout:?} waiting for {what}"))
+            .expect("a delivery")
+            .expect("a good delivery");
+        serde_json::from_slice(&delivery.data).expect("a JSON body")
+    }
+}

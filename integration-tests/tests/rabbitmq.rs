@@ -35,7 +35,7 @@ mod rabbit_specific {
     use busway::rabbitmq::RabbitMqEndpointExt;
     use busway::transport::QueueAdmin;
     use busway::{Address, Transport, TransportMessage};
-    use busway_integration_tests::rabbit::{TestVhost, transport_for};
+    use busway_integration_tests::rabbit::{TestVhost, raw, transport_for};
     use busway_integration_tests::support::{
         Counter, Recorder, header, init_tracing, unique, wait_until,
     };
@@ -43,7 +43,7 @@ mod rabbit_specific {
     use futures_util::StreamExt;
     use lapin::options::*;
     use lapin::types::{AMQPValue, FieldTable, ShortString};
-    use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+    use lapin::{Connection, ConnectionProperties, ExchangeKind};
     use rust_decimal::Decimal;
     use serde::{Deserialize, Serialize};
     use serde_json::Value;
@@ -299,29 +299,21 @@ mod rabbit_specific {
     "massTransitVersion": "8.5.8.0", "operatingSystemVersion": "Unix 6.1.0"
   }
 }"#;
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("Tenant"),
             AMQPValue::LongString("acme".into()),
         );
-        channel
-            .basic_publish(
-                ShortString::from("Contracts:OrderPlaced"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6da"))
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        raw::publish(
+            &channel,
+            "Contracts:OrderPlaced",
+            envelope.as_bytes(),
+            raw::masstransit_properties()
+                .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6da"))
+                .with_headers(headers),
+        )
+        .await;
         wait_until(WAIT, "the busway consumer got it", || {
             !got.lock().expect("lock").is_empty()
         })
@@ -687,26 +679,14 @@ mod rabbit_specific {
             .expect("build");
         let running = bus.start().await.expect("start");
         let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6e1","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c6e2","sourceAddress":"rabbitmq://localhost/DESKTOP_Lookup_bus_abc","destinationAddress":"rabbitmq://localhost/order-lookup","messageType":["urn:message:contracts:checkorder"],"message":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Lookup","processId":1,"assembly":"Lookup","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        channel
-            .basic_publish(
-                ShortString::from("order-lookup"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        raw::publish(
+            &channel,
+            "order-lookup",
+            envelope.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
         wait_until(WAIT, "the consumer got the differently cased type", || {
             got.get() == 1
         })
@@ -788,21 +768,14 @@ mod rabbit_specific {
             ShortString::from("x-first-death-queue"),
             AMQPValue::LongString("order-check-wait".into()),
         );
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
-        channel
-            .basic_publish(
-                ShortString::from("order-check"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
-            )
-            .await
-            .expect("publish");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        raw::publish(
+            &channel,
+            "order-check",
+            envelope.as_bytes(),
+            raw::masstransit_properties().with_headers(headers),
+        )
+        .await;
         let parent =
             parents.wait_for(1, WAIT, "the check consumed").await[0].expect("a parent trace");
         assert_eq!(parent.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -908,8 +881,7 @@ mod rabbit_specific {
             .build()
             .await
             .expect("build");
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         // busway's send to `queue:quartz` declares the scheduler's queue (durable), as
         // MassTransit's Quartz endpoint has it.
         let at = chrono::Utc::now() + chrono::Duration::minutes(5);
@@ -1015,20 +987,14 @@ mod rabbit_specific {
             .expect("build");
         let running = bus.start().await.expect("start");
         let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7ca01","conversationId":"181c0000-6393-3630-7cc2-08daf4e7ca02","sourceAddress":"rabbitmq://localhost/DESKTOP_Shipping_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:Tracked--OrderShipped--","messageType":["urn:message:Contracts:Tracked[[Contracts:OrderShipped]]"],"message":{"trackingCode":"JD0142","event":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Shipping","processId":1,"assembly":"Shipping","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
-        channel
-            .basic_publish(
-                ShortString::from("Contracts:Tracked--OrderShipped--"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish to the exchange busway declared");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        raw::publish(
+            &channel,
+            "Contracts:Tracked--OrderShipped--",
+            envelope.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
         assert_eq!(
             got.wait_for(1, WAIT, "the generic contract consumed").await,
             vec!["JD0142".to_string()]
@@ -1074,39 +1040,9 @@ mod rabbit_specific {
             .await
             .expect("build");
         let running = bus.start().await.expect("start");
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         // What a MassTransit consumer of IOrderEvent has: its queue bound to the exchange.
-        channel
-            .exchange_declare(
-                ShortString::from("Contracts:IOrderEvent"),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("exchange");
-        channel
-            .queue_declare(
-                ShortString::from("dotnet-order-events"),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                ShortString::from("dotnet-order-events"),
-                ShortString::from("Contracts:IOrderEvent"),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        let mut consumer = raw::tap(&channel, "Contracts:IOrderEvent", "dotnet-order-events").await;
         let id = Uuid::now_v7();
         bus.publish(OrderCancelled {
             order_id: id,
@@ -1115,24 +1051,7 @@ mod rabbit_specific {
         .await
         .expect("publish");
         assert_eq!(base.wait_for(1, WAIT, "the base consumer").await, vec![id]);
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from("dotnet-order-events"),
-                ShortString::from("dotnet"),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        let delivery = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("the interface queue got it in time")
-            .expect("a delivery")
-            .expect("a good delivery");
-        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let body = raw::next_json(&mut consumer, WAIT, "the interface queue got it in time").await;
         assert_eq!(
             body["messageType"],
             serde_json::json!([
@@ -1189,67 +1108,27 @@ mod rabbit_specific {
                     && b["destination_name"] == "returns"),
             "{bindings:?}"
         );
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7c901","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c902","sourceAddress":"rabbitmq://localhost/DESKTOP_Returns_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:ReturnRequested","messageType":["urn:message:return-requested"],"message":{"orderId":"0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4"},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"DESKTOP","processName":"Returns","processId":1,"assembly":"Returns","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
-        channel
-            .basic_publish(
-                ShortString::from("Contracts:ReturnRequested"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
+        raw::publish(
+            &channel,
+            "Contracts:ReturnRequested",
+            envelope.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
         let ids = got
             .wait_for(1, WAIT, "the MassTransit publish consumed")
             .await;
         assert_eq!(ids[0].to_string(), "0c9b7f0e-4a48-4d5e-9a57-6c1f6bd2f1d4");
         // busway publishes to the same exchange, with the attribute's URN.
-        channel
-            .queue_declare(
-                ShortString::from("dotnet-returns"),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                ShortString::from("dotnet-returns"),
-                ShortString::from("Contracts:ReturnRequested"),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        let mut consumer = raw::tap(&channel, "Contracts:ReturnRequested", "dotnet-returns").await;
         bus.publish(ReturnRequested {
             order_id: Uuid::now_v7(),
         })
         .await
         .expect("publish");
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from("dotnet-returns"),
-                ShortString::from("dotnet"),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        let delivery = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("busway's publish in time")
-            .expect("a delivery")
-            .expect("a good delivery");
-        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let body = raw::next_json(&mut consumer, WAIT, "busway's publish in time").await;
         assert_eq!(
             body["messageType"],
             serde_json::json!(["urn:message:return-requested"])
@@ -1339,20 +1218,14 @@ mod rabbit_specific {
         let envelope = format!(
             r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c801","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c802","sourceAddress":"rabbitmq://localhost/DESKTOP_Shipping_bus_abc","destinationAddress":"rabbitmq://localhost/Contracts:ShipmentBooked","messageType":["urn:message:Contracts:ShipmentBooked"],"message":{message},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"Shipping","processId":1,"assembly":"Shipping","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#
         );
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
-        channel
-            .basic_publish(
-                ShortString::from("Contracts:ShipmentBooked"),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        raw::publish(
+            &channel,
+            "Contracts:ShipmentBooked",
+            envelope.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
         let booked = got.wait_for(1, WAIT, "the shipment consumed").await[0].clone();
         assert_eq!(booked.state, ShipmentState::Shipped);
         assert_eq!(
@@ -1376,46 +1249,12 @@ mod rabbit_specific {
         assert_eq!(booked.attributes["Carrier"], "DHL");
 
         // busway → .NET: a queue bound like a MassTransit consumer's reads busway's body.
-        channel
-            .queue_declare(
-                ShortString::from("dotnet-shipments"),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                ShortString::from("dotnet-shipments"),
-                ShortString::from("Contracts:ShipmentBooked"),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        let mut consumer = raw::tap(&channel, "Contracts:ShipmentBooked", "dotnet-shipments").await;
         let mut out = booked.clone();
         out.grace = Some(std::time::Duration::from_secs(90));
         out.state = ShipmentState::Pending;
         bus.publish(out).await.expect("publish back");
-        let mut consumer = channel
-            .basic_consume(
-                ShortString::from("dotnet-shipments"),
-                ShortString::from("dotnet"),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        let delivery = tokio::time::timeout(WAIT, consumer.next())
-            .await
-            .expect("busway's message in time")
-            .expect("a delivery")
-            .expect("a good delivery");
-        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        let body = raw::next_json(&mut consumer, WAIT, "busway's message in time").await;
         let m = &body["message"];
         assert_eq!(m["state"], 0);
         assert_eq!(m["transitTime"], "1.02:03:04.5000000");
@@ -1465,8 +1304,7 @@ mod rabbit_specific {
             .expect("build");
         let running = bus.start().await.expect("start");
 
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         let mut replies = channel
             .basic_consume(
                 ShortString::from("amq.rabbitmq.reply-to"),
@@ -1489,19 +1327,13 @@ mod rabbit_specific {
             r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c7dc","requestId":"{request_id}","conversationId":"181c0000-6393-3630-7cc2-08daf4e7c7de","sourceAddress":"{response_address}","destinationAddress":"rabbitmq://127.0.0.1/{vhost}/{service}","responseAddress":"{response_address}","messageType":["urn:message:Contracts:CheckOrder"],"message":{{"orderId":"{order_id}"}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"OrderClient","processId":4242,"assembly":"OrderClient","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
             vhost = vhost.name()
         );
-        channel
-            .basic_publish(
-                ShortString::from(service.as_str()),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_reply_to(ShortString::from("amq.rabbitmq.reply-to"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish the request");
+        raw::publish(
+            &channel,
+            service.as_str(),
+            envelope.as_bytes(),
+            raw::masstransit_properties().with_reply_to(ShortString::from("amq.rabbitmq.reply-to")),
+        )
+        .await;
         let delivery = tokio::time::timeout(WAIT, replies.next())
             .await
             .expect("the response came back through direct reply-to in time")
@@ -1516,19 +1348,13 @@ mod rabbit_specific {
         let failing = envelope
             .replace(order_id, "00000000-0000-0000-0000-000000000000")
             .replace(request_id, "181c0000-6393-3630-a1b2-08daf4e7c7ee");
-        channel
-            .basic_publish(
-                ShortString::from(service.as_str()),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                failing.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_reply_to(ShortString::from("amq.rabbitmq.reply-to"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish the failing request");
+        raw::publish(
+            &channel,
+            service.as_str(),
+            failing.as_bytes(),
+            raw::masstransit_properties().with_reply_to(ShortString::from("amq.rabbitmq.reply-to")),
+        )
+        .await;
         let delivery = tokio::time::timeout(WAIT, replies.next())
             .await
             .expect("the fault came back through direct reply-to in time")
@@ -1582,8 +1408,7 @@ mod rabbit_specific {
             .expect("build");
         let running = bus.start().await.expect("start");
 
-        let conn = raw_connection(&vhost.url()).await;
-        let channel = conn.create_channel().await.expect("channel");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
         let bus_queue = "DESKTOP_OrderClient_bus_7kyoyyfqw4rbyx8ibdq3ruuu8z";
         let mut args = FieldTable::default();
         args.insert(
@@ -1636,21 +1461,14 @@ mod rabbit_specific {
             r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7c6dc","requestId":"{request_id}","correlationId":null,"conversationId":"181c0000-6393-3630-7cc2-08daf4e7c6de","initiatorId":null,"sourceAddress":"{response_address}","destinationAddress":"rabbitmq://127.0.0.1/{vhost}/{service}","responseAddress":"{response_address}","faultAddress":null,"messageType":["urn:message:Contracts:CheckOrder"],"message":{{"orderId":"{order_id}"}},"expirationTime":"2026-12-02T10:00:30Z","sentTime":"2026-12-02T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"OrderClient","processId":4242,"assembly":"OrderClient","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
             vhost = vhost.name()
         );
-        channel
-            .basic_publish(
-                ShortString::from(service.as_str()),
-                ShortString::from(""),
-                BasicPublishOptions::default(),
-                envelope.as_bytes(),
-                BasicProperties::default()
-                    .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                    .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6dc"))
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        raw::publish(
+            &channel,
+            service.as_str(),
+            envelope.as_bytes(),
+            raw::masstransit_properties()
+                .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7c6dc")),
+        )
+        .await;
 
         let mut consumer = channel
             .basic_consume(

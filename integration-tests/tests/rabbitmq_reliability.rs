@@ -11,14 +11,11 @@ use busway::prelude::*;
 use busway::rabbitmq::RabbitMq;
 use busway::transport::QueueAdmin;
 use busway::{ConsumeErrorKind, Transport};
-use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, transport_for};
+use busway_integration_tests::rabbit::{TestVhost, rabbitmqctl, raw, transport_for};
 use busway_integration_tests::support::{init_tracing, unique, wait_until, wait_until_async};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::types::ShortString;
+use lapin::{Connection, ConnectionProperties};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -86,59 +83,13 @@ async fn publish_raw(connection: &Connection, exchange: &str, body: &[u8]) {
         .confirm_select(Default::default())
         .await
         .expect("confirms");
-    let confirm = channel
-        .basic_publish(
-            ShortString::from(exchange),
-            ShortString::from(""),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default()
-                .with_content_type(ShortString::from("application/vnd.masstransit+json"))
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "the broker took the raw message");
+    raw::publish(&channel, exchange, body, raw::masstransit_properties()).await;
 }
 
 /// A queue bound to `exchange` (declared here), to count what is published to it.
 async fn tap(connection: &Connection, exchange: &str, queue: &str) {
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .exchange_declare(
-            ShortString::from(exchange),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("exchange");
-    channel
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            ShortString::from(queue),
-            ShortString::from(exchange),
-            ShortString::from(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
+    raw::bind_queue(&channel, exchange, queue).await;
 }
 
 /// A started bus on `transport` with one endpoint, `queue`, handled by `handler`.
