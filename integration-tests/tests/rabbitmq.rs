@@ -1394,6 +1394,9 @@ mod rabbit_specific {
             .transport(transport_for(&vhost.url()))
             .receive_endpoint(service.clone(), |e| {
                 e.handler(|ctx: ConsumeContext<CheckOrder>| async move {
+                    if ctx.message().order_id.is_nil() {
+                        return Err(ConsumeError::msg("no such order"));
+                    }
                     ctx.respond(OrderStatus {
                         order_id: ctx.message().order_id,
                         status: "shipped".into(),
@@ -1493,6 +1496,34 @@ mod rabbit_specific {
         assert_eq!(body["message"]["orderId"], order_id);
         assert_eq!(body["message"]["status"], "shipped");
         assert_eq!(body["destinationAddress"], response_address.as_str());
+        // A request that faults: the Fault<CheckOrder> goes to the same temporary queue
+        // (MassTransit sends faults of requests to the response address when there is no
+        // fault address), again without declaring it.
+        let failing = envelope
+            .replace(order_id, "00000000-0000-0000-0000-000000000000")
+            .replace(request_id, "181c0000-6393-3630-a1b2-08daf4e7c6ee");
+        raw::publish(
+            &channel,
+            service.as_str(),
+            failing.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("the fault reached the MassTransit bus queue in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let fault: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
+        assert_eq!(fault["requestId"], "181c0000-6393-3630-a1b2-08daf4e7c6ee");
+        assert_eq!(
+            fault["messageType"][0],
+            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]"
+        );
+        assert_eq!(
+            fault["message"]["exceptions"][0]["message"],
+            "no such order"
+        );
         // The queue is still the one the client declared: nothing re-declared it.
         let queues = vhost.list(
             "list_queues",
