@@ -97,7 +97,7 @@ mod servicebus_specific {
     use busway::servicebus::{subscription_name, topic_name};
     use busway::{BusBuilder, ConsumeErrorKind};
     use busway_integration_tests::support::{
-        Counter, ToggleProxy, header, init_tracing, unique, wait_until,
+        Counter, Recorder, ToggleProxy, header, init_tracing, unique, wait_until,
     };
     use serde::{Deserialize, Serialize};
     use uuid::Uuid;
@@ -137,6 +137,101 @@ mod servicebus_specific {
     #[serde(rename_all = "camelCase")]
     struct Outage {
         n: u32,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:ParcelScanned")]
+    struct ParcelScanned {
+        parcel_id: Uuid,
+        depot: String,
+    }
+
+    /// Sends a message over the REST data plane with raw HTTP, as a .NET client's
+    /// `ServiceBusSender` would put it on the wire: `BrokerProperties` JSON and each
+    /// application property as a header of its own (HTTP makes the names lower case).
+    async fn post_raw(standin: &StandIn, queue: &str, properties: &[(&str, &str)], body: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let connection =
+            busway::servicebus::ConnectionString::parse(&standin.connection_string()).expect("cs");
+        let url = format!("{}/{queue}", standin.base_url());
+        let token = busway::servicebus::sas_token(&connection, &url, 600).expect("token");
+        let host = standin.base_url().trim_start_matches("http://").to_string();
+        let mut request = format!(
+            "POST /{queue}/messages HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (name, value) in properties {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        let mut stream = tokio::net::TcpStream::connect(&host)
+            .await
+            .expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut answer))
+            .await
+            .expect("the stand-in answered in time")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    }
+
+    /// Issue 14.6: what MassTransit's raw JSON serializer sends on Service Bus
+    /// (`RawMessageSerializer.SetRawMessageHeaders`: `MessageId`, `CorrelationId`,
+    /// `ConversationId`, `MT-MessageType`, `MT-Source-Address` as application properties,
+    /// the body the message alone) is read by busway whatever case the property names
+    /// arrive in: the REST data plane hands them over lower case, and here some are sent
+    /// upper case too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn masstransit_raw_json_identity_in_any_case() {
+        init_tracing();
+        let standin = StandIn::start();
+        let t = on_standin(&standin).build().expect("transport");
+        let name = unique("parcels");
+        let got = Recorder::<(String, Option<Uuid>, Option<Uuid>)>::default();
+        let on = got.record(|ctx: &ConsumeContext<ParcelScanned>| {
+            (
+                ctx.message().depot.clone(),
+                ctx.message_id(),
+                ctx.conversation_id(),
+            )
+        });
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(name.clone(), move |e| e.handler(on))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        post_raw(
+            &standin,
+            &name,
+            &[
+                (
+                    "BrokerProperties",
+                    r#"{"MessageId":"181c00006393363036a408daf4e7cb01","ContentType":"application/json"}"#,
+                ),
+                ("MESSAGEID", "\"181c0000-6393-3630-36a4-08daf4e7cb01\""),
+                ("conversationid", "\"181c0000-6393-3630-7cc2-08daf4e7cb02\""),
+                ("MT-MessageType", "\"urn:message:Contracts:ParcelScanned\""),
+                ("mt-source-address", "\"sb://busway-standin.servicebus.windows.net/scanner\""),
+            ],
+            r#"{"parcelId":"5a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d","depot":"Leeds"}"#,
+        )
+        .await;
+        let seen = got.wait_for(1, WAIT, "the raw message consumed").await;
+        assert_eq!(seen[0].0, "Leeds");
+        assert_eq!(
+            seen[0].1.map(|u| u.to_string()).as_deref(),
+            Some("181c0000-6393-3630-36a4-08daf4e7cb01")
+        );
+        assert_eq!(
+            seen[0].2.map(|u| u.to_string()).as_deref(),
+            Some("181c0000-6393-3630-7cc2-08daf4e7cb02")
+        );
+        running.shutdown().await.expect("shutdown");
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize, Message)]
