@@ -1137,6 +1137,112 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+    #[serde(rename_all = "camelCase")]
+    #[message(urn = "urn:message:Contracts:ParcelScanned")]
+    struct ParcelScanned {
+        parcel_id: Uuid,
+        depot: String,
+    }
+
+    /// Raw JSON both ways, as MassTransit's raw serializer writes it on RabbitMQ
+    /// (`RawMessageSerializer.SetRawMessageHeaders`: the body is the message alone; `MessageId`,
+    /// `CorrelationId`, `ConversationId`, `MT-MessageType`, `MT-Source-Address` travel as
+    /// headers; content type `application/json`). busway reads it, and what busway writes with
+    /// `RawJson` carries the headers MassTransit's raw deserializer reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raw_json_both_ways() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-raw");
+        let got = Recorder::<(String, Option<Uuid>, Option<Uuid>)>::default();
+        let on = got.record(|ctx: &ConsumeContext<ParcelScanned>| {
+            (
+                ctx.message().depot.clone(),
+                ctx.message_id(),
+                ctx.conversation_id(),
+            )
+        });
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .serializer(busway::RawJson::new())
+            .receive_endpoint("parcels", move |e| e.handler(on))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        let mut headers = FieldTable::default();
+        for (name, value) in [
+            ("MessageId", "181c0000-6393-3630-36a4-08daf4e7cc01"),
+            ("ConversationId", "181c0000-6393-3630-7cc2-08daf4e7cc02"),
+            ("MT-MessageType", "urn:message:Contracts:ParcelScanned"),
+            (
+                "MT-Source-Address",
+                "rabbitmq://localhost/DESKTOP_Scanner_bus_abc",
+            ),
+        ] {
+            headers.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+        }
+        raw::publish(
+            &channel,
+            "Contracts:ParcelScanned",
+            br#"{"parcelId":"5a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d","depot":"Leeds"}"#,
+            lapin::BasicProperties::default()
+                .with_content_type(ShortString::from("application/json"))
+                .with_message_id(ShortString::from("181c0000-6393-3630-36a4-08daf4e7cc01"))
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await;
+        let seen = got.wait_for(1, WAIT, "the raw message consumed").await;
+        assert_eq!(seen[0].0, "Leeds");
+        assert_eq!(
+            seen[0].1.map(|u| u.to_string()).as_deref(),
+            Some("181c0000-6393-3630-36a4-08daf4e7cc01")
+        );
+        assert_eq!(
+            seen[0].2.map(|u| u.to_string()).as_deref(),
+            Some("181c0000-6393-3630-7cc2-08daf4e7cc02")
+        );
+
+        // busway → MassTransit: the body alone, the identity in headers.
+        let mut consumer = raw::tap(&channel, "Contracts:ParcelScanned", "dotnet-parcels").await;
+        let id = Uuid::now_v7();
+        bus.publish(ParcelScanned {
+            parcel_id: id,
+            depot: "York".into(),
+        })
+        .await
+        .expect("publish");
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("busway's raw message in time")
+            .expect("a delivery")
+            .expect("a good delivery");
+        let body: Value = serde_json::from_slice(&delivery.data).expect("JSON");
+        assert_eq!(body["parcelId"], id.to_string());
+        assert_eq!(body["depot"], "York");
+        assert!(body.get("messageType").is_none(), "no envelope: {body}");
+        let props = &delivery.properties;
+        assert_eq!(
+            props.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        let table = props.headers().clone().expect("headers");
+        let header = |name: &str| match table.inner().get(name) {
+            Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+            other => other.map(|v| format!("{v:?}")),
+        };
+        assert_eq!(
+            header("MT-MessageType").as_deref(),
+            Some("urn:message:Contracts:ParcelScanned")
+        );
+        assert!(header("MessageId").is_some(), "{table:?}");
+        assert!(header("ConversationId").is_some(), "{table:?}");
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// A .NET enum: System.Text.Json as MassTransit configures it writes the number.
     #[derive(
         Debug, Clone, Copy, PartialEq, serde_repr::Serialize_repr, serde_repr::Deserialize_repr,
