@@ -1376,6 +1376,117 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// A busway request client and a MassTransit responder: the request (sent to the
+    /// service's queue) carries `requestId` and `responseAddress` (busway's temporary bus
+    /// queue, `?temporary=true`), and a response written as MassTransit's `RespondAsync`
+    /// writes it (published to the response address's exchange, `requestId` copied,
+    /// `messageType` the response's) completes the request; so does a `Fault<T>`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busway_request_client_gets_a_masstransit_response() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-requester");
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        // The MassTransit service's endpoint: exchange and queue `order-status-service`.
+        let mut service = raw::tap(&channel, "order-status-service", "order-status-service").await;
+        let client = bus
+            .request_client_to::<CheckOrder>("queue:order-status-service")
+            .expect("client");
+        let order_id = Uuid::now_v7();
+        let asking = tokio::spawn({
+            let client = client.clone();
+            async move {
+                client
+                    .get_response::<OrderStatus>(CheckOrder { order_id })
+                    .await
+            }
+        });
+        let request = raw::next_json(&mut service, WAIT, "the request").await;
+        let request_id = request["requestId"]
+            .as_str()
+            .expect("a requestId")
+            .to_string();
+        let response_address = request["responseAddress"]
+            .as_str()
+            .expect("a responseAddress")
+            .to_string();
+        assert!(
+            response_address.ends_with("?temporary=true"),
+            "{response_address}"
+        );
+        assert_eq!(request["message"]["orderId"], order_id.to_string());
+        let bus_exchange = response_address
+            .trim_end_matches("?temporary=true")
+            .rsplit('/')
+            .next()
+            .expect("a name")
+            .to_string();
+        let respond = |message_type: &str, message: String, request_id: &str| {
+            format!(
+                r#"{{"messageId":"{}","requestId":"{request_id}","conversationId":"181c0000-6393-3630-7cc2-08daf4e7cd02","sourceAddress":"rabbitmq://127.0.0.1/order-status-service","destinationAddress":"{response_address}","messageType":["{message_type}"],"message":{message},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"OrderStatus","processId":1,"assembly":"OrderStatus","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
+                Uuid::now_v7()
+            )
+        };
+        let response = respond(
+            "urn:message:Contracts:OrderStatus",
+            format!(r#"{{"orderId":"{order_id}","status":"delivered"}}"#),
+            &request_id,
+        );
+        raw::publish(
+            &channel,
+            &bus_exchange,
+            response.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
+        let answered = tokio::time::timeout(WAIT, asking)
+            .await
+            .expect("the request completed in time")
+            .expect("the task")
+            .expect("a response");
+        assert_eq!(answered.message().status, "delivered");
+
+        // A MassTransit fault in reply ends the request with a request fault.
+        let asking = tokio::spawn(async move {
+            client
+                .get_response::<OrderStatus>(CheckOrder {
+                    order_id: Uuid::nil(),
+                })
+                .await
+        });
+        let request = raw::next_json(&mut service, WAIT, "the second request").await;
+        let request_id = request["requestId"]
+            .as_str()
+            .expect("a requestId")
+            .to_string();
+        let fault = respond(
+            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]",
+            r#"{"faultId":"181c0000-6393-3630-36a4-08daf4e7cd09","faultedMessageId":null,"timestamp":"2026-12-03T10:00:00Z","exceptions":[{"exceptionType":"System.InvalidOperationException","innerException":null,"stackTrace":"","message":"no such order","source":"OrderStatus","data":null}],"host":null,"faultMessageTypes":["urn:message:Contracts:CheckOrder"],"message":{"orderId":"00000000-0000-0000-0000-000000000000"}}"#.to_string(),
+            &request_id,
+        );
+        raw::publish(
+            &channel,
+            &bus_exchange,
+            fault.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
+        let err = tokio::time::timeout(WAIT, asking)
+            .await
+            .expect("the request ended in time")
+            .expect("the task")
+            .expect_err("a fault");
+        assert!(err.is_request_fault(), "{err}");
+        assert!(err.to_string().contains("no such order"), "{err}");
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// Issue 14.1: a MassTransit request client that uses RabbitMQ's direct reply-to
     /// (`SetRabbitMqReplyToRequestClientFactory`) gets its answer. As MassTransit does it
     /// (`RabbitMqRequestClientExtensions`, `RabbitMqSendTransportContext`): it consumes
