@@ -1003,6 +1003,60 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// Issue 14.8, the reverse: a MassTransit service scheduling through a busway scheduler
+    /// endpoint. Its `ScheduleMessage` (as `ScheduleMessageCommand<T>` writes it) reaches
+    /// `message_scheduler_endpoint("quartz")`, and the payload arrives at its destination no
+    /// earlier than its time, with the token in `MT-Scheduling-TokenId`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_masstransit_service_schedules_through_a_busway_scheduler() {
+        init_tracing();
+        let vhost = TestVhost::create("interop-scheduler");
+        let got = Recorder::<(u32, Option<String>, std::time::Instant)>::default();
+        let on = got.record(|ctx: &ConsumeContext<RemindCustomer>| {
+            (
+                ctx.message().n,
+                ctx.headers()
+                    .get_str("MT-Scheduling-TokenId")
+                    .map(|s| s.into_owned()),
+                std::time::Instant::now(),
+            )
+        });
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .message_scheduler_endpoint("quartz")
+            .receive_endpoint("reminders", move |e| e.handler(on))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        let token = "181c0000-6393-3630-a1b2-08daf4e7ce01";
+        let at = chrono::Utc::now() + chrono::Duration::milliseconds(1500);
+        let envelope = format!(
+            r#"{{"messageId":"181c0000-6393-3630-36a4-08daf4e7ce02","correlationId":"{token}","conversationId":"181c0000-6393-3630-7cc2-08daf4e7ce03","sourceAddress":"rabbitmq://127.0.0.1/DESKTOP_Billing_bus_abc","destinationAddress":"rabbitmq://127.0.0.1/{vhost}/quartz","messageType":["urn:message:MassTransit.Scheduling:ScheduleMessage"],"message":{{"correlationId":"{token}","scheduledTime":"{at}","payloadType":["urn:message:Contracts:RemindCustomer"],"destination":"rabbitmq://127.0.0.1/{vhost}/reminders","payload":{{"n":42}}}},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{{}},"host":{{"machineName":"DESKTOP","processName":"Billing","processId":1,"assembly":"Billing","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}}}"#,
+            vhost = vhost.name(),
+            at = busway::dotnet::date_time_utc::format(&at),
+        );
+        let sent = std::time::Instant::now();
+        raw::publish(
+            &channel,
+            "quartz",
+            envelope.as_bytes(),
+            raw::masstransit_properties(),
+        )
+        .await;
+        let seen = got.wait_for(1, WAIT, "the scheduled payload").await;
+        assert_eq!(seen[0].0, 42);
+        assert_eq!(seen[0].1.as_deref(), Some(token));
+        assert!(
+            seen[0].2.duration_since(sent) >= Duration::from_millis(1000),
+            "not before its time: {:?}",
+            seen[0].2.duration_since(sent)
+        );
+        running.shutdown().await.expect("shutdown");
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     /// A .NET interface `Contracts.IOrderEvent`, as a busway contract with the fields read.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
     #[serde(rename_all = "camelCase")]

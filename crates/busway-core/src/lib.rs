@@ -30,6 +30,7 @@ pub mod observer;
 pub mod outgoing;
 pub mod pipeline;
 pub mod request;
+mod scheduler;
 pub mod scheduling;
 pub mod send;
 mod sender;

@@ -143,6 +143,15 @@ impl BusBuilder {
         self
     }
 
+    /// A message scheduler endpoint named `name` for MassTransit services (what their
+    /// `UseMessageScheduler(new Uri("queue:<name>"))` sends `ScheduleMessage` to): each
+    /// payload is sent to its destination at its time through the transport's delayed
+    /// delivery. Cancelling is not supported (a `CancelScheduledMessage` lands in
+    /// `<name>_skipped`); see [`crate::scheduling`].
+    pub fn message_scheduler_endpoint(self, name: impl Into<String>) -> Self {
+        self.receive_endpoint(name, |e| e.handler(crate::scheduler::schedule))
+    }
+
     /// Configures a receive endpoint by name.
     pub fn receive_endpoint(
         mut self,
