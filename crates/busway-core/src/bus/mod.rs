@@ -188,8 +188,10 @@ impl Bus {
         let address = address.into_address()?;
         let token_id = crate::message::new_id();
         let destination = self.full_address(&address);
-        let scheduled_time =
-            chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        let scheduled_time = chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
         self.send(address, message)
             .delay(delay)
             .header(
