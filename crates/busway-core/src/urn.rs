@@ -143,11 +143,24 @@ impl Urn {
     }
 
     fn format_entity_name(&self, style: &EntityNameStyle) -> String {
-        if let Some(name) = OVERRIDES
-            .get()
-            .and_then(|o| o.read().ok()?.get(self).cloned())
-        {
+        let overridden = |urn: &Urn| {
+            OVERRIDES
+                .get()
+                .and_then(|o| o.read().ok()?.get(urn).cloned())
+        };
+        if let Some(name) = overridden(self) {
             return name.to_string();
+        }
+        // A fault of a renamed type: MassTransit names `Fault<T>` after T's .NET type name,
+        // which is what the override of a type whose URN differs from it gives.
+        if let Some(faulted) = self.faulted_type()
+            && let Some(inner) = overridden(&faulted)
+        {
+            return format!(
+                "MassTransit{ns}Fault{sep}{inner}{sep}",
+                ns = style.namespace_separator,
+                sep = style.generic_separator
+            );
         }
         match self.type_name() {
             Some(name) => style.format(&name),
@@ -193,6 +206,11 @@ static OVERRIDES_GENERATION: AtomicU64 = AtomicU64::new(0);
 /// let urn = Urn::new("urn:message:order-placed");
 /// set_entity_name(&urn, "Contracts:OrderPlaced");
 /// assert_eq!(urn.entity_name(&EntityNameStyle::COLONS), "Contracts:OrderPlaced");
+/// // Its fault is named after the override, as MassTransit names `Fault<T>` after T's type.
+/// assert_eq!(
+///     urn.fault().entity_name(&EntityNameStyle::COLONS),
+///     "MassTransit:Fault--Contracts:OrderPlaced--"
+/// );
 /// ```
 pub fn set_entity_name(message_type: &Urn, entity_name: &str) {
     let overrides = OVERRIDES.get_or_init(Default::default);
@@ -201,11 +219,9 @@ pub fn set_entity_name(message_type: &Urn, entity_name: &str) {
         return;
     }
     map.insert(message_type.clone(), Arc::from(entity_name));
+    // Names made before (of the type, and of types naming it, such as its fault) are stale.
     if let Some(cache) = NAME_CACHE.get() {
-        cache
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(urn, _), _| urn != message_type);
+        cache.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
     OVERRIDES_GENERATION.fetch_add(1, Ordering::Release);
 }
