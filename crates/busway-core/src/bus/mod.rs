@@ -62,14 +62,26 @@ pub(crate) struct BusShared {
 pub(crate) struct CancelledSchedules {
     any: std::sync::atomic::AtomicBool,
     tokens: Mutex<std::collections::HashSet<Uuid>>,
+    /// The tokens in the order they were cancelled, to forget the oldest past the bound.
+    order: Mutex<std::collections::VecDeque<Uuid>>,
 }
+
+/// The most cancellations remembered: a token whose message never comes back to this bus
+/// (it went to another service) is forgotten once this many newer ones are kept.
+const MAX_CANCELLED: usize = 65_536;
 
 impl CancelledSchedules {
     fn cancel(&self, token: Uuid) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut order = self.order.lock().unwrap_or_else(|e| e.into_inner());
+        if tokens.insert(token) {
+            order.push_back(token);
+        }
+        while order.len() > MAX_CANCELLED {
+            if let Some(old) = order.pop_front() {
+                tokens.remove(&old);
+            }
+        }
         self.any.store(true, std::sync::atomic::Ordering::Release);
     }
 
