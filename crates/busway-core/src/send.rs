@@ -297,7 +297,7 @@ pub(crate) fn build_outgoing(
             if lower.starts_with("mt-")
                 || lower == "traceparent"
                 || lower == "tracestate"
-                || is_broker_bookkeeping(&lower)
+                || is_delivery_header(send.delivery_headers, &lower)
             {
                 continue;
             }
@@ -399,17 +399,16 @@ impl<'a, M: Message> IntoFuture for SendBuilder<'a, M> {
     }
 }
 
-/// Headers a broker adds to a delivery about that delivery (RabbitMQ's dead-letter history
-/// `x-death` / `x-first-death-*` / `x-last-death-*`, the delayed-message plugin's `x-delay`,
-/// federation's `x-received-from`, quorum queues' `x-delivery-count`): they describe the
-/// consumed message's trip, not a message published while consuming it, so they are not
-/// carried. (MassTransit 8 drops only `MT-*` when it carries headers
-/// (`SendContextExtensions.TransferConsumeContextHeaders`); with its raw JSON serializer these
-/// reach the next message and, on RabbitMQ, make a fresh message look dead-lettered.)
-fn is_broker_bookkeeping(lower: &str) -> bool {
-    matches!(
-        lower,
-        "x-death" | "x-delay" | "x-received-from" | "x-delivery-count"
-    ) || lower.starts_with("x-first-death-")
-        || lower.starts_with("x-last-death-")
+/// Whether `lower` (a lower-cased header name) is one the transport adds about a delivery
+/// (`TransportProfile::delivery_headers`). MassTransit carries every non-`MT-` header
+/// (`SendContextExtensions.TransferConsumeContextHeaders`); with its raw JSON serializer a
+/// RabbitMQ `x-death` then reaches the next message and makes it look dead-lettered.
+fn is_delivery_header(names: &[&str], lower: &str) -> bool {
+    names.iter().any(|name| match name.strip_suffix('*') {
+        Some(prefix) => lower
+            .as_bytes()
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes())),
+        None => lower.eq_ignore_ascii_case(name),
+    })
 }

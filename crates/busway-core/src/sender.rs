@@ -17,6 +17,9 @@ pub(crate) struct SendContext {
     pub(crate) transport: Arc<dyn Transport>,
     /// The transport's `messaging.system` name.
     pub(crate) system: &'static str,
+    /// Headers the transport adds about a delivery, not carried on
+    /// ([`crate::transport::TransportProfile::delivery_headers`]).
+    pub(crate) delivery_headers: &'static [&'static str],
     /// The bus's serializers (its default writer, and every reader).
     pub(crate) serializers: Serializers,
     /// The send pipeline: tracing, user send layers, serialization and the transport.

@@ -15,6 +15,18 @@ use busway_core::urn::EntityNameStyle;
 /// RabbitMqTransport/RabbitMqMessageNameFormatter.cs`).
 pub const ENTITY_NAMES: EntityNameStyle = EntityNameStyle::new("::", "--", ":", "-");
 
+/// Headers RabbitMQ (and its plugins) add to a delivery about that delivery: dead-letter
+/// history, the delayed-message plugin's delay, federation's origin, quorum queues' count.
+/// busway does not carry them into messages sent while consuming.
+pub const DELIVERY_HEADERS: &[&str] = &[
+    "x-death",
+    "x-first-death-*",
+    "x-last-death-*",
+    "x-delay",
+    "x-received-from",
+    "x-delivery-count",
+];
+
 /// The direct exchange dead-lettered delayed messages return through.
 pub const DELAYED_EXCHANGE: &str = "busway.delayed";
 

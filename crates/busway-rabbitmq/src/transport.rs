@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::config::{DEFAULT_URL, RabbitMqBuilder, RabbitMqConfig, URL_ENV};
 use crate::connector::{Attempt, Connector};
 use crate::declare::{self, EndpointSpec};
-use crate::naming::{ENTITY_NAMES, REPLY_TO, exchange_name};
+use crate::naming::{DELIVERY_HEADERS, ENTITY_NAMES, REPLY_TO, exchange_name};
 use crate::receive::RabbitReceiver;
 use crate::route::{ExchangeSpec, Route, publish};
 use crate::wire;
@@ -257,6 +257,7 @@ impl Transport for RabbitMq {
             .with_capabilities(Capabilities::new().with_delayed_delivery(true))
             .with_default_prefetch(self.connector.config.prefetch)
             .with_entity_names(ENTITY_NAMES)
+            .with_delivery_headers(DELIVERY_HEADERS)
     }
 
     fn endpoint_address(&self, name: &str) -> String {

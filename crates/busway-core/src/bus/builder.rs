@@ -392,6 +392,7 @@ impl BusBuilder {
             send: SendContext {
                 transport,
                 system: profile.system,
+                delivery_headers: profile.delivery_headers,
                 serializers,
                 pipeline: send,
                 host,

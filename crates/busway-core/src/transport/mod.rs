@@ -102,6 +102,10 @@ pub struct TransportProfile {
     /// How message types become entity names (exchanges, topics) on this transport, for the
     /// default [`Transport::publish_address`] and [`Transport::describe`].
     pub entity_names: EntityNameStyle,
+    /// Headers the broker adds to a delivery about that delivery (RabbitMQ's dead-letter
+    /// history): not carried into messages sent while consuming it. A name ending in `*` is
+    /// a prefix; names compare without regard to case.
+    pub delivery_headers: &'static [&'static str],
 }
 
 impl TransportProfile {
@@ -114,7 +118,14 @@ impl TransportProfile {
             default_prefetch: None,
             default_serializer: None,
             entity_names: EntityNameStyle::COLONS,
+            delivery_headers: &[],
         }
+    }
+
+    /// Headers the broker adds about a delivery, which busway does not carry on.
+    pub fn with_delivery_headers(mut self, headers: &'static [&'static str]) -> Self {
+        self.delivery_headers = headers;
+        self
     }
 
     /// How message types become entity names (default [`EntityNameStyle::COLONS`]).
