@@ -36,6 +36,7 @@ mod confirms;
 mod connector;
 mod declare;
 mod frame_guard;
+mod link;
 pub mod naming;
 mod receive;
 mod route;
