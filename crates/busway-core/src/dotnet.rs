@@ -25,8 +25,21 @@ use chrono::{DateTime, FixedOffset, NaiveDateTime, Timelike, Utc};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serializer};
 
-macro_rules! option_module {
-    ($ty:ty) => {
+/// The serde functions of a module with `format(&$arg) -> String` and
+/// `parse(&str) -> Result<$ty, String>`: `serialize` and `deserialize` for `$ty`, and an
+/// `option` child for `Option<$ty>`.
+macro_rules! string_form {
+    ($ty:ty, $arg:ty) => {
+        /// Writes [`format()`].
+        pub fn serialize<S: Serializer>(value: &$arg, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_str(&format(value))
+        }
+
+        /// Reads [`parse()`].
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<$ty, D::Error> {
+            parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
+        }
+
         /// The same for an `Option` field (JSON `null` is `None`).
         pub mod option {
             use super::*;
@@ -75,7 +88,7 @@ macro_rules! option_module {
 pub mod time_span {
     use super::*;
 
-    option_module!(Duration);
+    string_form!(Duration, Duration);
 
     /// Formats `value` as .NET does (sub-tick nanoseconds are dropped).
     pub fn format(value: &Duration) -> String {
@@ -143,17 +156,6 @@ pub mod time_span {
             .ok_or_else(bad)?;
         Ok(Duration::new(secs, (ticks * 100) as u32))
     }
-
-    /// Writes [`format()`].
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(value))
-    }
-
-    /// Reads [`parse()`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse(&text).map_err(D::Error::custom)
-    }
 }
 
 /// The fraction .NET writes: up to seven digits, trailing zeros trimmed, none when zero.
@@ -183,7 +185,7 @@ fn trimmed_fraction(nanos: u32) -> String {
 pub mod date_time {
     use super::*;
 
-    option_module!(NaiveDateTime);
+    string_form!(NaiveDateTime, NaiveDateTime);
 
     /// Formats `value` as .NET does.
     pub fn format(value: &NaiveDateTime) -> String {
@@ -203,21 +205,6 @@ pub mod date_time {
             .map(|t| t.naive_utc())
             .map_err(|e| format!("`{text}` is not a .NET DateTime: {e}"))
     }
-
-    /// Writes [`format()`].
-    pub fn serialize<S: Serializer>(
-        value: &NaiveDateTime,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(value))
-    }
-
-    /// Reads [`parse()`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<NaiveDateTime, D::Error> {
-        parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
-    }
 }
 
 /// A `DateTime` of kind Utc, as System.Text.Json writes it: `Z`, the fraction trimmed
@@ -225,7 +212,7 @@ pub mod date_time {
 pub mod date_time_utc {
     use super::*;
 
-    option_module!(DateTime<Utc>);
+    string_form!(DateTime<Utc>, DateTime<Utc>);
 
     /// Formats `value` as .NET does.
     pub fn format(value: &DateTime<Utc>) -> String {
@@ -235,21 +222,6 @@ pub mod date_time_utc {
     /// Reads an RFC 3339 time, or one without an offset taken as UTC.
     pub fn parse(text: &str) -> Result<DateTime<Utc>, String> {
         super::date_time::parse(text).map(|t| t.and_utc())
-    }
-
-    /// Writes [`format()`].
-    pub fn serialize<S: Serializer>(
-        value: &DateTime<Utc>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(value))
-    }
-
-    /// Reads [`parse()`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<DateTime<Utc>, D::Error> {
-        parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
     }
 }
 
@@ -269,7 +241,7 @@ pub mod date_time_utc {
 pub mod date_time_offset {
     use super::*;
 
-    option_module!(DateTime<FixedOffset>);
+    string_form!(DateTime<FixedOffset>, DateTime<FixedOffset>);
 
     /// Formats `value` as .NET does.
     pub fn format(value: &DateTime<FixedOffset>) -> String {
@@ -288,21 +260,6 @@ pub mod date_time_offset {
     pub fn parse(text: &str) -> Result<DateTime<FixedOffset>, String> {
         DateTime::parse_from_rfc3339(text)
             .map_err(|e| format!("`{text}` is not a .NET DateTimeOffset: {e}"))
-    }
-
-    /// Writes [`format()`].
-    pub fn serialize<S: Serializer>(
-        value: &DateTime<FixedOffset>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(value))
-    }
-
-    /// Reads [`parse()`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<DateTime<FixedOffset>, D::Error> {
-        parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
     }
 }
 
@@ -323,7 +280,7 @@ pub mod bytes {
 
     use super::*;
 
-    option_module!(Vec<u8>);
+    string_form!(Vec<u8>, [u8]);
 
     /// Formats `value` as base64.
     pub fn format(value: &[u8]) -> String {
@@ -335,16 +292,6 @@ pub mod bytes {
         STANDARD
             .decode(text)
             .map_err(|e| format!("not base64 (a .NET byte[]): {e}"))
-    }
-
-    /// Writes [`format()`].
-    pub fn serialize<S: Serializer>(value: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&format(value))
-    }
-
-    /// Reads [`parse()`].
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
-        parse(&String::deserialize(deserializer)?).map_err(D::Error::custom)
     }
 }
 
