@@ -1541,6 +1541,50 @@ mod rabbit_specific {
         let _ = conn.close(200, ShortString::from("done")).await;
     }
 
+    /// A busway service answering `CheckOrder` with `OrderStatus { status }`, faulting for
+    /// the nil order id.
+    async fn order_check_service(
+        vhost: &TestVhost,
+        service: &str,
+        status: &'static str,
+    ) -> (Bus, busway::RunningBus) {
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .receive_endpoint(service.to_string(), move |e| {
+                e.handler(move |ctx: ConsumeContext<CheckOrder>| async move {
+                    if ctx.message().order_id.is_nil() {
+                        return Err(ConsumeError::msg("no such order"));
+                    }
+                    ctx.respond(OrderStatus {
+                        order_id: ctx.message().order_id,
+                        status: status.into(),
+                    })
+                    .await
+                    .map_err(ConsumeError::from)?;
+                    Ok(())
+                })
+            })
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        (bus, running)
+    }
+
+    /// The `Fault<CheckOrder>` a busway service sends for request `request_id`, as a
+    /// MassTransit request client reads it.
+    fn assert_check_order_fault(fault: &Value, request_id: &str) {
+        assert_eq!(fault["requestId"], request_id);
+        assert_eq!(
+            fault["messageType"][0],
+            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]"
+        );
+        assert_eq!(
+            fault["message"]["exceptions"][0]["message"],
+            "no such order"
+        );
+    }
+
     /// Issue 14.1: a MassTransit request client that uses RabbitMQ's direct reply-to
     /// (`SetRabbitMqReplyToRequestClientFactory`) gets its answer. As MassTransit does it
     /// (`RabbitMqRequestClientExtensions`, `RabbitMqSendTransportContext`): it consumes
@@ -1554,26 +1598,7 @@ mod rabbit_specific {
         init_tracing();
         let vhost = TestVhost::create("interop-reply-to");
         let service = unique("check-order-direct");
-        let bus = Bus::builder()
-            .transport(transport_for(&vhost.url()))
-            .receive_endpoint(service.clone(), |e| {
-                e.handler(|ctx: ConsumeContext<CheckOrder>| async move {
-                    if ctx.message().order_id.is_nil() {
-                        return Err(ConsumeError::msg("no such order"));
-                    }
-                    ctx.respond(OrderStatus {
-                        order_id: ctx.message().order_id,
-                        status: "packed".into(),
-                    })
-                    .await
-                    .map_err(ConsumeError::from)?;
-                    Ok(())
-                })
-            })
-            .build()
-            .await
-            .expect("build");
-        let running = bus.start().await.expect("start");
+        let (_bus, running) = order_check_service(&vhost, &service, "packed").await;
 
         let (conn, channel) = raw::channel(&vhost.url()).await;
         let mut replies = channel
@@ -1632,11 +1657,7 @@ mod rabbit_specific {
             .expect("a delivery")
             .expect("a good delivery");
         let fault: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
-        assert_eq!(fault["requestId"], "181c0000-6393-3630-a1b2-08daf4e7c7ee");
-        assert_eq!(
-            fault["messageType"][0],
-            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]"
-        );
+        assert_check_order_fault(&fault, "181c0000-6393-3630-a1b2-08daf4e7c7ee");
         // Nothing named amq.rabbitmq.reply-to was declared (the broker refuses that).
         let exchanges = vhost.list("list_exchanges", &["name"]);
         assert!(
@@ -1661,26 +1682,7 @@ mod rabbit_specific {
         init_tracing();
         let vhost = TestVhost::create("interop-request");
         let service = unique("check-order");
-        let bus = Bus::builder()
-            .transport(transport_for(&vhost.url()))
-            .receive_endpoint(service.clone(), |e| {
-                e.handler(|ctx: ConsumeContext<CheckOrder>| async move {
-                    if ctx.message().order_id.is_nil() {
-                        return Err(ConsumeError::msg("no such order"));
-                    }
-                    ctx.respond(OrderStatus {
-                        order_id: ctx.message().order_id,
-                        status: "shipped".into(),
-                    })
-                    .await
-                    .map_err(ConsumeError::from)?;
-                    Ok(())
-                })
-            })
-            .build()
-            .await
-            .expect("build");
-        let running = bus.start().await.expect("start");
+        let (_bus, running) = order_check_service(&vhost, &service, "shipped").await;
 
         let (conn, channel) = raw::channel(&vhost.url()).await;
         let bus_queue = "DESKTOP_OrderClient_bus_7kyoyyfqw4rbyx8ibdq3ruuu8z";
@@ -1786,15 +1788,7 @@ mod rabbit_specific {
             .expect("a delivery")
             .expect("a good delivery");
         let fault: Value = serde_json::from_slice(&delivery.data).expect("a JSON envelope");
-        assert_eq!(fault["requestId"], "181c0000-6393-3630-a1b2-08daf4e7c6ee");
-        assert_eq!(
-            fault["messageType"][0],
-            "urn:message:MassTransit:Fault[[Contracts:CheckOrder]]"
-        );
-        assert_eq!(
-            fault["message"]["exceptions"][0]["message"],
-            "no such order"
-        );
+        assert_check_order_fault(&fault, "181c0000-6393-3630-a1b2-08daf4e7c6ee");
         // The queue is still the one the client declared: nothing re-declared it.
         let queues = vhost.list(
             "list_queues",
