@@ -948,6 +948,113 @@ mod rabbit_specific {
         drop(bus);
     }
 
+    /// Issue 14.8, recurring: `ScheduleRecurringMessage` and the cancel, pause and resume
+    /// commands reach a MassTransit scheduler endpoint in MassTransit's shape
+    /// (`ScheduleRecurringMessageCommand<T>`, `RecurringSchedule`, `MissedEventPolicy` as a
+    /// number, `CancelScheduledRecurringMessageCommand`; `EndpointRecurringMessageScheduler`
+    /// sends each to the scheduler's queue).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recurring_schedules_through_a_masstransit_scheduler_endpoint() {
+        use busway::scheduling::{MissedEventPolicy, RecurringSchedule};
+        init_tracing();
+        let vhost = TestVhost::create("interop-recurring");
+        let bus = Bus::builder()
+            .transport(transport_for(&vhost.url()))
+            .build()
+            .await
+            .expect("build");
+        let (conn, channel) = raw::channel(&vhost.url()).await;
+        let mut schedule = RecurringSchedule::new("DailyReminder", "Reminders", "0 0 6 * * ?");
+        schedule.misfire_policy = MissedEventPolicy::Skip;
+        schedule.time_zone_id = "Europe/Paris".into();
+        let handle = bus
+            .schedule_recurring_send_via(
+                "queue:quartz",
+                "queue:reminders",
+                schedule.clone(),
+                RemindCustomer { n: 9 },
+            )
+            .await
+            .expect("schedule a recurring send");
+        bus.pause_scheduled_recurring_send_via("queue:quartz", &handle)
+            .await
+            .expect("pause");
+        bus.resume_scheduled_recurring_send_via("queue:quartz", &handle)
+            .await
+            .expect("resume");
+        bus.cancel_scheduled_recurring_send_via("queue:quartz", &handle)
+            .await
+            .expect("cancel");
+        let mut quartz = raw::consume(&channel, "quartz").await;
+        let command = raw::next_json(&mut quartz, WAIT, "ScheduleRecurringMessage").await;
+        assert_eq!(
+            command["messageType"],
+            serde_json::json!(["urn:message:MassTransit.Scheduling:ScheduleRecurringMessage"])
+        );
+        let m = &command["message"];
+        assert!(
+            m["correlationId"]
+                .as_str()
+                .is_some_and(|id| id.parse::<Uuid>().is_ok())
+        );
+        assert_eq!(
+            m["payloadType"],
+            serde_json::json!(["urn:message:Contracts:RemindCustomer"])
+        );
+        assert_eq!(
+            m["destination"],
+            format!("rabbitmq://127.0.0.1/{}/reminders", vhost.name())
+        );
+        assert_eq!(m["payload"]["n"], 9);
+        let s = &m["schedule"];
+        let fields: BTreeSet<&str> = s
+            .as_object()
+            .expect("a schedule object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            fields,
+            BTreeSet::from([
+                "timeZoneId",
+                "startTime",
+                "endTime",
+                "scheduleId",
+                "scheduleGroup",
+                "cronExpression",
+                "description",
+                "misfirePolicy"
+            ]),
+            "RecurringSchedule's eight properties"
+        );
+        assert_eq!(s["scheduleId"], "DailyReminder");
+        assert_eq!(s["scheduleGroup"], "Reminders");
+        assert_eq!(s["cronExpression"], "0 0 6 * * ?");
+        assert_eq!(s["timeZoneId"], "Europe/Paris");
+        assert_eq!(s["misfirePolicy"], 1, "MissedEventPolicy.Skip as a number");
+        assert_eq!(s["endTime"], Value::Null);
+        let start = DateTime::parse_from_rfc3339(s["startTime"].as_str().expect("a time"))
+            .expect("a DateTimeOffset");
+        assert_eq!(
+            start.timestamp_micros(),
+            schedule.start_time.timestamp_micros()
+        );
+        for kind in ["Pause", "Resume", "Cancel"] {
+            let command = raw::next_json(&mut quartz, WAIT, kind).await;
+            assert_eq!(
+                command["messageType"],
+                serde_json::json!([format!(
+                    "urn:message:MassTransit.Scheduling:{kind}ScheduledRecurringMessage"
+                )])
+            );
+            let m = &command["message"];
+            assert_eq!(m["scheduleId"], "DailyReminder");
+            assert_eq!(m["scheduleGroup"], "Reminders");
+            assert!(m["timestamp"].is_string() && m["correlationId"].is_string());
+        }
+        let _ = conn.close(200, ShortString::from("done")).await;
+    }
+
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
     #[serde(rename_all = "camelCase")]
     #[message(urn = "urn:message:Contracts:OrderShipped")]

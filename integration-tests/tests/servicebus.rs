@@ -150,7 +150,13 @@ mod servicebus_specific {
     /// Sends a message over the REST data plane with raw HTTP, as a .NET client's
     /// `ServiceBusSender` would put it on the wire: `BrokerProperties` JSON and each
     /// application property as a header of its own (HTTP makes the names lower case).
-    async fn post_raw(standin: &StandIn, queue: &str, properties: &[(&str, &str)], body: &str) {
+    async fn post_raw(
+        standin: &StandIn,
+        queue: &str,
+        content_type: &str,
+        properties: &[(&str, &str)],
+        body: &str,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let connection =
             busway::servicebus::ConnectionString::parse(&standin.connection_string()).expect("cs");
@@ -158,7 +164,7 @@ mod servicebus_specific {
         let token = busway::servicebus::sas_token(&connection, &url, 600).expect("token");
         let host = standin.base_url().trim_start_matches("http://").to_string();
         let mut request = format!(
-            "POST /{queue}/messages HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "POST /{queue}/messages HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
         for (name, value) in properties {
@@ -208,6 +214,7 @@ mod servicebus_specific {
         post_raw(
             &standin,
             &name,
+            "application/json",
             &[
                 (
                     "BrokerProperties",
@@ -232,6 +239,60 @@ mod servicebus_specific {
             Some("181c0000-6393-3630-7cc2-08daf4e7cb02")
         );
         running.shutdown().await.expect("shutdown");
+    }
+
+    /// Issue 14 on Service Bus, MassTransit → busway publish: a MassTransit publisher posts
+    /// the envelope to the message type's topic (`Contracts/ParcelScanned`,
+    /// `ServiceBusMessageNameFormatter`) with `ContentType` `application/vnd.masstransit+json`
+    /// and `MessageId` in its `N` form (`ServiceBusSendTransportContext.CreateMessage`); a
+    /// busway consumer's subscription receives it with the envelope's identity and source.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn masstransit_publish_reaches_a_busway_subscription() {
+        init_tracing();
+        let standin = StandIn::start();
+        let t = on_standin(&standin).build().expect("transport");
+        let name = unique("depots");
+        let got = Recorder::<(String, Option<Uuid>, Option<String>)>::default();
+        let on = got.record(|ctx: &ConsumeContext<ParcelScanned>| {
+            (
+                ctx.message().depot.clone(),
+                ctx.message_id(),
+                ctx.source_address().map(str::to_string),
+            )
+        });
+        let bus = Bus::builder()
+            .transport(t.clone())
+            .receive_endpoint(name.clone(), move |e| e.handler(on))
+            .build()
+            .await
+            .expect("build");
+        let running = bus.start().await.expect("start");
+        let envelope = r#"{"messageId":"181c0000-6393-3630-36a4-08daf4e7cc01","conversationId":"181c0000-6393-3630-7cc2-08daf4e7cc02","sourceAddress":"sb://busway-standin.servicebus.windows.net/scanner","destinationAddress":"sb://busway-standin.servicebus.windows.net/Contracts/ParcelScanned","messageType":["urn:message:Contracts:ParcelScanned"],"message":{"parcelId":"5a1c2b3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d","depot":"York"},"sentTime":"2026-12-03T10:00:00.1234567Z","headers":{},"host":{"machineName":"SCANNER","processName":"Scanner","processId":7,"assembly":"Scanner","assemblyVersion":"1.0.0.0","frameworkVersion":"8.0.1","massTransitVersion":"8.5.8.0","operatingSystemVersion":"Unix 6.1.0"}}"#;
+        post_raw(
+            &standin,
+            "Contracts/ParcelScanned",
+            "application/vnd.masstransit+json",
+            &[(
+                "BrokerProperties",
+                r#"{"MessageId":"181c00006393363036a408daf4e7cc01"}"#,
+            )],
+            envelope,
+        )
+        .await;
+        let seen = got
+            .wait_for(1, WAIT, "the MassTransit publish consumed")
+            .await;
+        assert_eq!(seen[0].0, "York");
+        assert_eq!(
+            seen[0].1.map(|u| u.to_string()).as_deref(),
+            Some("181c0000-6393-3630-36a4-08daf4e7cc01")
+        );
+        assert_eq!(
+            seen[0].2.as_deref(),
+            Some("sb://busway-standin.servicebus.windows.net/scanner")
+        );
+        running.shutdown().await.expect("shutdown");
+        assert_eq!(standin.counts().completed, 1, "settled once");
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize, Message)]

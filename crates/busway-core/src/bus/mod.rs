@@ -20,7 +20,6 @@ use crate::address::IntoAddress;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::outgoing::OutgoingMessage;
-use crate::scheduling::ScheduledMessage;
 use crate::send::SendBuilder;
 use crate::sender::SendContext;
 use crate::serializer::ReceivedMessage;
@@ -29,6 +28,7 @@ use crate::transport::Transport;
 
 pub mod builder;
 pub mod running;
+mod schedule;
 
 /// How long `RunningBus::shutdown` waits for in-flight messages by default.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -186,109 +186,6 @@ impl Bus {
     /// such as `loopback://localhost/name`.
     pub fn send<M: Message>(&self, address: impl IntoAddress, message: M) -> SendBuilder<'_, M> {
         SendBuilder::send(&self.shared.send, None, address.into_address(), message)
-    }
-
-    /// Sends `message` to `address` after `delay` through the transport's delayed delivery,
-    /// with a scheduling token (`MT-Scheduling-TokenId`) in its headers; the handle cancels it
-    /// with [`Bus::cancel_scheduled_send`].
-    pub async fn schedule_send<M: Message>(
-        &self,
-        address: impl IntoAddress,
-        delay: std::time::Duration,
-        message: M,
-    ) -> Result<ScheduledMessage> {
-        let address = address.into_address()?;
-        let token_id = crate::message::new_id();
-        let destination = self.full_address(&address);
-        let scheduled_time = chrono::Duration::from_std(delay)
-            .ok()
-            .and_then(|d| chrono::Utc::now().checked_add_signed(d))
-            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
-        self.send(address, message)
-            .delay(delay)
-            .header(
-                crate::headers::names::SCHEDULING_TOKEN_ID,
-                token_id.to_string(),
-            )
-            .await?;
-        Ok(ScheduledMessage {
-            token_id,
-            scheduled_time,
-            destination,
-        })
-    }
-
-    /// Cancels a send scheduled with [`Bus::schedule_send`]: when the message arrives at an
-    /// endpoint of this bus, it is acknowledged and not consumed. Brokers cannot take back a
-    /// delayed message, and another bus does not know of the cancellation (MassTransit's own
-    /// delayed scheduler cannot cancel at all); a scheduler endpoint can
-    /// ([`Bus::cancel_scheduled_send_via`]).
-    pub fn cancel_scheduled_send(&self, scheduled: &ScheduledMessage) {
-        self.shared.cancelled_schedules.cancel(scheduled.token_id);
-    }
-
-    /// Schedules `message` through a scheduler endpoint (a MassTransit Quartz or Hangfire
-    /// service at `scheduler`): sends it a [`crate::scheduling::ScheduleMessage`] that says to
-    /// send `message` to `destination` at `at`.
-    pub async fn schedule_send_via<M: Message>(
-        &self,
-        scheduler: impl IntoAddress,
-        destination: impl IntoAddress,
-        at: chrono::DateTime<chrono::Utc>,
-        message: M,
-    ) -> Result<ScheduledMessage> {
-        let destination = self.full_address(&destination.into_address()?);
-        let payload = serde_json::value::to_raw_value(&message).map_err(|e| {
-            crate::error::Error::with_source(
-                crate::error::ErrorKind::Serialize,
-                format!("could not serialize {}", M::message_type()),
-                e,
-            )
-        })?;
-        let token_id = crate::message::new_id();
-        let payload_type = std::iter::once(M::message_type())
-            .chain(M::implemented_types())
-            .map(|u| u.as_str().to_string())
-            .collect();
-        let command = crate::scheduling::ScheduleMessage {
-            correlation_id: token_id,
-            scheduled_time: at,
-            payload_type,
-            destination: destination.clone(),
-            payload,
-        };
-        self.send(scheduler, command)
-            .correlation_id(token_id)
-            .await?;
-        Ok(ScheduledMessage {
-            token_id,
-            scheduled_time: at,
-            destination,
-        })
-    }
-
-    /// Cancels a send scheduled with [`Bus::schedule_send_via`]: sends the scheduler a
-    /// [`crate::scheduling::CancelScheduledMessage`] with its token.
-    pub async fn cancel_scheduled_send_via(
-        &self,
-        scheduler: impl IntoAddress,
-        scheduled: &ScheduledMessage,
-    ) -> Result<()> {
-        let command = crate::scheduling::CancelScheduledMessage {
-            correlation_id: crate::message::new_id(),
-            timestamp: chrono::Utc::now(),
-            token_id: scheduled.token_id,
-        };
-        self.send(scheduler, command).await
-    }
-
-    /// A full address on this bus's transport for `address` (short forms become the
-    /// transport's endpoint address), as MassTransit's `destination` fields are.
-    fn full_address(&self, address: &crate::address::Address) -> String {
-        match address.kind() {
-            crate::address::AddressKind::Uri => address.to_string(),
-            _ => self.transport().endpoint_address(address.name()),
-        }
     }
 
     /// Delivers a message built earlier (with [`SendBuilder::into_outgoing`], or read back
