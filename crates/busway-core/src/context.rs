@@ -393,6 +393,16 @@ impl<M> ConsumeContext<M> {
         self.message
     }
 
+    /// The same delivery with `message` in place of this one: what it publishes, sends and
+    /// responds carries the conversation on as this context would. For extensions that act
+    /// for a consumed message with a value of their own (a saga's `finally` activities).
+    pub fn with_message<N>(&self, message: N) -> ConsumeContext<N> {
+        ConsumeContext {
+            message,
+            receive: self.receive.clone(),
+        }
+    }
+
     /// The delivery below the typed message.
     pub fn receive_context(&self) -> &ReceiveContext {
         &self.receive

@@ -47,6 +47,10 @@ impl<M: Message> Message for Fault<M> {
     fn correlation_id(&self) -> Option<Uuid> {
         self.message.correlation_id()
     }
+
+    fn has_correlation_id() -> bool {
+        M::has_correlation_id()
+    }
 }
 
 /// What the error-queue headers say about a fault.

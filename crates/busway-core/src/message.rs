@@ -58,6 +58,13 @@ pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn correlation_id(&self) -> Option<Uuid> {
         None
     }
+
+    /// True when the contract carries its own correlation id ([`Message::correlation_id`]
+    /// is implemented; `#[message(correlation_id)]` on a field), so that a saga can correlate
+    /// the message without being told how.
+    fn has_correlation_id() -> bool {
+        false
+    }
 }
 
 /// How a type appears as a generic argument of a message type URN, as MassTransit writes it:

@@ -373,6 +373,10 @@ fn expand(input: &DeriveInput) -> syn::Result<TokenStream2> {
             fn correlation_id(&self) -> ::core::option::Option<#krate::__private::Uuid> {
                 #krate::__private::ToCorrelationId::to_correlation_id(&#access)
             }
+
+            fn has_correlation_id() -> bool {
+                true
+            }
         }
     });
 

@@ -61,6 +61,7 @@ pub struct BusBuilder {
     observers: Vec<Arc<dyn BusObserver>>,
     host: Option<HostInfo>,
     request_timeout: Duration,
+    errors: Vec<String>,
 }
 
 impl Default for BusBuilder {
@@ -78,6 +79,7 @@ impl Default for BusBuilder {
             observers: Vec::new(),
             host: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            errors: Vec::new(),
         }
     }
 }
@@ -140,6 +142,29 @@ impl BusBuilder {
             type_name,
             registrations: Arc::new(consumer).registrations(),
         });
+        self
+    }
+
+    /// Adds registrations (one consumer of several message types, as an extension such as
+    /// a saga builds them) on an endpoint named after `type_name` by the endpoint name
+    /// formatter, as [`BusBuilder::consumer`] does for a consumer type.
+    pub fn consumer_registrations(
+        mut self,
+        type_name: impl Into<String>,
+        registrations: Vec<ConsumerRegistration>,
+    ) -> Self {
+        self.auto.push(AutoConsumer {
+            type_name: type_name.into(),
+            registrations,
+        });
+        self
+    }
+
+    /// Makes [`BusBuilder::build`] fail with a configuration error that says `reason`: for
+    /// extensions that check what they are given (a saga state machine that cannot work)
+    /// from a builder method that returns `Self`.
+    pub fn config_error(mut self, reason: impl Into<String>) -> Self {
+        self.errors.push(reason.into());
         self
     }
 
@@ -288,6 +313,15 @@ impl BusBuilder {
     /// Builds the bus: computes the topology and deploys it on the transport (connecting
     /// it). Publishing and sending work from here on; [`Bus::start`] starts consuming.
     pub async fn build(self) -> Result<Bus> {
+        let mut errors = self.errors;
+        errors.extend(self.endpoints.iter().flat_map(|e| {
+            e.errors
+                .iter()
+                .map(|reason| format!("endpoint `{}`: {reason}", e.name))
+        }));
+        if !errors.is_empty() {
+            return Err(Error::config(errors.join("; ")));
+        }
         let transport: Arc<dyn Transport> =
             self.transport.unwrap_or_else(|| Arc::new(InMemory::new()));
         let observers = Observers::new(self.observers);

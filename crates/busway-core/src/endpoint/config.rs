@@ -41,6 +41,7 @@ pub struct EndpointConfigurator {
     pub(crate) bind_message_types: bool,
     pub(crate) publish_faults: Option<bool>,
     pub(crate) extensions: Extensions,
+    pub(crate) errors: Vec<String>,
 }
 
 impl EndpointConfigurator {
@@ -59,7 +60,16 @@ impl EndpointConfigurator {
             bind_message_types: true,
             publish_faults: None,
             extensions: Extensions::default(),
+            errors: Vec::new(),
         }
+    }
+
+    /// Makes `Bus::build` fail with a configuration error that names this endpoint and says
+    /// `reason`: for extensions that check what they are given (a saga state machine that
+    /// cannot work) from a configurator method that returns `Self`.
+    pub fn config_error(mut self, reason: impl Into<String>) -> Self {
+        self.errors.push(reason.into());
+        self
     }
 
     /// The endpoint name.
