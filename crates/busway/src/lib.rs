@@ -92,6 +92,13 @@ pub use busway_rabbitmq as rabbitmq;
 #[doc(inline)]
 pub use busway_outbox as outbox;
 
+/// Saga state machines: `busway::saga::{StateMachine, InMemorySagaRepository}`, and the
+/// database repositories with `postgres` and `sqlite`.
+#[cfg(feature = "saga")]
+#[cfg_attr(docsrs, doc(cfg(feature = "saga")))]
+#[doc(inline)]
+pub use busway_saga as saga;
+
 /// Cancellation of consumers and requests (`tokio_util`'s token).
 pub use busway_core::CancellationToken;
 
