@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod db;
 pub mod kafka;
 pub mod rabbit;
+pub mod saga_worker;
 pub mod servicebus;
 pub mod support;
 

@@ -222,21 +222,32 @@ pub async fn take_queue<F: TransportFixture>(
     count: usize,
     timeout: Duration,
 ) -> Vec<TransportMessage> {
+    take_from(fixture.name(), transport, queue, count, timeout).await
+}
+
+/// Takes messages from `queue` through `admin` until `count` have arrived; panics naming
+/// `service` after `timeout`.
+pub async fn take_from(
+    service: &str,
+    admin: &(impl QueueAdmin + ?Sized),
+    queue: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<TransportMessage> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::new();
     loop {
-        let taken = transport
+        let taken = admin
             .take_messages(queue, 1000)
             .await
-            .unwrap_or_else(|e| panic!("{}: reading `{queue}` failed: {e}", fixture.name()));
+            .unwrap_or_else(|e| panic!("{service}: reading `{queue}` failed: {e}"));
         out.extend(taken);
         if out.len() >= count {
             return out;
         }
         if tokio::time::Instant::now() > deadline {
             panic!(
-                "{}: expected {count} message(s) in `{queue}` within {timeout:?}, found {}",
-                fixture.name(),
+                "{service}: expected {count} message(s) in `{queue}` within {timeout:?}, found {}",
                 out.len()
             );
         }

@@ -26,6 +26,7 @@ mod lifecycle;
 mod propagation;
 mod requests;
 mod retries;
+mod sagas;
 mod scheduling;
 mod unreadable;
 
@@ -35,6 +36,7 @@ pub use lifecycle::*;
 pub use propagation::*;
 pub use requests::*;
 pub use retries::*;
+pub use sagas::*;
 pub use scheduling::*;
 pub use unreadable::*;
 
@@ -165,6 +167,10 @@ macro_rules! conformance_suite {
             request_response,
             unreadable_responses_go_to_error,
             scheduled_send_waits,
+            saga_lifecycle,
+            saga_events_of_one_instance_never_lose_an_update,
+            saga_timeouts,
+            saga_faults_go_to_error,
         );
     };
     (@tests $attrs:tt; $fixture:expr; $($name:ident),* $(,)?) => {$(
