@@ -37,6 +37,9 @@ pub use machine::{
     RequestTimeoutExpired, Schedule, State, StateMachine,
 };
 pub use register::{BusBuilderSagaExt, EndpointSagaExt};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use repository::RedisSagaRepository;
 pub use repository::{
     InMemorySagaRepository, Query, SagaError, SagaErrorKind, SagaRepository, decode_instance,
     encode_instance,
@@ -44,3 +47,6 @@ pub use repository::{
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use repository::{PostgresSagaRepository, postgres_schema};
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use repository::{SqliteSagaRepository, sqlite_schema};

@@ -14,8 +14,17 @@ mod memory;
 mod postgres;
 
 pub use memory::InMemorySagaRepository;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresSagaRepository, postgres_schema};
+#[cfg(feature = "redis")]
+pub use redis::RedisSagaRepository;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteSagaRepository, sqlite_schema};
 
 /// Stores saga instances. Every write names the version it expects, and refuses with a
 /// [`SagaError::conflict`] when the stored instance has moved on, so that two processes
@@ -269,4 +278,29 @@ pub fn encode_instance<S: SagaState>(
     let data = serde_json::to_string(&instance.data).map_err(fail)?;
     let meta = serde_json::to_string(&instance.meta).map_err(fail)?;
     Ok((meta, data))
+}
+
+/// Refuses a table name that is not a plain (optionally schema-qualified) SQL identifier: the
+/// name goes into SQL text.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn check_table_name(table: &str) -> Result<(), SagaError> {
+    let ok = !table.is_empty()
+        && table.split('.').count() <= 2
+        && table.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(SagaError::storage(format!(
+            "`{table}` is not a table name busway uses: letters, digits and `_`, optionally \
+             `schema.table`"
+        )))
+    }
 }

@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 use uuid::Uuid;
 
-use super::{Query, SagaError, SagaRepository, decode_instance, encode_instance};
+use super::{Query, SagaError, SagaRepository, check_table_name, decode_instance, encode_instance};
 use crate::instance::{Instance, SagaState};
 use crate::testing::InspectSagas;
 
@@ -32,28 +32,6 @@ pub fn postgres_schema(table: &str) -> Result<String, SagaError> {
             updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
         )"
     ))
-}
-
-fn check_table_name(table: &str) -> Result<(), SagaError> {
-    let ok = !table.is_empty()
-        && table.split('.').count() <= 2
-        && table.split('.').all(|part| {
-            !part.is_empty()
-                && part.len() <= 63
-                && part
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(SagaError::storage(format!(
-            "`{table}` is not a table name busway uses: letters, digits and `_`, optionally \
-             `schema.table`"
-        )))
-    }
 }
 
 /// Saga instances in a PostgreSQL table (create it with
