@@ -76,3 +76,22 @@ impl Drop for SqliteFile {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The Redis URL for tests: `BUSWAY_REDIS_URL` or the local server.
+pub fn redis_url() -> String {
+    std::env::var("BUSWAY_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+}
+
+/// Panics with how to start Redis when the local one is down.
+pub fn require_redis() {
+    crate::support::start_watchdog();
+    let reachable = "127.0.0.1:6379"
+        .parse()
+        .map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+        .unwrap_or(false);
+    assert!(
+        reachable || !redis_url().contains("127.0.0.1:6379"),
+        "Redis is not reachable at 127.0.0.1:6379. Start it with `redis-server --daemonize yes \
+         --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no` (or `scripts/services`)."
+    );
+}

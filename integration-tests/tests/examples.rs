@@ -210,3 +210,55 @@ fn outbox_orders_on_postgres() {
     busway_integration_tests::db::require_postgres();
     run_outbox_orders(Some(&url));
 }
+
+fn run_order_saga(database_url: Option<&str>, rabbitmq: bool) {
+    let mut command = Command::new(example("order-saga"));
+    match database_url {
+        Some(url) => command.env("DATABASE_URL", url),
+        None => command.env_remove("DATABASE_URL"),
+    };
+    if rabbitmq {
+        busway_integration_tests::rabbit::require_broker();
+        command.arg("--rabbitmq");
+    }
+    let out = command.output().expect("order-saga runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "OrderPlaced -> Submitted (paid 0 of 42.50)",
+        "PaymentReceived -> Submitted (paid 20.00 of 42.50)",
+        "PaymentReceived -> Paid (paid 42.50 of 42.50)",
+        "ItemShipped -> Final",
+        "PaymentTimeout -> Cancelled",
+        "the paid order closed: completed",
+        "the unpaid order closed: cancelled",
+        "done",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("PaymentTimeout ->").count(),
+        1,
+        "the paid order's timeout was unscheduled:\n{stdout}"
+    );
+}
+
+#[test]
+fn order_saga_on_sqlite_and_the_in_memory_transport() {
+    run_order_saga(None, false);
+}
+
+#[test]
+fn order_saga_on_postgres_and_rabbitmq() {
+    let url = busway_integration_tests::db::postgres_url();
+    busway_integration_tests::db::require_postgres();
+    run_order_saga(Some(&url), true);
+}

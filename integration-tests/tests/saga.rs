@@ -14,6 +14,7 @@ use busway::saga::{
     SagaError, SagaRepository, StateMachine,
 };
 use busway::{ReceiveContext, TransportMessage, headers::names};
+use busway_integration_tests::saga_worker::{TickState, competing_ticks};
 use busway_integration_tests::support::{Counter, Recorder, init_tracing, take_from, wait_until};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -523,87 +524,13 @@ fn counter_machine() -> StateMachine<CounterState> {
 }
 
 /// Two buses (two processes' worth of endpoints, each with its own per-instance locks)
-/// compete for one queue over one repository: version checks and retries keep every counter
-/// exact, and each event's `CountedAck` reaches the downstream consumer exactly once.
+/// compete for one queue over one repository: version checks and re-runs keep every counter
+/// exact, and each tick's ack reaches the downstream consumer exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_buses_on_one_repository_lose_no_update_and_send_no_duplicate() {
     init_tracing();
-    const INSTANCES: usize = 20;
-    const PER_INSTANCE: u32 = 100;
-    let broker = InMemory::new();
-    let repo = InMemorySagaRepository::<CounterState>::new();
-    let acks = Recorder::<(Uuid, u32)>::default();
-    let saga_bus = || {
-        Bus::builder()
-            .transport(broker.clone())
-            .receive_endpoint("shared-counter", {
-                let repo = repo.clone();
-                move |e| {
-                    e.prefetch(64)
-                        .concurrency_limit(32)
-                        .state_machine(counter_machine(), repo)
-                }
-            })
-            .build()
-    };
-    let one = saga_bus().await.expect("bus one");
-    let two = saga_bus().await.expect("bus two");
-    let downstream =
-        Bus::builder()
-            .transport(broker.clone())
-            .receive_endpoint("acks", {
-                let acks = acks.clone();
-                move |e| {
-                    e.handler(acks.record(|c: &ConsumeContext<CountedAck>| {
-                        (c.message().order_id, c.message().n)
-                    }))
-                }
-            })
-            .build()
-            .await
-            .expect("downstream");
-    let r1 = one.start().await.expect("start");
-    let r2 = two.start().await.expect("start");
-    let r3 = downstream.start().await.expect("start");
-    let ids: Vec<Uuid> = (0..INSTANCES).map(|_| Uuid::now_v7()).collect();
-    let mut events: Vec<(Uuid, u32)> = ids
-        .iter()
-        .flat_map(|id| (1..=PER_INSTANCE).map(move |n| (*id, n)))
-        .collect();
-    fastrand::shuffle(&mut events);
-    for (id, n) in &events {
-        one.send(
-            "queue:shared-counter",
-            Counted {
-                order_id: *id,
-                n: *n,
-            },
-        )
-        .await
-        .expect("send");
-    }
-    let total = INSTANCES * PER_INSTANCE as usize;
-    acks.wait_for(total, Duration::from_secs(60), "every event's ack")
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut seen = acks.entries();
-    assert_eq!(seen.len(), total, "no duplicate downstream");
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen.len(), total, "each ack once");
-    let sum: u64 = (1..=u64::from(PER_INSTANCE)).sum();
-    for id in &ids {
-        let i = repo.get(*id).expect("reads").expect("exists");
-        assert_eq!(
-            (i.data.count, i.data.sum),
-            (u64::from(PER_INSTANCE), sum),
-            "{id}"
-        );
-        assert_eq!(i.version, i64::from(PER_INSTANCE));
-    }
-    for r in [r1, r2, r3] {
-        r.shutdown().await.expect("shutdown");
-    }
+    let repo = InMemorySagaRepository::<TickState>::new();
+    competing_ticks("shared-counter", [repo.clone(), repo], 20, 100).await;
 }
 
 /// A repository that refuses the first updates with conflicts (another process moved the
