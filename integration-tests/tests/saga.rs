@@ -815,3 +815,109 @@ async fn requests_from_a_saga_complete_fault_or_time_out() {
     );
     running.shutdown().await.expect("shutdown");
 }
+
+/// The fields of each closed `saga` span.
+#[derive(Clone, Default)]
+struct SagaSpans(Arc<std::sync::Mutex<Vec<std::collections::BTreeMap<String, String>>>>);
+
+#[derive(Default)]
+struct Fields(std::collections::BTreeMap<String, String>);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(
+            field.name().to_string(),
+            format!("{value:?}").trim_matches('"').to_string(),
+        );
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for SagaSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "saga" {
+            return;
+        }
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id)
+            && let Some(fields) = span.extensions_mut().get_mut::<Fields>()
+        {
+            values.record(fields);
+        }
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = ctx.span(&id)
+            && let Some(fields) = span.extensions_mut().remove::<Fields>()
+        {
+            self.0.lock().expect("lock").push(fields.0);
+        }
+    }
+}
+
+/// Each event runs in a `saga` span that carries the machine, the event, the instance and
+/// the states before and after.
+#[tokio::test]
+async fn saga_spans_carry_the_instance_and_its_states() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = SagaSpans::default();
+    let subscriber = tracing_subscriber::registry().with(spans.clone());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let repo = InMemorySagaRepository::<OrderState>::new();
+    let mut m = StateMachine::<OrderState>::new("SpanStateMachine");
+    let open = m.state("Open");
+    let placed = m.event::<Placed>("Placed", |e| e.correlate_by(|m| m.order_id));
+    let shipped = m.event::<Shipped>("Shipped", |e| e.correlate_by(|m| m.order_id));
+    m.initially().when(placed, |b| b.transition_to(open));
+    m.during(open).when(shipped, |b| b.finalize());
+    let (bus, running, _) =
+        bus_with(Bus::builder().receive_endpoint("spans", |e| e.state_machine(m, repo.clone())))
+            .await;
+    let id = Uuid::now_v7();
+    bus.send("queue:spans", Placed { order_id: id, n: 0 })
+        .await
+        .expect("send");
+    expect_state(&repo, id, "Open", WAIT).await.expect("open");
+    bus.send("queue:spans", Shipped { order_id: id, n: 0 })
+        .await
+        .expect("send");
+    expect_state(&repo, id, "Final", WAIT).await.expect("final");
+    running.shutdown().await.expect("shutdown");
+    let seen = spans.0.lock().expect("lock").clone();
+    let pick = |event: &str| {
+        seen.iter()
+            .find(|f| f.get("saga.event").is_some_and(|e| e.ends_with(event)))
+            .unwrap_or_else(|| panic!("no saga span for {event}: {seen:?}"))
+            .clone()
+    };
+    let first = pick(":Placed");
+    assert_eq!(first["saga.machine"], "SpanStateMachine");
+    assert_eq!(first["saga.correlation_id"], id.to_string());
+    assert_eq!(first["saga.state_before"], "Initial");
+    assert_eq!(first["saga.state_after"], "Open");
+    let second = pick(":Shipped");
+    assert_eq!(second["saga.state_before"], "Open");
+    assert_eq!(second["saga.state_after"], "Final");
+}
