@@ -17,12 +17,19 @@ use std::process::ExitCode;
 use busway_bench::report::{Machine, Report, markdown, write};
 use busway_bench::{ScenarioResult, Settings, run_scenario, scenarios};
 
-const USAGE: &str = "usage: busway-bench [all|inmemory|mediator|rabbitmq|kafka|outbox|backlog]... \
+const USAGE: &str = "usage: busway-bench [all|inmemory|mediator|rabbitmq|kafka|outbox|saga|saga-memory|backlog]... \
 [--messages N] [--seconds S] [--payload BYTES] [--pairs K] [--window W] [--prefetch P] \
 [--latency-fraction F] [--backlog N] [--out DIR] [--no-plots] [--smoke]";
 
-const ALL: [&str; 6] = [
-    "inmemory", "mediator", "rabbitmq", "kafka", "outbox", "backlog",
+const ALL: [&str; 8] = [
+    "inmemory",
+    "mediator",
+    "rabbitmq",
+    "kafka",
+    "outbox",
+    "saga",
+    "saga-memory",
+    "backlog",
 ];
 
 fn parse(args: &[String]) -> Result<(Vec<String>, Settings), String> {

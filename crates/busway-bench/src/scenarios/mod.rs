@@ -7,6 +7,7 @@ pub mod kafka;
 pub mod mediator;
 pub mod outbox;
 pub mod rabbitmq;
+pub mod saga;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,5 +176,7 @@ pub fn all() -> Vec<Box<dyn crate::Scenario>> {
         Box::new(rabbitmq::RabbitScenario::from_env()),
         Box::new(kafka::KafkaScenario::from_env()),
         Box::new(outbox::OutboxScenario::from_env()),
+        Box::new(saga::SagaScenario::postgres()),
+        Box::new(saga::SagaScenario::memory()),
     ]
 }
