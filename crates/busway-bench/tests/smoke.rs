@@ -36,7 +36,14 @@ fn every_scenario_runs_and_writes_the_report() {
     assert_eq!(
         names,
         [
-            "inmemory", "mediator", "rabbitmq", "kafka", "outbox", "backlog"
+            "inmemory",
+            "mediator",
+            "rabbitmq",
+            "kafka",
+            "outbox",
+            "saga",
+            "saga-memory",
+            "backlog"
         ]
     );
     for s in scenarios {
@@ -69,7 +76,7 @@ fn every_scenario_runs_and_writes_the_report() {
             .unwrap_or(0.0)
             > 0.0
     );
-    let backlog = &scenarios[5];
+    let backlog = &scenarios[7];
     for side in ["busway", "lapin"] {
         assert!(
             backlog["extra"][side]["drain_peak_rss_kb"]
