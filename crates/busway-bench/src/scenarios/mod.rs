@@ -58,6 +58,92 @@ impl<T: BenchTransport> BuswaySide<T> {
             created: Vec::new(),
         })
     }
+}
+
+/// A side that publishes with busway into an endpoint it builds per phase (the busway side
+/// on any transport, the saga sides): the four phases are the same for all of them.
+#[async_trait]
+pub trait PublishingSide: Send {
+    /// The run's settings.
+    fn settings(&self) -> &Settings;
+
+    /// Where the publish phase leaves its bus and tally for the consume phase.
+    fn backlog(&mut self) -> &mut Option<(Bus, Arc<Tally>)>;
+
+    /// A bus with the phase's endpoint (not started) and the tally its consumer counts in.
+    async fn endpoint(
+        &mut self,
+        phase: &str,
+        n: usize,
+        latency: bool,
+    ) -> Result<(Bus, Arc<Tally>), BoxError>;
+
+    /// Removes what the side created.
+    async fn teardown(&mut self) {}
+}
+
+async fn publish_all(settings: &Settings, bus: &Bus, n: usize) -> Result<(), BoxError> {
+    send_all(n, settings.window, settings.payload, |m| async move {
+        bus.publish(m).await.map_err(BoxError::from)
+    })
+    .await
+}
+
+#[async_trait]
+impl<P: PublishingSide> Side for P {
+    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
+        let (bus, tally) = self.endpoint("backlog", n, false).await?;
+        publish_all(self.settings(), &bus, n).await?;
+        *self.backlog() = Some((bus, tally));
+        Ok(())
+    }
+
+    async fn consume(&mut self, _n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally) = self.backlog().take().ok_or("consume before publish")?;
+        let running = bus.start().await?;
+        tally.wait(WAIT).await?;
+        running.shutdown().await?;
+        Ok(tally.span())
+    }
+
+    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
+        let (bus, tally) = self.endpoint("e2e", n, false).await?;
+        let running = bus.start().await?;
+        let started = Instant::now();
+        publish_all(self.settings(), &bus, n).await?;
+        tally.wait(WAIT).await?;
+        let took = started.elapsed();
+        running.shutdown().await?;
+        Ok(took)
+    }
+
+    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
+        let (bus, tally) = self.endpoint("latency", n, true).await?;
+        let running = bus.start().await?;
+        send_open_loop(n, rate, self.settings().payload, |m| {
+            let bus = bus.clone();
+            async move { bus.publish(m).await.map_err(BoxError::from) }
+        })
+        .await?;
+        tally.wait(WAIT).await?;
+        running.shutdown().await?;
+        Ok(tally.latencies())
+    }
+
+    async fn cleanup(&mut self) {
+        self.teardown().await;
+    }
+}
+
+#[async_trait]
+impl<T: BenchTransport> PublishingSide for BuswaySide<T> {
+    fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn backlog(&mut self) -> &mut Option<(Bus, Arc<Tally>)> {
+        &mut self.backlog
+    }
 
     async fn endpoint(
         &mut self,
@@ -80,59 +166,7 @@ impl<T: BenchTransport> BuswaySide<T> {
         Ok((bus, tally))
     }
 
-    async fn publish_all(&self, bus: &Bus, n: usize) -> Result<(), BoxError> {
-        send_all(
-            n,
-            self.settings.window,
-            self.settings.payload,
-            |m| async move { bus.publish(m).await.map_err(BoxError::from) },
-        )
-        .await
-    }
-}
-
-#[async_trait]
-impl<T: BenchTransport> Side for BuswaySide<T> {
-    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
-        let (bus, tally) = self.endpoint("backlog", n, false).await?;
-        self.publish_all(&bus, n).await?;
-        self.backlog = Some((bus, tally));
-        Ok(())
-    }
-
-    async fn consume(&mut self, _n: usize) -> Result<Duration, BoxError> {
-        let (bus, tally) = self.backlog.take().ok_or("consume before publish")?;
-        let running = bus.start().await?;
-        tally.wait(WAIT).await?;
-        running.shutdown().await?;
-        Ok(tally.span())
-    }
-
-    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let (bus, tally) = self.endpoint("e2e", n, false).await?;
-        let running = bus.start().await?;
-        let started = Instant::now();
-        self.publish_all(&bus, n).await?;
-        tally.wait(WAIT).await?;
-        let took = started.elapsed();
-        running.shutdown().await?;
-        Ok(took)
-    }
-
-    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
-        let (bus, tally) = self.endpoint("latency", n, true).await?;
-        let running = bus.start().await?;
-        send_open_loop(n, rate, self.settings.payload, |m| {
-            let bus = bus.clone();
-            async move { bus.publish(m).await.map_err(BoxError::from) }
-        })
-        .await?;
-        tally.wait(WAIT).await?;
-        running.shutdown().await?;
-        Ok(tally.latencies())
-    }
-
-    async fn cleanup(&mut self) {
+    async fn teardown(&mut self) {
         for (t, name) in self.created.drain(..) {
             t.remove(&name).await;
             let _ = t.close().await;

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway::outbox::sqlx::{self, PgPool};
@@ -27,7 +26,8 @@ use busway::{BoxError, BusBuilder, ConsumeErrorKind};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
+use super::PublishingSide;
+use crate::message::{BenchMessage, Tally};
 use crate::{Scenario, Settings, Side};
 
 /// How many saga instances the events are spread over.
@@ -282,7 +282,16 @@ async fn by_hand_memory(
     Ok(())
 }
 
-impl SagaSide {
+#[async_trait]
+impl PublishingSide for SagaSide {
+    fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    fn backlog(&mut self) -> &mut Option<(Bus, Arc<Tally>)> {
+        &mut self.backlog
+    }
+
     async fn endpoint(
         &mut self,
         phase: &str,
@@ -371,59 +380,7 @@ impl SagaSide {
         Ok((bus, tally))
     }
 
-    async fn send_all(&self, bus: &Bus, n: usize) -> Result<(), BoxError> {
-        send_all(
-            n,
-            self.settings.window,
-            self.settings.payload,
-            |m| async move { bus.publish(m).await.map_err(BoxError::from) },
-        )
-        .await
-    }
-}
-
-#[async_trait]
-impl Side for SagaSide {
-    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
-        let (bus, tally) = self.endpoint("saga-backlog", n, false).await?;
-        self.send_all(&bus, n).await?;
-        self.backlog = Some((bus, tally));
-        Ok(())
-    }
-
-    async fn consume(&mut self, _n: usize) -> Result<Duration, BoxError> {
-        let (bus, tally) = self.backlog.take().ok_or("consume before publish")?;
-        let running = bus.start().await?;
-        tally.wait(WAIT).await?;
-        running.shutdown().await?;
-        Ok(tally.span())
-    }
-
-    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let (bus, tally) = self.endpoint("saga-e2e", n, false).await?;
-        let running = bus.start().await?;
-        let started = Instant::now();
-        self.send_all(&bus, n).await?;
-        tally.wait(WAIT).await?;
-        let took = started.elapsed();
-        running.shutdown().await?;
-        Ok(took)
-    }
-
-    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
-        let (bus, tally) = self.endpoint("saga-latency", n, true).await?;
-        let running = bus.start().await?;
-        send_open_loop(n, rate, self.settings.payload, |m| {
-            let bus = bus.clone();
-            async move { bus.publish(m).await.map_err(BoxError::from) }
-        })
-        .await?;
-        tally.wait(WAIT).await?;
-        running.shutdown().await?;
-        Ok(tally.latencies())
-    }
-
-    async fn cleanup(&mut self) {
+    async fn teardown(&mut self) {
         if let Some(pool) = self.pool.take() {
             pool.close().await;
         }
