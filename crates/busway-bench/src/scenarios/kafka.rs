@@ -1,5 +1,5 @@
 //! `kafka`: busway on Kafka vs raw rdkafka with the same settings: an idempotent producer
-//! with `acks=all` and `linger.ms=1`, the same window of produces in flight, 3 partitions, a
+//! with `acks=all` and `linger.ms=5`, the same window of produces in flight, 3 partitions, a
 //! consumer group per run, auto-commit off with a commit every 100 messages, and the same
 //! value (the message as JSON) and rider headers.
 
@@ -54,16 +54,12 @@ impl KafkaScenario {
     }
 }
 
-/// Records per producer batch on both sides: `BUSWAY_BENCH_KAFKA_BATCH`, default 1.
-///
-/// One record per batch because the broker the figures in `docs/performance.md` were measured
-/// on, tansu 0.6, answers a fetch that starts inside a record batch with the batches after it,
-/// so a consumer that pauses and resumes mid-batch loses records. nisshi 0.8.1, which
-/// `scripts/services` now installs, does not; the default stays until the figures are
-/// measured again. Against Apache Kafka or nisshi set `BUSWAY_BENCH_KAFKA_BATCH=10000`
-/// (librdkafka's default).
+/// Records per producer batch on both sides: `BUSWAY_BENCH_KAFKA_BATCH`, default 10,000
+/// (librdkafka's default). The one-record-per-batch setting that tansu 0.6 needed (it answered
+/// a fetch that starts inside a record batch with the batches after it) is gone: nisshi
+/// 0.8.1, the broker `scripts/services` installs, answers such fetches correctly.
 pub fn producer_batch() -> String {
-    std::env::var("BUSWAY_BENCH_KAFKA_BATCH").unwrap_or_else(|_| "1".to_string())
+    std::env::var("BUSWAY_BENCH_KAFKA_BATCH").unwrap_or_else(|_| "10000".to_string())
 }
 
 /// Consumer properties both sides use (busway's defaults, set on the raw side too).
@@ -79,7 +75,7 @@ fn shared_producer_properties() -> Vec<(&'static str, String)> {
     vec![
         ("enable.idempotence", "true".to_string()),
         ("acks", "all".to_string()),
-        ("linger.ms", "1".to_string()),
+        ("linger.ms", "5".to_string()),
         ("batch.num.messages", producer_batch()),
     ]
 }
