@@ -19,7 +19,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: saga-worker <worker-number> <queue> <table> <outbox-prefix>".into());
     };
     let worker: u32 = worker.parse()?;
-    let pool = db::postgres_pool().await;
+    db::require_postgres();
+    // A connection for each delivery in flight (16), the dispatcher and the inbox cleanup.
+    let pool = busway::outbox::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(20)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&db::postgres_url())
+        .await?;
     let transport = rabbit::transport_for(&rabbit::url());
     let delivery = Bus::builder().transport(transport.clone()).build().await?;
     let options = OutboxOptions {
