@@ -34,7 +34,7 @@ pub struct Settings {
     pub window: usize,
     /// Prefetch (unacknowledged deliveries per consumer).
     pub prefetch: u16,
-    /// Open-loop latency rate as a fraction of the raw client's end-to-end rate.
+    /// Open-loop latency rate as a fraction of the slower side's end-to-end rate in each pair.
     pub latency_fraction: f64,
     /// Messages in the backlog scenario.
     pub backlog: usize,
@@ -148,28 +148,42 @@ async fn timed<T>(
     }
 }
 
-/// One run of one side: publish (backlog), consume, end-to-end, latency.
-async fn run_side(
+/// A side's throughput figures and the side, kept for its latency phase.
+type Measured = (Run, Box<dyn Side>);
+
+/// The throughput phases of one side: publish (backlog), consume, end-to-end. The side is
+/// kept for its latency phase, which runs once both sides of the pair have these figures.
+async fn run_throughput(
     mut side: Box<dyn Side>,
     name: &str,
     n: usize,
-    latency_rate: f64,
-    latency_n: usize,
-) -> Result<Run, BoxError> {
+) -> Result<Measured, BoxError> {
     let (publish, ()) = measure(n, timed("publish", side.publish(n))).await?;
     let (mut consume, active) = measure(n, timed("consume", side.consume(n))).await?;
     consume.set_active(active);
     let (mut end_to_end, active) = measure(n, timed("end-to-end", side.end_to_end(n))).await?;
     end_to_end.set_active(active);
-    let nanos = timed("latency", side.latency(latency_n, latency_rate)).await?;
-    side.cleanup().await;
-    Ok(Run {
+    let run = Run {
         side: name.to_string(),
         end_to_end,
         publish,
         consume,
-        latency: Latency::from_nanos(latency_rate, nanos),
-    })
+        latency: Latency::default(),
+    };
+    Ok((run, side))
+}
+
+/// The open-loop latency phase of one side, then its cleanup.
+async fn run_latency(
+    mut side: Box<dyn Side>,
+    run: &mut Run,
+    rate: f64,
+    n: usize,
+) -> Result<(), BoxError> {
+    let nanos = timed("latency", side.latency(n, rate)).await?;
+    side.cleanup().await;
+    run.latency = Latency::from_nanos(rate, nanos);
+    Ok(())
 }
 
 /// Runs a scenario: calibrates the message count on the raw side, then `pairs` pairs,
@@ -202,7 +216,7 @@ async fn run_pairs(
 ) -> Result<(), BoxError> {
     let (busway_name, raw_name) = scenario.sides();
     // Calibrate: a short raw end-to-end run gives the raw rate, which sets the message
-    // count (about `seconds` per phase) and the open-loop latency rate.
+    // count (about `seconds` per phase).
     let probe = settings.messages.unwrap_or(2_000).min(2_000);
     let mut raw = scenario.raw(settings).await?;
     let (mut phase, active) = measure(probe, timed("calibration", raw.end_to_end(probe))).await?;
@@ -211,31 +225,44 @@ async fn run_pairs(
     let n = settings
         .messages
         .unwrap_or_else(|| ((phase.rate * settings.seconds) as usize).clamp(1_000, 2_000_000));
-    let latency_rate = (phase.rate * settings.latency_fraction).max(10.0);
-    let latency_n = ((latency_rate * settings.seconds.min(5.0)) as usize)
-        .clamp(100, 200_000)
-        .min(n.max(100));
+    let latency_floor = 10.0;
     result.messages = n;
     eprintln!(
-        "{}: {n} messages per phase (raw calibration {:.0} msg/s), latency at {latency_rate:.0} msg/s",
+        "{}: {n} messages per phase (raw calibration {:.0} msg/s), latency at {:.0}% of each pair's slower end-to-end rate",
         scenario.name(),
-        phase.rate
+        phase.rate,
+        settings.latency_fraction * 100.0
     );
     for i in 0..settings.pairs {
         let busway_first = i % 2 == 0;
-        let mut pair: (Option<Run>, Option<Run>) = (None, None);
+        let mut pair: (Option<Measured>, Option<Measured>) = (None, None);
         for busway_turn in [busway_first, !busway_first] {
             if busway_turn {
                 let side = scenario.busway(settings).await?;
-                pair.0 = Some(run_side(side, busway_name, n, latency_rate, latency_n).await?);
+                pair.0 = Some(run_throughput(side, busway_name, n).await?);
             } else {
                 let side = scenario.raw(settings).await?;
-                pair.1 = Some(run_side(side, raw_name, n, latency_rate, latency_n).await?);
+                pair.1 = Some(run_throughput(side, raw_name, n).await?);
             }
         }
-        let (Some(b), Some(r)) = pair else {
+        let (Some((mut b, b_side)), Some((mut r, r_side))) = pair else {
             return Err("a side of the pair did not run".into());
         };
+        // Open-loop latency at a fraction of what this pair sustained end to end (the
+        // slower side's rate): the calibration probe overstates it once the broker holds the
+        // phases' backlogs, and a schedule at the sustained maximum measures a growing queue.
+        let latency_rate = (b.end_to_end.rate.min(r.end_to_end.rate) * settings.latency_fraction)
+            .max(latency_floor);
+        let latency_n = ((latency_rate * settings.seconds.min(5.0)) as usize)
+            .clamp(100, 200_000)
+            .min(n.max(100));
+        if busway_first {
+            run_latency(b_side, &mut b, latency_rate, latency_n).await?;
+            run_latency(r_side, &mut r, latency_rate, latency_n).await?;
+        } else {
+            run_latency(r_side, &mut r, latency_rate, latency_n).await?;
+            run_latency(b_side, &mut b, latency_rate, latency_n).await?;
+        }
         eprintln!(
             "{} pair {}: end-to-end {:.0} vs {:.0} msg/s ({:.2}); publish {:.0} vs {:.0}; consume {:.0} vs {:.0}; p99 {:.0} vs {:.0} us",
             scenario.name(),

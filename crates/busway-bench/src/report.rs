@@ -112,7 +112,7 @@ pub fn markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         out,
-        "Settings: payload {} B, {} pairs (busway and raw alternate, the first side alternates per pair), window {} publishes in flight, prefetch {}, open-loop latency at {:.0}% of the raw side's calibrated rate.\n",
+        "Settings: payload {} B, {} pairs (busway and raw alternate, the first side alternates per pair), window {} publishes in flight, prefetch {}, open-loop latency at {:.0}% of each pair's slower end-to-end rate.\n",
         s.payload,
         s.pairs,
         s.window,
