@@ -233,11 +233,33 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
-    while let Some(delivery) = consumer.next().await {
+    // Acknowledged after handling, but not one by one: one `multiple` ack covers every
+    // delivery handled so far, sent when half the prefetch is unacknowledged or when the
+    // stream goes quiet for a moment (so a trickle is not held back), and at the end.
+    let batch = usize::from(prefetch / 2).max(1);
+    let mut unacked: Option<(lapin::Acker, usize)> = None;
+    let multiple = BasicAckOptions { multiple: true };
+    loop {
+        let next = match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                if let Some((acker, _)) = unacked.take() {
+                    acker.ack(multiple).await?;
+                }
+                continue;
+            }
+        };
+        let Some(delivery) = next else { break };
         let delivery = delivery?;
         let envelope = RawEnvelope::decode(&delivery.data)?;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
         tally.record(&envelope.message);
+        let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
+        unacked = Some((delivery.acker, count));
+        if (count >= batch || tally.is_complete())
+            && let Some((acker, _)) = unacked.take()
+        {
+            acker.ack(multiple).await?;
+        }
         if tally.is_complete() {
             break;
         }
@@ -245,6 +267,10 @@ async fn consume(
     let _ = ch.close(200, ShortString::from("done")).await;
     Ok(())
 }
+
+/// How long the raw consumer waits for the next delivery before it acknowledges what it has
+/// handled.
+const ACK_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
 
 #[async_trait]
 impl Side for LapinSide {
