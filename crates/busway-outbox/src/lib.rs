@@ -47,6 +47,7 @@ pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use store::{
     Claim, Failure, NewMessage, Notifications, OutboxStore, PUBLISH, StoredMessage, TableNames,
+    is_plain_identifier,
 };
 
 /// An outbox on PostgreSQL.

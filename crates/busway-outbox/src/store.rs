@@ -27,11 +27,19 @@ pub struct TableNames {
     pub prefix: String,
 }
 
-fn valid_identifier(text: &str) -> bool {
+/// True for a plain SQL identifier that can go into SQL text unquoted: ASCII letters,
+/// digits and `_`, not starting with a digit, at most 63 bytes (PostgreSQL's limit). The
+/// outbox's table names and busway-saga's use it.
+pub fn is_plain_identifier(text: &str) -> bool {
     !text.is_empty()
-        && text.len() <= 40
+        && text.len() <= 63
         && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !text.starts_with(|c: char| c.is_ascii_digit())
+}
+
+/// A prefix or schema: a plain identifier short enough to leave room for the table names.
+fn valid_identifier(text: &str) -> bool {
+    text.len() <= 40 && is_plain_identifier(text)
 }
 
 impl TableNames {

@@ -15,9 +15,32 @@ use uuid::Uuid;
 use crate::instance::InstanceMeta;
 use crate::machine::{Request, RequestTimeoutExpired, Schedule, State, timeout_schedule};
 
-/// A message the behavior sends once the instance is saved (or, with the consumer outbox,
-/// in the same transaction).
+/// What a behavior does once the instance is saved (or, with the consumer outbox, in the same
+/// transaction): a message it sends, a schedule it cancels.
 pub(crate) type Pending = Box<dyn FnOnce() -> BoxFuture<'static, Result<(), ConsumeError>> + Send>;
+
+/// What the behaviors of one event have done so far, carried from one behavior to the next
+/// (the event's own, its composites', `finally`'s) and then saved.
+pub(crate) struct Progress<S> {
+    pub(crate) saga: S,
+    pub(crate) state: String,
+    pub(crate) meta: InstanceMeta,
+    pub(crate) finalized: bool,
+    pub(crate) pending: Vec<Pending>,
+}
+
+impl<S> Progress<S> {
+    /// Nothing done yet to an instance in `state`.
+    pub(crate) fn start(saga: S, state: String, meta: InstanceMeta) -> Self {
+        Progress {
+            saga,
+            state,
+            meta,
+            finalized: false,
+            pending: Vec::new(),
+        }
+    }
+}
 
 /// Where and how a saga's request goes.
 pub(crate) struct RequestSpec {
@@ -33,28 +56,34 @@ pub struct BehaviorContext<S, M> {
     pub saga: S,
     correlation_id: Uuid,
     state: String,
-    pub(crate) meta: InstanceMeta,
-    pub(crate) finalized: bool,
+    meta: InstanceMeta,
+    finalized: bool,
     consume: Arc<ConsumeContext<M>>,
-    pub(crate) pending: Vec<Pending>,
+    pending: Vec<Pending>,
 }
 
 impl<S, M> BehaviorContext<S, M> {
-    pub(crate) fn new(
-        saga: S,
+    /// A context that goes on from `progress` for the event in `consume`.
+    pub(crate) fn resume(
+        progress: Progress<S>,
         correlation_id: Uuid,
-        state: String,
-        meta: InstanceMeta,
         consume: Arc<ConsumeContext<M>>,
     ) -> Self {
+        let Progress {
+            saga,
+            state,
+            meta,
+            finalized,
+            pending,
+        } = progress;
         BehaviorContext {
             saga,
             correlation_id,
             state,
             meta,
-            finalized: false,
+            finalized,
             consume,
-            pending: Vec::new(),
+            pending,
         }
     }
 
@@ -78,20 +107,21 @@ impl<S, M> BehaviorContext<S, M> {
         &self.state
     }
 
-    pub(crate) fn set_state(&mut self, name: &str) {
+    pub(crate) fn set_state(&mut self, name: &str, finalized: bool) {
         self.state.clear();
         self.state.push_str(name);
+        self.finalized = finalized;
     }
 
-    /// Splits the context into its parts, to move them into another context.
-    pub(crate) fn into_parts(self) -> (S, String, InstanceMeta, bool, Vec<Pending>) {
-        (
-            self.saga,
-            self.state,
-            self.meta,
-            self.finalized,
-            self.pending,
-        )
+    /// What the behavior did, for the next one or for the save.
+    pub(crate) fn into_progress(self) -> Progress<S> {
+        Progress {
+            saga: self.saga,
+            state: self.state,
+            meta: self.meta,
+            finalized: self.finalized,
+            pending: self.pending,
+        }
     }
 }
 
@@ -203,25 +233,35 @@ impl<S: Send + 'static, M: Send + Sync + 'static> BehaviorContext<S, M> {
         Ok(())
     }
 
-    /// Forgets the schedule's token, so its message is ignored when it arrives, and tells
-    /// this bus not to deliver it.
+    /// Forgets the schedule's token, so its message is ignored when it arrives, and, once
+    /// the instance is saved, tells this bus not to deliver it.
     pub(crate) fn unschedule(&mut self, name: &str) {
-        unschedule(&self.consume, &mut self.meta, name);
+        self.pending
+            .extend(unschedule(&self.consume, &mut self.meta, name));
     }
 }
 
-/// Forgets the schedule `name`'s token on the instance and tells the bus not to deliver its
-/// message to `consume`'s endpoint.
-pub(crate) fn unschedule<M>(consume: &ConsumeContext<M>, meta: &mut InstanceMeta, name: &str) {
-    if let Some(token) = meta.schedules.remove(name) {
-        consume
-            .bus()
-            .cancel_scheduled_send(&busway_core::scheduling::ScheduledMessage {
-                token_id: token,
-                scheduled_time: chrono::Utc::now(),
-                destination: consume.input_address().to_string(),
-            });
-    }
+/// Forgets the schedule `name`'s token on the instance; returns the cancellation of its
+/// message at `consume`'s endpoint, to run after the save (a conflict that re-runs the event
+/// on a newer instance must not have cancelled a timeout that instance still waits for).
+pub(crate) fn unschedule<M>(
+    consume: &ConsumeContext<M>,
+    meta: &mut InstanceMeta,
+    name: &str,
+) -> Option<Pending> {
+    let token = meta.schedules.remove(name)?;
+    let bus = consume.bus();
+    let scheduled = busway_core::scheduling::ScheduledMessage {
+        token_id: token,
+        scheduled_time: chrono::Utc::now(),
+        destination: consume.input_address().to_string(),
+    };
+    Some(Box::new(move || {
+        Box::pin(async move {
+            bus.cancel_scheduled_send(&scheduled);
+            Ok(())
+        })
+    }))
 }
 
 impl<S: fmt::Debug, M> fmt::Debug for BehaviorContext<S, M> {
@@ -478,14 +518,9 @@ impl<S: Send + 'static, M: Send + Sync + 'static> Activities<S, M> {
                     Step::Then(f) => f(ctx)?,
                     Step::Async(f) => f(ctx).await?,
                     Step::TransitionTo(state) => {
-                        let name = &states[state.index()];
-                        ctx.set_state(name);
-                        ctx.finalized = *state == State::FINAL;
+                        ctx.set_state(&states[state.index()], *state == State::FINAL);
                     }
-                    Step::Finalize => {
-                        ctx.set_state(crate::machine::FINAL);
-                        ctx.finalized = true;
-                    }
+                    Step::Finalize => ctx.set_state(crate::machine::FINAL, true),
                     Step::If(condition, yes, no) => {
                         if condition(ctx) {
                             yes.run(states, ctx).await?;

@@ -16,9 +16,9 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::activities::{Activities, BehaviorContext, Pending};
+use crate::activities::{Activities, BehaviorContext, Progress};
 use crate::instance::{Instance, SagaState};
-use crate::machine::{Correlation, FINAL, INITIAL, MissingInstance, TypedEvent, timeout_schedule};
+use crate::machine::{Correlation, FINAL, MissingInstance, TypedEvent, timeout_schedule};
 use crate::repository::{Query, SagaError, SagaErrorKind, SagaRepository};
 
 /// How many times an event is run again on a fresh load after a version conflict before it
@@ -190,8 +190,9 @@ fn saga_error(name: &'static str, e: SagaError) -> ConsumeError {
     ConsumeError::with_kind(ConsumeErrorKind::Consumer, name, e)
 }
 
+/// A fault of the machine itself (not of the repository): `name` is its exception type.
 fn text_error(name: &'static str, message: String) -> ConsumeError {
-    saga_error(name, SagaError::storage(message))
+    ConsumeError::with_kind(ConsumeErrorKind::Consumer, name, message)
 }
 
 impl<S: SagaState> Runtime<S> {
@@ -342,8 +343,9 @@ impl<S: SagaState> Runtime<S> {
                 meta.schedules.remove(schedule);
             }
         }
+        let mut progress = Progress::start(data, current_state, meta);
         if let Some(request) = &event.request {
-            if meta.requests.remove(&request.name).is_none() {
+            if progress.meta.requests.remove(&request.name).is_none() {
                 tracing::debug!(
                     request = %request.name,
                     "an outcome of a request that is no longer pending is ignored"
@@ -351,7 +353,12 @@ impl<S: SagaState> Runtime<S> {
                 return Ok(());
             }
             if request.cancels_timeout {
-                crate::activities::unschedule(ctx, &mut meta, &timeout_schedule(&request.name));
+                let timeout = timeout_schedule(&request.name);
+                progress.pending.extend(crate::activities::unschedule(
+                    ctx,
+                    &mut progress.meta,
+                    &timeout,
+                ));
             }
         }
         if event.ignored.contains(&state) {
@@ -363,41 +370,39 @@ impl<S: SagaState> Runtime<S> {
             return Err(Failure::Consume(text_error(
                 "busway::saga::UnhandledEvent",
                 format!(
-                    "the {} event is not handled during the {current_state} state for the `{}` \
-                     state machine",
+                    "the {} event is not handled during the {} state for the `{}` state machine",
                     M::message_type(),
+                    progress.state,
                     self.name
                 ),
             )));
         }
-        let mut bctx = BehaviorContext::new(data, correlation_id, current_state, meta, ctx.clone());
-        for activities in own.into_iter().chain(any) {
-            activities
-                .run(&self.states, &mut bctx)
-                .await
-                .map_err(Failure::Consume)?;
-        }
-        let (data, state_name, meta, finalized, pending) = bctx.into_parts();
-        let (data, state_name, meta, finalized, mut pending) = self
-            .after_event(
-                index,
-                ctx,
+        let progress = self
+            .behave(
+                own.into_iter().chain(any),
+                progress,
                 correlation_id,
-                data,
-                state_name,
-                meta,
-                finalized,
-                pending,
+                ctx.clone(),
             )
             .await
             .map_err(Failure::Consume)?;
-        span.record("saga.state_after", state_name.as_str());
+        let Progress {
+            saga,
+            state,
+            meta,
+            finalized,
+            pending,
+        } = self
+            .after_event(index, ctx, correlation_id, progress)
+            .await
+            .map_err(Failure::Consume)?;
+        span.record("saga.state_after", state.as_str());
         let mut instance = Instance {
             correlation_id,
-            current_state: state_name,
+            current_state: state,
             version,
             meta,
-            data,
+            data: saga,
         };
         let saved = if finalized && self.delete_when_finalized {
             if new {
@@ -413,29 +418,43 @@ impl<S: SagaState> Runtime<S> {
             repo.update(cx, &instance, version).await
         };
         saved.map_err(Failure::from_repository)?;
-        for send in pending.drain(..) {
+        for send in pending {
             send().await.map_err(Failure::Consume)?;
         }
         Ok(())
     }
 
+    /// Runs `behaviors` in order on a context that goes on from `progress`.
+    async fn behave<'a, M: Send + Sync + 'static>(
+        &'a self,
+        behaviors: impl Iterator<Item = &'a Activities<S, M>>,
+        progress: Progress<S>,
+        correlation_id: Uuid,
+        consume: Arc<ConsumeContext<M>>,
+    ) -> Result<Progress<S>, ConsumeError> {
+        let mut bctx = BehaviorContext::resume(progress, correlation_id, consume);
+        for activities in behaviors {
+            activities.run(&self.states, &mut bctx).await?;
+        }
+        Ok(bctx.into_progress())
+    }
+
     /// Composite events the event completed, then `finally` if the instance became final.
-    #[allow(clippy::too_many_arguments)] // the parts of a BehaviorContext moved between types
     async fn after_event<M: Message>(
         &self,
         index: usize,
         ctx: &Arc<ConsumeContext<M>>,
         correlation_id: Uuid,
-        mut data: S,
-        mut state_name: String,
-        mut meta: crate::instance::InstanceMeta,
-        mut finalized: bool,
-        mut pending: Vec<Pending>,
-    ) -> Result<(S, String, crate::instance::InstanceMeta, bool, Vec<Pending>), ConsumeError> {
+        mut progress: Progress<S>,
+    ) -> Result<Progress<S>, ConsumeError> {
         let unit = || Arc::new(ctx.with_message(()));
         for &(at, bit) in self.composites_of.get(&index).into_iter().flatten() {
             let composite = &self.composites[at];
-            let seen = meta.composite.entry(composite.name.clone()).or_insert(0);
+            let seen = progress
+                .meta
+                .composite
+                .entry(composite.name.clone())
+                .or_insert(0);
             if *seen == composite.all {
                 continue;
             }
@@ -443,7 +462,7 @@ impl<S: SagaState> Runtime<S> {
             if *seen != composite.all {
                 continue;
             }
-            let Some(state) = self.states.iter().position(|s| *s == state_name) else {
+            let Some(state) = self.states.iter().position(|s| *s == progress.state) else {
                 continue;
             };
             if composite.event.ignored.contains(&state) {
@@ -455,27 +474,24 @@ impl<S: SagaState> Runtime<S> {
             } else {
                 None
             };
-            let mut bctx = BehaviorContext::new(data, correlation_id, state_name, meta, unit());
-            bctx.finalized = finalized;
-            bctx.pending = pending;
-            for activities in own.into_iter().chain(any) {
-                activities.run(&self.states, &mut bctx).await?;
-            }
-            (data, state_name, meta, finalized, pending) = bctx.into_parts();
+            progress = self
+                .behave(own.into_iter().chain(any), progress, correlation_id, unit())
+                .await?;
         }
-        if finalized && !self.finally.steps.is_empty() {
-            let mut bctx = BehaviorContext::new(data, correlation_id, state_name, meta, unit());
-            bctx.finalized = true;
-            bctx.pending = pending;
-            self.finally.run(&self.states, &mut bctx).await?;
-            (data, _, meta, _, pending) = bctx.into_parts();
+        if progress.finalized && !self.finally.steps.is_empty() {
+            progress = self
+                .behave(
+                    std::iter::once(&self.finally),
+                    progress,
+                    correlation_id,
+                    unit(),
+                )
+                .await?;
             // `finally` cannot leave `Final`: the instance is done.
-            state_name = FINAL.to_string();
+            progress.state = FINAL.to_string();
+            progress.finalized = true;
         }
-        if state_name == INITIAL {
-            tracing::debug!("the saga instance is still in Initial after its event");
-        }
-        Ok((data, state_name, meta, finalized, pending))
+        Ok(progress)
     }
 
     async fn missing<M: Message>(

@@ -171,10 +171,7 @@ impl<S: SagaState> SagaRepository<S> for InMemorySagaRepository<S> {
         let row = Row::of(instance)?;
         let mut rows = self.lock();
         if rows.contains_key(&instance.correlation_id) {
-            return Err(SagaError::conflict(format!(
-                "a saga instance {} exists already",
-                instance.correlation_id
-            )));
+            return Err(SagaError::exists(instance.correlation_id));
         }
         rows.insert(instance.correlation_id, row);
         Ok(())
@@ -193,10 +190,10 @@ impl<S: SagaState> SagaRepository<S> for InMemorySagaRepository<S> {
                 *row = new;
                 Ok(())
             }
-            _ => Err(SagaError::conflict(format!(
-                "the saga instance {} is no longer at version {expected_version}",
-                instance.correlation_id
-            ))),
+            _ => Err(SagaError::moved_on(
+                instance.correlation_id,
+                expected_version,
+            )),
         }
     }
 
@@ -212,9 +209,7 @@ impl<S: SagaState> SagaRepository<S> for InMemorySagaRepository<S> {
                 rows.remove(&correlation_id);
                 Ok(())
             }
-            _ => Err(SagaError::conflict(format!(
-                "the saga instance {correlation_id} is no longer at version {expected_version}"
-            ))),
+            _ => Err(SagaError::moved_on(correlation_id, expected_version)),
         }
     }
 }

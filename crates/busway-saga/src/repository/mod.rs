@@ -159,6 +159,19 @@ impl SagaError {
         Self::new(SagaErrorKind::Conflict, message, None)
     }
 
+    /// The conflict of a write that expected the instance at `expected_version` and found it
+    /// elsewhere (or gone).
+    pub fn moved_on(correlation_id: Uuid, expected_version: i64) -> Self {
+        Self::conflict(format!(
+            "the saga instance {correlation_id} is no longer at version {expected_version}"
+        ))
+    }
+
+    /// The conflict of an insert that found the instance there already.
+    pub fn exists(correlation_id: Uuid) -> Self {
+        Self::conflict(format!("a saga instance {correlation_id} exists already"))
+    }
+
     /// A stored instance that no longer reads as the state type.
     pub fn corrupt(message: impl Into<Cow<'static, str>>, source: impl Into<BoxError>) -> Self {
         Self::new(SagaErrorKind::Corrupt, message, Some(source.into()))
@@ -280,22 +293,12 @@ pub fn encode_instance<S: SagaState>(
     Ok((meta, data))
 }
 
-/// Refuses a table name that is not a plain (optionally schema-qualified) SQL identifier: the
-/// name goes into SQL text.
+/// Refuses a table name that is not a plain (optionally schema-qualified) SQL identifier
+/// (busway-outbox's rule): the name goes into SQL text.
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) fn check_table_name(table: &str) -> Result<(), SagaError> {
-    let ok = !table.is_empty()
-        && table.split('.').count() <= 2
-        && table.split('.').all(|part| {
-            !part.is_empty()
-                && part.len() <= 63
-                && part
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-    if ok {
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| busway_outbox::is_plain_identifier(p)) {
         Ok(())
     } else {
         Err(SagaError::storage(format!(
@@ -303,4 +306,10 @@ pub(crate) fn check_table_name(table: &str) -> Result<(), SagaError> {
              `schema.table`"
         )))
     }
+}
+
+/// `Ok` when a write changed exactly one row; `conflict()` otherwise.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) fn one_row(rows: u64, conflict: impl FnOnce() -> SagaError) -> Result<(), SagaError> {
+    if rows == 1 { Ok(()) } else { Err(conflict()) }
 }

@@ -12,7 +12,9 @@ use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Postgres, Row};
 use uuid::Uuid;
 
-use super::{Query, SagaError, SagaRepository, check_table_name, decode_instance, encode_instance};
+use super::{
+    Query, SagaError, SagaRepository, check_table_name, decode_instance, encode_instance, one_row,
+};
 use crate::instance::{Instance, SagaState};
 use crate::testing::InspectSagas;
 
@@ -215,16 +217,6 @@ fn read<S: SagaState>(row: &PgRow) -> Result<Instance<S>, SagaError> {
     decode_instance(id, state, version, &meta, &data)
 }
 
-fn affected(rows: u64, id: Uuid, expected: i64) -> Result<(), SagaError> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(SagaError::conflict(format!(
-            "the saga instance {id} is no longer at version {expected}"
-        )))
-    }
-}
-
 impl<S: SagaState> SagaRepository<S> for PostgresSagaRepository<S> {
     async fn load(
         &self,
@@ -279,13 +271,8 @@ impl<S: SagaState> SagaRepository<S> for PostgresSagaRepository<S> {
              VALUES ($1, $2, $3, $4::jsonb, $5::jsonb) ON CONFLICT (correlation_id) DO NOTHING",
             self.table
         );
-        let id = instance.correlation_id;
-        match self.write(cx, sql, instance, None).await? {
-            1 => Ok(()),
-            _ => Err(SagaError::conflict(format!(
-                "a saga instance {id} exists already"
-            ))),
-        }
+        let rows = self.write(cx, sql, instance, None).await?;
+        one_row(rows, || SagaError::exists(instance.correlation_id))
     }
 
     async fn update(
@@ -302,7 +289,9 @@ impl<S: SagaState> SagaRepository<S> for PostgresSagaRepository<S> {
         let rows = self
             .write(cx, sql, instance, Some(expected_version))
             .await?;
-        affected(rows, instance.correlation_id, expected_version)
+        one_row(rows, || {
+            SagaError::moved_on(instance.correlation_id, expected_version)
+        })
     }
 
     async fn delete(
@@ -323,7 +312,9 @@ impl<S: SagaState> SagaRepository<S> for PostgresSagaRepository<S> {
                     .execute(conn)
                     .await
                     .map_err(db("deleting a saga instance"))?;
-                affected(done.rows_affected(), correlation_id, expected_version)
+                one_row(done.rows_affected(), || {
+                    SagaError::moved_on(correlation_id, expected_version)
+                })
             })
         })
         .await

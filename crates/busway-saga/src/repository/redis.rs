@@ -177,10 +177,7 @@ impl<S: SagaState> SagaRepository<S> for RedisSagaRepository<S> {
         if self.write(&INSERT, instance, None).await? {
             Ok(())
         } else {
-            Err(SagaError::conflict(format!(
-                "a saga instance {} exists already",
-                instance.correlation_id
-            )))
+            Err(SagaError::exists(instance.correlation_id))
         }
     }
 
@@ -196,10 +193,10 @@ impl<S: SagaState> SagaRepository<S> for RedisSagaRepository<S> {
         {
             Ok(())
         } else {
-            Err(SagaError::conflict(format!(
-                "the saga instance {} is no longer at version {expected_version}",
-                instance.correlation_id
-            )))
+            Err(SagaError::moved_on(
+                instance.correlation_id,
+                expected_version,
+            ))
         }
     }
 
@@ -219,9 +216,7 @@ impl<S: SagaState> SagaRepository<S> for RedisSagaRepository<S> {
         if done == 1 {
             Ok(())
         } else {
-            Err(SagaError::conflict(format!(
-                "the saga instance {correlation_id} is no longer at version {expected_version}"
-            )))
+            Err(SagaError::moved_on(correlation_id, expected_version))
         }
     }
 }

@@ -12,7 +12,9 @@ use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, Sqlite};
 use uuid::Uuid;
 
-use super::{Query, SagaError, SagaRepository, check_table_name, decode_instance, encode_instance};
+use super::{
+    Query, SagaError, SagaRepository, check_table_name, decode_instance, encode_instance, one_row,
+};
 use crate::instance::{Instance, SagaState};
 use crate::testing::InspectSagas;
 
@@ -196,14 +198,6 @@ fn json_path(query: &Query) -> String {
     path
 }
 
-fn conflict_unless_one(rows: u64, message: impl FnOnce() -> String) -> Result<(), SagaError> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(SagaError::conflict(message()))
-    }
-}
-
 impl<S: SagaState> SagaRepository<S> for SqliteSagaRepository<S> {
     async fn load(
         &self,
@@ -255,9 +249,8 @@ impl<S: SagaState> SagaRepository<S> for SqliteSagaRepository<S> {
              ON CONFLICT (correlation_id) DO NOTHING",
             self.table
         );
-        let id = instance.correlation_id;
         let rows = self.write(cx, sql, instance, None).await?;
-        conflict_unless_one(rows, || format!("a saga instance {id} exists already"))
+        one_row(rows, || SagaError::exists(instance.correlation_id))
     }
 
     async fn update(
@@ -271,12 +264,11 @@ impl<S: SagaState> SagaRepository<S> for SqliteSagaRepository<S> {
              data = ?5, updated_at = CURRENT_TIMESTAMP WHERE correlation_id = ?1 AND version = ?6",
             self.table
         );
-        let id = instance.correlation_id;
         let rows = self
             .write(cx, sql, instance, Some(expected_version))
             .await?;
-        conflict_unless_one(rows, || {
-            format!("the saga instance {id} is no longer at version {expected_version}")
+        one_row(rows, || {
+            SagaError::moved_on(instance.correlation_id, expected_version)
         })
     }
 
@@ -303,8 +295,8 @@ impl<S: SagaState> SagaRepository<S> for SqliteSagaRepository<S> {
                 })
             })
             .await?;
-        conflict_unless_one(rows, || {
-            format!("the saga instance {correlation_id} is no longer at version {expected_version}")
+        one_row(rows, || {
+            SagaError::moved_on(correlation_id, expected_version)
         })
     }
 }
