@@ -17,8 +17,9 @@
 //!   exchange, which is bound to the endpoint's queue; `<queue>_error` and `<queue>_skipped`
 //!   declared on first use.
 //! - **No message lost**: publisher confirms (a nack or a returned message is an error to the
-//!   caller); acks only after the consume pipeline finished; moves to error and skipped
-//!   queues confirmed before the original is acked.
+//!   caller); acks only after the consume pipeline finished (batched into `multiple` acks
+//!   that never cover an unfinished delivery); moves to error and skipped queues confirmed
+//!   before the original is acked.
 //! - **Recovery**: a lost connection is re-established with back-off, the topology declared
 //!   again and every consumer resumed; publishes wait for the connection up to the publish
 //!   timeout. Deliveries whose ack could not be sent are redelivered by the broker
@@ -30,6 +31,7 @@
 //!
 //! [lapin]: https://docs.rs/lapin
 
+mod acks;
 mod admin;
 mod config;
 mod confirms;

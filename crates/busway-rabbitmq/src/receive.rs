@@ -12,6 +12,7 @@ use lapin::Channel;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 
+use crate::acks::Acks;
 use crate::connector::{Connector, Link, Token};
 use crate::declare::{self, EndpointSpec};
 use crate::settle::RabbitSettlement;
@@ -20,6 +21,7 @@ use crate::wire;
 struct Active {
     channel: Channel,
     consumer: lapin::Consumer,
+    acks: Arc<Acks>,
 }
 
 /// The [`Receiver`] of one endpoint's queue.
@@ -69,7 +71,11 @@ impl RabbitReceiver {
             )
             .await
             .map_err(|e| Error::transport(format!("consuming `{}` failed", self.spec.name), e))?;
-        Ok(Active { channel, consumer })
+        Ok(Active {
+            channel,
+            consumer,
+            acks: Acks::new(self.prefetch),
+        })
     }
 }
 
@@ -132,8 +138,10 @@ impl Receiver for RabbitReceiver {
                 Some(Ok(d)) => {
                     let message = wire::from_delivery(d.data, &d.properties);
                     let redelivered = d.redelivered;
+                    active.acks.register(d.delivery_tag, d.acker);
                     let settlement = Box::new(RabbitSettlement::new(
-                        d.acker,
+                        active.acks.clone(),
+                        d.delivery_tag,
                         self.connector.clone(),
                         self.spec.clone(),
                     ));
@@ -200,6 +208,8 @@ impl Receiver for RabbitReceiver {
             .flatten()
         {
             if active.channel.status().connected() {
+                // Acks still owed go out first, or the broker redelivers what was handled.
+                active.acks.drain().await;
                 let _ = active
                     .channel
                     .close(200, ShortString::from("busway: endpoint stopped"))

@@ -9,50 +9,46 @@ use busway_core::transport::{
     GiveBack, MoveError, MoveKind, SettleOnDrop, Settlement, spawn_on_current,
 };
 use busway_core::{Error, ErrorKind, Result, TransportMessage};
-use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 
+use crate::acks::{Acked, Acks};
 use crate::connector::Connector;
 use crate::declare::EndpointSpec;
 use crate::route::{Route, publish};
 
-/// How long an ack or nack may take before the channel is presumed dead (the broker then
-/// redelivers the message when it notices).
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The settlement of one RabbitMQ delivery.
 pub(crate) struct RabbitSettlement {
-    acker: SettleOnDrop<Unacked>,
+    pending: SettleOnDrop<Unacked>,
     connector: Arc<Connector>,
     spec: EndpointSpec,
 }
 
 impl RabbitSettlement {
-    /// The settlement of the delivery `acker` acks, received from the endpoint `spec`.
-    pub(crate) fn new(acker: Acker, connector: Arc<Connector>, spec: EndpointSpec) -> Self {
+    /// The settlement of the delivery `tag` of the channel whose acks are `acks`, received
+    /// from the endpoint `spec`.
+    pub(crate) fn new(
+        acks: Arc<Acks>,
+        tag: u64,
+        connector: Arc<Connector>,
+        spec: EndpointSpec,
+    ) -> Self {
         Self {
-            acker: SettleOnDrop::new(Unacked(acker)),
+            pending: SettleOnDrop::new(Unacked { acks, tag }),
             connector,
             spec,
         }
     }
 
+    /// Marks the delivery done; its ack goes out with the channel's next `multiple` ack
+    /// (see [`Acks`]). A process that dies before then gets the message redelivered.
     async fn ack_now(&mut self) -> Result<()> {
-        let Some(Unacked(acker)) = self.acker.take() else {
+        let Some(Unacked { acks, tag }) = self.pending.take() else {
             return Ok(());
         };
-        let acked = tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default()))
-            .await
-            .unwrap_or(Ok(false));
-        match acked {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(Error::new(
+        match acks.ack(tag).await {
+            Acked::Later => Ok(()),
+            Acked::ChannelGone => Err(Error::new(
                 ErrorKind::Transport,
                 "the ack was not sent: its channel is gone; RabbitMQ will redeliver the message",
-            )),
-            Err(e) => Err(Error::transport(
-                "the ack failed; RabbitMQ will redeliver the message",
-                e,
             )),
         }
     }
@@ -65,20 +61,18 @@ impl Settlement for RabbitSettlement {
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<()> {
-        let Some(Unacked(acker)) = self.acker.take() else {
+        let Some(Unacked { acks, tag }) = self.pending.take() else {
             return Ok(());
         };
-        let nack = acker.nack(BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        });
-        match tokio::time::timeout(SETTLE_TIMEOUT, nack).await {
-            Ok(result) => result.map(|_| ()).map_err(|e| {
-                Error::transport("requeue failed; RabbitMQ will redeliver the message", e)
-            }),
-            Err(_) => Err(Error::new(
+        match acks.nack(tag, true).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Error::new(
                 ErrorKind::Unavailable,
-                "requeue timed out; RabbitMQ will redeliver the message when the channel closes",
+                "requeue was not sent (channel gone or timed out); RabbitMQ will redeliver the message when the channel closes",
+            )),
+            Err(e) => Err(Error::transport(
+                "requeue failed; RabbitMQ will redeliver the message",
+                e,
             )),
         }
     }
@@ -115,18 +109,15 @@ impl Settlement for RabbitSettlement {
 }
 
 /// A delivery not acked yet: nacked with requeue when its settlement is dropped.
-struct Unacked(Acker);
+struct Unacked {
+    acks: Arc<Acks>,
+    tag: u64,
+}
 
 impl GiveBack for Unacked {
     fn give_back(self) {
         spawn_on_current(async move {
-            let _ = self
-                .0
-                .nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                })
-                .await;
+            let _ = self.acks.nack(self.tag, true).await;
         });
     }
 }
