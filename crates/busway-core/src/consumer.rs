@@ -25,7 +25,7 @@ use crate::pipeline::{
     ConcurrencyLimitLayer, ConsumeLayer, ConsumeService, Retry, RetryLayer, TimeoutLayer,
     apply_consume_layers,
 };
-use crate::serializer::decode_message;
+use crate::serializer::decode_json;
 use crate::urn::Urn;
 
 /// Consumes messages of type `M`.
@@ -262,7 +262,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 }
 
 fn decode<M: Message>(rc: &ReceiveContext) -> Result<M, ConsumeError> {
-    decode_message::<M>(rc.message_json()).map_err(|e| {
+    decode_json::<M>(rc.message_json().as_bytes()).map_err(|e| {
         ConsumeError::with_kind(
             ConsumeErrorKind::Deserialize,
             "serde_json::Error",

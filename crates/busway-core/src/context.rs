@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -20,7 +19,7 @@ use crate::host::HostInfo;
 use crate::message::Message;
 use crate::send::{Parent, SendBuilder};
 use crate::sender::SendContext;
-use crate::serializer::ReceivedMessage;
+use crate::serializer::{MessageJson, ReceivedMessage};
 use crate::topology::Extensions;
 use crate::trace::TraceContext;
 use crate::transport::{Settlement, TransportMessage};
@@ -160,8 +159,8 @@ impl ReceiveContext {
         self.inner.received.any_message_type
     }
 
-    /// The message body as JSON.
-    pub fn message_json(&self) -> &RawValue {
+    /// The message body as JSON (sharing the received body, not a copy of it).
+    pub fn message_json(&self) -> &MessageJson {
         &self.inner.received.message
     }
 

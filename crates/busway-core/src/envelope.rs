@@ -127,16 +127,17 @@ impl Serialize for WireEnvelope<'_> {
     }
 }
 
-/// An envelope read from the wire, with the message body still as raw JSON.
+/// An envelope read from the wire, with the message body still as raw JSON borrowed from
+/// the text it was read from (no copy).
 ///
 /// Read it with serde_json from a slice or a string (`from_slice`, `from_str`): the message
 /// and host blocks are taken as raw JSON, which a streaming reader cannot lend.
 #[derive(Debug)]
-pub struct ReadEnvelope {
+pub struct ReadEnvelope<'a> {
     /// The envelope fields.
     pub envelope: Envelope,
     /// The message body, if the envelope had one.
-    pub message: Option<Box<RawValue>>,
+    pub message: Option<&'a RawValue>,
 }
 
 /// Reads an optional JSON string and turns it into a value with `parse`, without copying
@@ -285,18 +286,21 @@ impl EnvelopeField {
     ];
 }
 
-impl<'de> Deserialize<'de> for ReadEnvelope {
+impl<'de> Deserialize<'de> for ReadEnvelope<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct EnvelopeVisitor;
 
         impl<'de> Visitor<'de> for EnvelopeVisitor {
-            type Value = ReadEnvelope;
+            type Value = ReadEnvelope<'de>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a MassTransit message envelope (a JSON object)")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ReadEnvelope, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ReadEnvelope<'de>, A::Error> {
                 let mut e = Envelope::default();
                 let mut message = None;
                 let next = std::cell::Cell::new(0);
@@ -331,7 +335,7 @@ impl<'de> Deserialize<'de> for ReadEnvelope {
                             e.message_type = map.next_value::<LenientTypes>()?.0
                         }
                         Some(EnvelopeField::Message) => {
-                            message = Some(map.next_value::<Box<RawValue>>()?)
+                            message = Some(map.next_value::<&'de RawValue>()?)
                         }
                         Some(EnvelopeField::ExpirationTime) => {
                             e.expiration_time = map.next_value::<LenientTime>()?.0

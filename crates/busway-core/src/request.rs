@@ -21,7 +21,7 @@ use crate::fault::ExceptionInfo;
 use crate::headers::{Headers, names};
 use crate::message::{Message, new_id};
 use crate::send::SendBuilder;
-use crate::serializer::{ReceivedMessage, decode_message};
+use crate::serializer::{ReceivedMessage, decode_json};
 
 /// Removes the pending entry when the request future ends or is dropped (cancelled).
 struct PendingGuard<'a> {
@@ -60,7 +60,7 @@ impl Service<ReceiveContext> for ResponseSink {
             Some(tx) => {
                 let _ = tx.send(ReceivedMessage {
                     envelope: envelope.clone(),
-                    message: rc.message_json().to_owned(),
+                    message: rc.message_json().clone(),
                     any_message_type: rc.any_message_type(),
                 });
             }
@@ -250,7 +250,7 @@ impl<Req: Message> Request<'_, Req> {
             .any(|t| Resp::message_type().matches(t.as_str()))
             || received.any_message_type
         {
-            let message = decode_message::<Resp>(&received.message).map_err(|e| {
+            let message = decode_json::<Resp>(received.message.as_bytes()).map_err(|e| {
                 Error::with_source(
                     ErrorKind::Deserialize,
                     format!("the response is not a valid {}", Resp::message_type()),
@@ -263,9 +263,10 @@ impl<Req: Message> Request<'_, Req> {
             });
         }
         if types.iter().any(|t| t.faulted_type().is_some()) {
-            let shape: FaultShape = decode_message(&received.message).unwrap_or(FaultShape {
-                exceptions: Vec::new(),
-            });
+            let shape: FaultShape =
+                decode_json(received.message.as_bytes()).unwrap_or(FaultShape {
+                    exceptions: Vec::new(),
+                });
             return Err(Error::request_fault(RequestFault::new(shape.exceptions)));
         }
         let listed: Vec<&str> = types.iter().map(|t| t.as_str()).collect();

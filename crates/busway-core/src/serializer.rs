@@ -31,10 +31,81 @@ pub struct ReceivedMessage {
     /// The envelope fields.
     pub envelope: Envelope,
     /// The message body.
-    pub message: Box<RawValue>,
+    pub message: MessageJson,
     /// True when the message carries no type information and may be handed to any consumer
     /// (raw JSON with `accept_any_message_type`).
     pub any_message_type: bool,
+}
+
+/// A message's JSON as it was received: the span of the transport body it came in, shared
+/// with that body rather than copied, or JSON of its own.
+///
+/// ```
+/// use busway_core::serializer::MessageJson;
+/// use bytes::Bytes;
+///
+/// let body = Bytes::from_static(br#"{"messageId":null,"message":{"n":7}}"#);
+/// let json = MessageJson::within(&body, "{\"n\":7}");
+/// assert_eq!(json.get(), r#"{"n":7}"#);
+/// ```
+#[derive(Clone)]
+pub struct MessageJson {
+    body: Bytes,
+}
+
+impl MessageJson {
+    /// The JSON text `json`, a slice of `body` (borrowed from it by a serde read): shares
+    /// `body` with no copy. Text that is not within `body` is copied.
+    pub fn within(body: &Bytes, json: &str) -> Self {
+        let start = (json.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+        let inside = json.is_empty() || (start <= body.len() && json.len() <= body.len() - start);
+        Self {
+            body: if inside {
+                body.slice(start..start + json.len())
+            } else {
+                Bytes::copy_from_slice(json.as_bytes())
+            },
+        }
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        // Taken from a `&str`, so always UTF-8; checked again rather than trusted.
+        std::str::from_utf8(&self.body).unwrap_or("null")
+    }
+
+    /// The JSON bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The JSON as an owned [`RawValue`] (a copy), for writing it into other JSON.
+    pub fn to_raw_value(&self) -> Box<RawValue> {
+        RawValue::from_string(self.get().to_owned())
+            .unwrap_or_else(|_| RawValue::from_string("null".to_owned()).expect("`null` is JSON"))
+    }
+}
+
+impl From<Box<RawValue>> for MessageJson {
+    fn from(raw: Box<RawValue>) -> Self {
+        Self {
+            body: Bytes::from(Box::<str>::from(raw).into_string().into_bytes()),
+        }
+    }
+}
+
+impl From<&RawValue> for MessageJson {
+    fn from(raw: &RawValue) -> Self {
+        Self {
+            body: Bytes::copy_from_slice(raw.get().as_bytes()),
+        }
+    }
+}
+
+impl fmt::Debug for MessageJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("MessageJson").field(&self.get()).finish()
+    }
 }
 
 /// Writes and reads one content type.
@@ -101,11 +172,12 @@ impl Serializer for MassTransitJson {
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<ReceivedMessage, Error> {
-        let read: ReadEnvelope = serde_json::from_slice(&message.body).map_err(|e| {
+        let read: ReadEnvelope<'_> = serde_json::from_slice(&message.body).map_err(|e| {
             deserialize_error("the body is not a valid MassTransit JSON envelope", Some(e))
         })?;
         let body = read
             .message
+            .map(|raw| MessageJson::within(&message.body, raw.get()))
             .ok_or_else(|| deserialize_error("the envelope has no `message` field", None))?;
         let mut envelope = read.envelope;
         if envelope.message_id.is_none() {
@@ -240,8 +312,9 @@ impl Serializer for RawJson {
     }
 
     fn deserialize(&self, message: &TransportMessage) -> Result<ReceivedMessage, Error> {
-        let body: Box<RawValue> = serde_json::from_slice(&message.body)
+        let body: &RawValue = serde_json::from_slice(&message.body)
             .map_err(|e| deserialize_error("the body is not valid JSON", Some(e)))?;
+        let body = MessageJson::within(&message.body, body.get());
         let h = &message.headers;
         let message_type: Vec<Urn> = header_text(h, &[names::MESSAGE_TYPE])
             .map(|t| {
@@ -376,11 +449,49 @@ impl Serializers {
 /// `#[serde(rename_all = "camelCase")]`). When that fails, the body is read once more with
 /// every object key's first letter lowercased, so PascalCase bodies from older MassTransit
 /// producers (Newtonsoft defaults) are accepted too.
-pub fn decode_message<M: DeserializeOwned>(raw: &RawValue) -> Result<M, serde_json::Error> {
-    match serde_json::from_str::<M>(raw.get()) {
+pub fn decode_message<M: DeserializeOwned>(
+    raw: &(impl JsonText + ?Sized),
+) -> Result<M, serde_json::Error> {
+    decode_json(raw.json_bytes())
+}
+
+/// JSON text a typed message can be read from in place: a received [`MessageJson`], a
+/// [`RawValue`], a `str`.
+pub trait JsonText {
+    /// The JSON bytes.
+    fn json_bytes(&self) -> &[u8];
+}
+
+impl JsonText for MessageJson {
+    fn json_bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl JsonText for RawValue {
+    fn json_bytes(&self) -> &[u8] {
+        self.get().as_bytes()
+    }
+}
+
+impl JsonText for str {
+    fn json_bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl<T: JsonText + ?Sized> JsonText for Box<T> {
+    fn json_bytes(&self) -> &[u8] {
+        (**self).json_bytes()
+    }
+}
+
+/// [`decode_message`] for JSON bytes, read in place.
+pub fn decode_json<M: DeserializeOwned>(json: &[u8]) -> Result<M, serde_json::Error> {
+    match serde_json::from_slice::<M>(json) {
         Ok(m) => Ok(m),
         Err(first) => {
-            let Ok(mut value) = serde_json::from_str::<Value>(raw.get()) else {
+            let Ok(mut value) = serde_json::from_slice::<Value>(json) else {
                 return Err(first);
             };
             if !camelize_keys(&mut value) {
@@ -415,5 +526,37 @@ fn camelize_keys(value: &mut Value) -> bool {
             .iter_mut()
             .fold(false, |acc, v| camelize_keys(v) | acc),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_received_message_shares_the_body_it_came_in() {
+        let body = Bytes::from(
+            br#"{"messageId":"0e1b3c9a-0000-4000-8000-000000000001","message":{"n":7},"messageType":["urn:message:T"]}"#
+                .to_vec(),
+        );
+        let received = MassTransitJson
+            .deserialize(&TransportMessage::new(body.clone()))
+            .expect("an envelope");
+        let json = received.message.as_bytes();
+        assert_eq!(json, br#"{"n":7}"#);
+        let start = json.as_ptr() as usize - body.as_ptr() as usize;
+        assert!(
+            start < body.len(),
+            "the message JSON points into the body: no copy"
+        );
+        assert_eq!(decode_message::<Value>(&received.message).unwrap()["n"], 7);
+    }
+
+    #[test]
+    fn text_outside_the_body_is_copied() {
+        let body = Bytes::from_static(b"{}");
+        let json = MessageJson::within(&body, "[1,2]");
+        assert_eq!(json.get(), "[1,2]");
+        assert_eq!(json.to_raw_value().get(), "[1,2]");
     }
 }

@@ -188,14 +188,14 @@ impl StoredMessage {
     /// Rebuilds the outgoing message. The remaining delay (if any) is computed from when it
     /// was stored.
     pub fn to_outgoing(&self) -> Result<OutgoingMessage> {
-        let read: ReadEnvelope = serde_json::from_str(&self.envelope).map_err(|e| {
+        let read: ReadEnvelope<'_> = serde_json::from_str(&self.envelope).map_err(|e| {
             Error::with_source(
                 ErrorKind::Deserialize,
                 "the stored envelope is not valid",
                 e,
             )
         })?;
-        let message = read.message.ok_or_else(|| {
+        let message = read.message.map(ToOwned::to_owned).ok_or_else(|| {
             Error::new(ErrorKind::Deserialize, "the stored envelope has no message")
         })?;
         let target = if self.destination == PUBLISH {

@@ -341,6 +341,7 @@ async fn send_fault(
         None => return Ok(()),
     };
     let send = rt.bus.send_context();
+    let faulted = rc.message_json().to_raw_value();
     let fault = Fault {
         fault_id: new_id(),
         faulted_message_id: env.message_id,
@@ -348,7 +349,7 @@ async fn send_fault(
         exceptions: vec![ExceptionInfo::from_consume_error(err)],
         host: Some((*send.host).clone()),
         fault_message_types: env.message_type.clone(),
-        message: rc.message_json(),
+        message: &faulted,
     };
     let body = serde_json::value::to_raw_value(&fault).map_err(|e| {
         Error::with_source(
