@@ -1,5 +1,6 @@
 //! Message headers: a small ordered map with case-insensitive names and JSON values.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -88,6 +89,76 @@ pub mod names {
     pub const CONTENT_TYPE: &str = "Content-Type";
 }
 
+/// A header name: one of the names busway and MassTransit write (kept as a `&'static str`,
+/// no allocation) or any other.
+type Name = Cow<'static, str>;
+
+/// Every name in [`names`]: headers read off the wire under one of these exact names keep
+/// the static text instead of a copy of their own (a delivery carries about ten of them).
+const WELL_KNOWN: &[&str] = &[
+    names::REASON,
+    names::FAULT_EXCEPTION_TYPE,
+    names::FAULT_INPUT_ADDRESS,
+    names::FAULT_MESSAGE,
+    names::FAULT_TIMESTAMP,
+    names::FAULT_STACK_TRACE,
+    names::FAULT_CONSUMER_TYPE,
+    names::FAULT_MESSAGE_TYPE,
+    names::FAULT_RETRY_COUNT,
+    names::FAULT_REDELIVERY_COUNT,
+    names::REDELIVERY_COUNT,
+    names::ORIGINAL_MESSAGE_ID,
+    names::REQUEST_ACCEPT_TYPE,
+    names::INITIATING_CONVERSATION_ID,
+    names::HOST_MACHINE_NAME,
+    names::HOST_PROCESS_NAME,
+    names::HOST_PROCESS_ID,
+    names::HOST_ASSEMBLY,
+    names::HOST_ASSEMBLY_VERSION,
+    names::HOST_MASSTRANSIT_VERSION,
+    names::HOST_FRAMEWORK_VERSION,
+    names::HOST_OPERATING_SYSTEM_VERSION,
+    names::SCHEDULING_TOKEN_ID,
+    names::TRACEPARENT,
+    names::TRACESTATE,
+    names::MT_ACTIVITY_ID,
+    names::MESSAGE_ID,
+    names::CORRELATION_ID,
+    names::CONVERSATION_ID,
+    names::REQUEST_ID,
+    names::INITIATOR_ID,
+    names::MESSAGE_TYPE,
+    names::RESPONSE_ADDRESS,
+    names::FAULT_ADDRESS,
+    names::SOURCE_ADDRESS,
+    names::HOST_INFO,
+    names::CONTENT_TYPE,
+    // The names MassTransit's Kafka rider writes besides the ones above.
+    "InitiatorId",
+    "SourceAddress",
+    "DestinationAddress",
+];
+
+/// `text` as a header name, without allocating when it is a well-known one.
+fn name_of(text: &str) -> Name {
+    name_of_static(text).map_or_else(|| Cow::Owned(text.to_owned()), Cow::Borrowed)
+}
+
+/// `name` as a header name, reusing the static text of a well-known one.
+fn owned_name(name: String) -> Name {
+    match name_of_static(&name) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name),
+    }
+}
+
+fn name_of_static(text: &str) -> Option<&'static str> {
+    WELL_KNOWN
+        .iter()
+        .find(|known| known.len() == text.len() && **known == text)
+        .copied()
+}
+
 /// Message headers: names are compared without regard to ASCII case, values are JSON.
 ///
 /// Insertion order is kept, which keeps wire output stable. Clones share their entries
@@ -96,7 +167,7 @@ pub mod names {
 #[derive(Clone, Default)]
 pub struct Headers {
     /// `None` while empty, so an empty set allocates nothing.
-    entries: Option<Arc<Vec<(String, Value)>>>,
+    entries: Option<Arc<Vec<(Name, Value)>>>,
 }
 
 impl PartialEq for Headers {
@@ -111,11 +182,11 @@ impl Headers {
         Self::default()
     }
 
-    fn entries(&self) -> &[(String, Value)] {
+    fn entries(&self) -> &[(Name, Value)] {
         self.entries.as_deref().map(Vec::as_slice).unwrap_or(&[])
     }
 
-    fn entries_mut(&mut self) -> &mut Vec<(String, Value)> {
+    fn entries_mut(&mut self) -> &mut Vec<(Name, Value)> {
         Arc::make_mut(self.entries.get_or_insert_with(Default::default))
     }
 
@@ -129,7 +200,7 @@ impl Headers {
             .find(|(k, _)| k.eq_ignore_ascii_case(&name))
         {
             Some(entry) => entry.1 = value,
-            None => entries.push((name, value)),
+            None => entries.push((owned_name(name), value)),
         }
     }
 
@@ -137,7 +208,7 @@ impl Headers {
     pub fn insert_if_absent(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         let name = name.into();
         if !self.contains(&name) {
-            self.entries_mut().push((name, value.into()));
+            self.entries_mut().push((owned_name(name), value.into()));
         }
     }
 
@@ -185,7 +256,7 @@ impl Headers {
 
     /// All headers, in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.entries().iter().map(|(k, v)| (k.as_str(), v))
+        self.entries().iter().map(|(k, v)| (k.as_ref(), v))
     }
 
     /// Number of headers.
@@ -240,7 +311,19 @@ impl<K: Into<String>, V: Into<Value>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut builder = HeadersBuilder::default();
         for (k, v) in iter {
-            builder.push(k.into(), v.into());
+            builder.push(owned_name(k.into()), v.into());
+        }
+        builder.finish()
+    }
+}
+
+impl Headers {
+    /// Headers from names and values read off the wire (an AMQP table, Kafka record
+    /// headers), collected as [`FromIterator`] does; well-known names are not copied.
+    pub fn from_wire<'a>(entries: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
+        let mut builder = HeadersBuilder::default();
+        for (k, v) in entries {
+            builder.push(name_of(k), v);
         }
         builder.finish()
     }
@@ -249,7 +332,7 @@ impl<K: Into<String>, V: Into<Value>> FromIterator<(K, V)> for Headers {
 /// Builds [`Headers`] from many entries in linear time.
 #[derive(Default)]
 struct HeadersBuilder {
-    entries: Vec<(String, Value)>,
+    entries: Vec<(Name, Value)>,
     /// Lower-cased name → index in `entries`; only built once there are enough entries for
     /// a scan to cost more than hashing.
     index: Option<std::collections::HashMap<String, usize>>,
@@ -259,7 +342,7 @@ impl HeadersBuilder {
     /// Up to this many entries a linear scan is cheaper than a map.
     const SCAN_LIMIT: usize = 16;
 
-    fn push(&mut self, name: String, value: Value) {
+    fn push(&mut self, name: Name, value: Value) {
         if self.index.is_none() && self.entries.len() >= Self::SCAN_LIMIT {
             let map = self
                 .entries
@@ -326,8 +409,8 @@ impl<'de> Deserialize<'de> for Headers {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Headers, A::Error> {
                 let mut headers = HeadersBuilder::default();
-                while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                    headers.push(k, v);
+                while let Some((k, v)) = map.next_entry::<WireName, Value>()? {
+                    headers.push(k.0, v);
                 }
                 Ok(headers.finish())
             }
@@ -336,9 +419,53 @@ impl<'de> Deserialize<'de> for Headers {
     }
 }
 
+/// A header name read by serde: borrowed text is looked up among the well-known names
+/// before it is copied.
+struct WireName(Name);
+
+impl<'de> Deserialize<'de> for WireName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor;
+        impl Visitor<'_> for NameVisitor {
+            type Value = WireName;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a header name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WireName, E> {
+                Ok(WireName(name_of(v)))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<WireName, E> {
+                Ok(WireName(owned_name(v)))
+            }
+        }
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn well_known_names_read_off_the_wire_are_not_copied() {
+        let wire = Headers::from_wire([
+            ("MessageId", Value::from("a")),
+            ("traceparent", Value::from("b")),
+            ("X-Custom", Value::from("c")),
+        ]);
+        let json: Headers =
+            serde_json::from_str(r#"{"MT-Activity-Id":"d","x-other":1}"#).expect("headers");
+        let borrowed = |h: &Headers| {
+            h.entries()
+                .iter()
+                .map(|(k, _)| matches!(k, Cow::Borrowed(_)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(borrowed(&wire), [true, true, false]);
+        assert_eq!(borrowed(&json), [true, false]);
+        assert_eq!(wire.get_str("messageid").as_deref(), Some("a"));
+        assert_eq!(json.get_i64("X-OTHER"), Some(1));
+    }
 
     #[test]
     fn names_are_case_insensitive_and_replace() {

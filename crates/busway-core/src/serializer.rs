@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::envelope::{Envelope, ReadEnvelope, WireEnvelope, parse_guid};
 use crate::error::{Error, ErrorKind};
 use crate::headers::{Headers, names};
-use crate::host::HostInfo;
+use crate::host::SharedHost;
 use crate::transport::message::TransportMessage;
 use crate::urn::Urn;
 
@@ -325,10 +325,12 @@ impl Serializer for RawJson {
                     .collect()
             })
             .unwrap_or_default();
+        // A run of messages from one producer repeats the same host text: shared, not
+        // parsed again (see `SharedHost`).
         let host = h
             .get_str(names::HOST_INFO)
-            .and_then(|json| serde_json::from_str::<HostInfo>(&json).ok())
-            .map(Arc::new);
+            .and_then(|json| serde_json::from_str::<SharedHost>(&json).ok())
+            .and_then(|shared| shared.0);
         let any_message_type = message_type.is_empty() && self.accept_any_message_type;
         let envelope = Envelope {
             message_type,

@@ -48,12 +48,12 @@ pub(crate) fn from_record<M: Message>(record: &M) -> TransportMessage {
                 content_type = Some(value);
                 continue;
             }
-            entries.push((header.key, value));
+            entries.push((header.key, serde_json::Value::String(value)));
         }
     }
     // Collected in one pass: inserting one by one scans the set each time, which a record
     // with tens of thousands of headers turns into seconds on a runtime worker.
-    let headers: Headers = entries.into_iter().collect();
+    let headers = Headers::from_wire(entries);
     let body = Bytes::copy_from_slice(record.payload().unwrap_or_default());
     // MassTransit's Kafka rider labels raw JSON bodies `application/vnd.masstransit+json`;
     // read such bodies as the raw JSON they are.

@@ -145,12 +145,13 @@ pub(crate) fn properties(message: &TransportMessage, persistent: bool) -> BasicP
 /// A received AMQP message as a transport message.
 pub(crate) fn from_delivery(data: Vec<u8>, props: &BasicProperties) -> TransportMessage {
     // Collected in one pass (linear, unlike an insert per key).
-    let headers: Headers = props
-        .headers()
-        .iter()
-        .flat_map(|table| table.inner())
-        .map(|(k, v)| (k.as_str(), from_amqp(v)))
-        .collect();
+    let headers = Headers::from_wire(
+        props
+            .headers()
+            .iter()
+            .flat_map(|table| table.inner())
+            .map(|(k, v)| (k.as_str(), from_amqp(v))),
+    );
     let mut message = TransportMessage::new(Bytes::from(data));
     message.content_type = props
         .content_type()
