@@ -17,16 +17,20 @@ use std::process::ExitCode;
 use busway_bench::report::{Machine, Report, markdown, write};
 use busway_bench::{ScenarioResult, Settings, run_scenario, scenarios};
 
-const USAGE: &str = "usage: busway-bench [all|inmemory|mediator|rabbitmq|kafka|outbox|saga|saga-memory|backlog]... \
+const USAGE: &str = "usage: busway-bench [all|inmemory|mediator|rabbitmq|rabbitmq-json|ruststream|hexeract|kafka|outbox|outbox-batch|saga|saga-memory|backlog]... \
 [--messages N] [--seconds S] [--payload BYTES] [--pairs K] [--window W] [--prefetch P] \
 [--latency-fraction F] [--backlog N] [--out DIR] [--no-plots] [--smoke]";
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 12] = [
     "inmemory",
     "mediator",
     "rabbitmq",
+    "rabbitmq-json",
+    "ruststream",
+    "hexeract",
     "kafka",
     "outbox",
+    "outbox-batch",
     "saga",
     "saga-memory",
     "backlog",

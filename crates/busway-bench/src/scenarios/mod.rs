@@ -6,6 +6,7 @@ pub mod inmemory;
 pub mod kafka;
 pub mod mediator;
 pub mod outbox;
+pub mod peers;
 pub mod rabbitmq;
 pub mod saga;
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway::prelude::*;
-use busway::{BoxError, BusBuilder, Transport};
+use busway::{BoxError, BusBuilder, RawJson, Transport};
 use uuid::Uuid;
 
 use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
@@ -32,10 +33,21 @@ pub trait BenchTransport: Transport + Clone {
 /// Makes a fresh transport for an endpoint name.
 pub type Factory<T> = Arc<dyn Fn(&str) -> Result<T, BoxError> + Send + Sync>;
 
+/// What the busway side's bus writes messages with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// MassTransit's JSON envelope, busway's default.
+    #[default]
+    Envelope,
+    /// The message alone as JSON, its identity in transport headers ([`RawJson`]).
+    RawJson,
+}
+
 /// busway on some transport: publish with a confirm window, consume on one endpoint.
 pub struct BuswaySide<T: BenchTransport> {
     factory: Factory<T>,
     settings: Settings,
+    encoding: Encoding,
     backlog: Option<(Bus, Arc<Tally>)>,
     created: Vec<(T, String)>,
 }
@@ -49,11 +61,21 @@ impl<T: BenchTransport> std::fmt::Debug for BuswaySide<T> {
 }
 
 impl<T: BenchTransport> BuswaySide<T> {
-    /// A side on transports from `factory`.
+    /// A side on transports from `factory`, writing MassTransit envelopes.
     pub fn boxed(factory: Factory<T>, settings: &Settings) -> Box<dyn Side> {
+        Self::boxed_with(factory, settings, Encoding::Envelope)
+    }
+
+    /// A side on transports from `factory`, writing with `encoding`.
+    pub fn boxed_with(
+        factory: Factory<T>,
+        settings: &Settings,
+        encoding: Encoding,
+    ) -> Box<dyn Side> {
         Box::new(Self {
             factory,
             settings: settings.clone(),
+            encoding,
             backlog: None,
             created: Vec::new(),
         })
@@ -77,6 +99,11 @@ pub trait PublishingSide: Send {
         n: usize,
         latency: bool,
     ) -> Result<(Bus, Arc<Tally>), BoxError>;
+
+    /// Removes the endpoints of a finished phase, so that no later phase's messages are
+    /// copied into their queues (a RabbitMQ queue stays bound to the message type's
+    /// exchange until it is deleted).
+    async fn end_phase(&mut self) {}
 
     /// Removes what the side created.
     async fn teardown(&mut self) {}
@@ -103,6 +130,7 @@ impl<P: PublishingSide> Side for P {
         let running = bus.start().await?;
         tally.wait(WAIT).await?;
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(tally.span())
     }
 
@@ -114,6 +142,7 @@ impl<P: PublishingSide> Side for P {
         tally.wait(WAIT).await?;
         let took = started.elapsed();
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(took)
     }
 
@@ -127,6 +156,7 @@ impl<P: PublishingSide> Side for P {
         .await?;
         tally.wait(WAIT).await?;
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(tally.latencies())
     }
 
@@ -154,8 +184,12 @@ impl<T: BenchTransport> PublishingSide for BuswaySide<T> {
         let name = endpoint_name(phase);
         let transport = (self.factory)(&name)?;
         let tally = Tally::new(n, latency);
+        let builder = match self.encoding {
+            Encoding::Envelope => Bus::builder(),
+            Encoding::RawJson => Bus::builder().serializer(RawJson::new()),
+        };
         let bus = endpoint_bus(
-            Bus::builder().transport(transport.clone()),
+            builder.transport(transport.clone()),
             &name,
             self.settings.prefetch,
             tally.clone(),
@@ -164,6 +198,10 @@ impl<T: BenchTransport> PublishingSide for BuswaySide<T> {
         .await?;
         self.created.push((transport, name));
         Ok((bus, tally))
+    }
+
+    async fn end_phase(&mut self) {
+        self.teardown().await;
     }
 
     async fn teardown(&mut self) {
@@ -208,8 +246,12 @@ pub fn all() -> Vec<Box<dyn crate::Scenario>> {
     vec![
         Box::new(inmemory::InMemoryScenario),
         Box::new(rabbitmq::RabbitScenario::from_env()),
+        Box::new(peers::PeerScenario::lapin_json()),
+        Box::new(peers::PeerScenario::ruststream()),
+        Box::new(peers::PeerScenario::hexeract()),
         Box::new(kafka::KafkaScenario::from_env()),
         Box::new(outbox::OutboxScenario::from_env()),
+        Box::new(outbox::OutboxScenario::batched_from_env()),
         Box::new(saga::SagaScenario::postgres()),
         Box::new(saga::SagaScenario::memory()),
     ]

@@ -1,6 +1,8 @@
 //! `outbox`: events committed through the transactional outbox (PostgreSQL) and delivered by
 //! its dispatcher, vs the same events published directly; both on busway over RabbitMQ, with
 //! the same window of operations in flight. The ratio is the price of the outbox.
+//! `outbox-batch` commits ten events per transaction, as a handler that raises several
+//! events does; the commit then costs a tenth per event.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +15,7 @@ use busway::prelude::*;
 use busway::rabbitmq::RabbitMq;
 
 use super::{BenchTransport, BuswaySide, endpoint_bus, endpoint_name};
-use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
+use crate::message::{BenchMessage, Tally, WAIT, send_open_loop};
 use crate::{Scenario, Settings, Side};
 
 /// The outbox scenario.
@@ -21,6 +23,7 @@ use crate::{Scenario, Settings, Side};
 pub struct OutboxScenario {
     database_url: String,
     rabbitmq_url: String,
+    per_transaction: usize,
 }
 
 impl OutboxScenario {
@@ -33,18 +36,37 @@ impl OutboxScenario {
                 .filter(|u| u.starts_with("postgres"))
                 .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
             rabbitmq_url: RabbitMq::env_url(),
+            per_transaction: 1,
+        }
+    }
+
+    /// The same with [`BATCH`] events committed per transaction (`outbox-batch`).
+    pub fn batched_from_env() -> Self {
+        Self {
+            per_transaction: BATCH,
+            ..Self::from_env()
         }
     }
 }
 
+/// Events per transaction in `outbox-batch`.
+pub const BATCH: usize = 10;
+
 #[async_trait]
 impl Scenario for OutboxScenario {
     fn name(&self) -> &'static str {
-        "outbox"
+        if self.per_transaction > 1 {
+            "outbox-batch"
+        } else {
+            "outbox"
+        }
     }
 
     fn description(&self) -> String {
-        "busway: commit through the PostgreSQL outbox + dispatcher vs direct publish, both to RabbitMQ".into()
+        format!(
+            "busway: commit through the PostgreSQL outbox ({} event(s) per transaction) + dispatcher vs direct publish, both to RabbitMQ",
+            self.per_transaction
+        )
     }
 
     async fn available(&self) -> Result<(), String> {
@@ -68,6 +90,7 @@ impl Scenario for OutboxScenario {
             store,
             url: self.rabbitmq_url.clone(),
             settings: settings.clone(),
+            per_transaction: self.per_transaction,
             backlog: None,
             created: Vec::new(),
         }))
@@ -91,6 +114,7 @@ struct OutboxSide {
     store: PostgresStore,
     url: String,
     settings: Settings,
+    per_transaction: usize,
     backlog: Option<(Bus, Arc<Tally>, Dispatcher, Outbox<PostgresStore>)>,
     created: Vec<(RabbitMq, String)>,
 }
@@ -128,21 +152,45 @@ impl OutboxSide {
         Ok((bus, tally, outbox, dispatcher))
     }
 
+    /// Commits `n` events, `per_transaction` to a transaction, with as many transactions in
+    /// flight as fit the window of messages.
+    /// Removes the endpoints of a finished phase (see `PublishingSide::end_phase`).
+    async fn end_phase(&mut self) {
+        for (t, name) in self.created.drain(..) {
+            t.remove(&name).await;
+            let _ = busway::Transport::close(&t).await;
+        }
+    }
+
     async fn commit_all(&self, outbox: &Outbox<PostgresStore>, n: usize) -> Result<(), BoxError> {
-        send_all(n, self.settings.window, self.settings.payload, |m| {
-            commit(&self.pool, outbox, m)
-        })
-        .await
+        use futures_util::StreamExt;
+        let per = self.per_transaction.max(1);
+        let payload = self.settings.payload;
+        let mut commits = futures_util::stream::iter((0..n).step_by(per))
+            .map(|first| {
+                let events = (first..(first + per).min(n))
+                    .map(|i| BenchMessage::new(i as u64, payload))
+                    .collect();
+                commit(&self.pool, outbox, events)
+            })
+            .buffer_unordered((self.settings.window / per).max(1));
+        while let Some(done) = commits.next().await {
+            done?;
+        }
+        Ok(())
     }
 }
 
+/// One transaction with `events` written through the outbox.
 async fn commit(
     pool: &PgPool,
     outbox: &Outbox<PostgresStore>,
-    m: BenchMessage,
+    events: Vec<BenchMessage>,
 ) -> Result<(), BoxError> {
     let mut tx = pool.begin().await?;
-    outbox.publish(&mut tx, m).await?;
+    for m in events {
+        outbox.publish(&mut tx, m).await?;
+    }
     tx.commit().await?;
     Ok(())
 }
@@ -163,6 +211,7 @@ impl Side for OutboxSide {
         tally.wait(WAIT).await?;
         dispatcher.stop().await;
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(tally.span())
     }
 
@@ -175,6 +224,7 @@ impl Side for OutboxSide {
         let took = started.elapsed();
         dispatcher.stop().await;
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(took)
     }
 
@@ -184,20 +234,18 @@ impl Side for OutboxSide {
         let pool = self.pool.clone();
         send_open_loop(n, rate, self.settings.payload, |m| {
             let (pool, outbox) = (pool.clone(), outbox.clone());
-            async move { commit(&pool, &outbox, m).await }
+            async move { commit(&pool, &outbox, vec![m]).await }
         })
         .await?;
         tally.wait(WAIT).await?;
         dispatcher.stop().await;
         running.shutdown().await?;
+        self.end_phase().await;
         Ok(tally.latencies())
     }
 
     async fn cleanup(&mut self) {
-        for (t, name) in self.created.drain(..) {
-            t.remove(&name).await;
-            let _ = busway::Transport::close(&t).await;
-        }
+        self.end_phase().await;
         self.pool.close().await;
     }
 }

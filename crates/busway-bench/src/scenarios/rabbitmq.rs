@@ -93,13 +93,9 @@ impl Scenario for RabbitScenario {
     }
 
     async fn raw(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
-        let connection = Connection::connect(&self.url, Default::default()).await?;
-        Ok(Box::new(LapinSide {
-            connection,
-            settings: settings.clone(),
-            backlog: None,
-            queues: Vec::new(),
-        }))
+        Ok(Box::new(
+            LapinSide::connect(&self.url, settings, false).await?,
+        ))
     }
 
     fn sides(&self) -> (&'static str, &'static str) {
@@ -107,18 +103,40 @@ impl Scenario for RabbitScenario {
     }
 }
 
-fn redact(url: &str) -> String {
+/// `url` with its credentials replaced by `***`.
+pub(crate) fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
         _ => url.to_string(),
     }
 }
 
-struct LapinSide {
+/// Raw lapin on MassTransit's topology: the baseline of the `rabbitmq` scenario (the envelope
+/// encoded by hand) and of `rabbitmq-json` (`plain`: the message alone as JSON).
+pub(crate) struct LapinSide {
     connection: Connection,
     settings: Settings,
     backlog: Option<String>,
     queues: Vec<String>,
+    /// The body is the [`BenchMessage`] alone as JSON rather than a MassTransit envelope.
+    plain: bool,
+}
+
+impl LapinSide {
+    /// A side on a new connection to `url`; `plain`: bodies are the message alone as JSON.
+    pub(crate) async fn connect(
+        url: &str,
+        settings: &Settings,
+        plain: bool,
+    ) -> Result<Self, BoxError> {
+        Ok(Self {
+            connection: Connection::connect(url, Default::default()).await?,
+            settings: settings.clone(),
+            backlog: None,
+            queues: Vec::new(),
+            plain,
+        })
+    }
 }
 
 const TYPE_EXCHANGE: &str = "Busway.Bench:RawBenchMessage";
@@ -174,6 +192,22 @@ impl LapinSide {
         Ok(name)
     }
 
+    /// Deletes the queues (and their endpoint exchanges) of finished phases: a queue left
+    /// bound to the message-type exchange would take a copy of every later phase's messages.
+    async fn drop_queues(&mut self) {
+        if let Ok(ch) = self.connection.create_channel().await {
+            for q in self.queues.drain(..) {
+                let _ = ch
+                    .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+                    .await;
+                let _ = ch
+                    .exchange_delete(ShortString::from(q.as_str()), Default::default())
+                    .await;
+            }
+            let _ = ch.close(200, ShortString::from("phase done")).await;
+        }
+    }
+
     async fn publisher(&self) -> Result<Channel, BoxError> {
         let ch = self.connection.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -188,19 +222,27 @@ impl LapinSide {
     ) -> Result<tokio::task::JoinHandle<Result<(), String>>, BoxError> {
         let ch = self.connection.create_channel().await?;
         let prefetch = self.settings.prefetch;
+        let plain = self.plain;
         Ok(tokio::spawn(async move {
-            consume(ch, queue, prefetch, tally)
+            consume(ch, queue, prefetch, plain, tally)
                 .await
                 .map_err(|e| e.to_string())
         }))
     }
 }
 
-async fn publish_one(ch: &Channel, m: BenchMessage) -> Result<(), BoxError> {
-    let body = RawEnvelope::encode(m, "rabbitmq://localhost/raw");
+async fn publish_one(ch: &Channel, plain: bool, m: BenchMessage) -> Result<(), BoxError> {
+    let (body, content_type) = if plain {
+        (serde_json::to_vec(&m)?, "application/json")
+    } else {
+        (
+            RawEnvelope::encode(m, "rabbitmq://localhost/raw"),
+            "application/vnd.masstransit+json",
+        )
+    };
     let props = BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type(ShortString::from("application/vnd.masstransit+json"))
+        .with_content_type(ShortString::from(content_type))
         .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()));
     let confirm = ch
         .basic_publish(
@@ -222,6 +264,7 @@ async fn consume(
     ch: Channel,
     queue: String,
     prefetch: u16,
+    plain: bool,
     tally: Arc<Tally>,
 ) -> Result<(), BoxError> {
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -251,8 +294,11 @@ async fn consume(
         };
         let Some(delivery) = next else { break };
         let delivery = delivery?;
-        let envelope = RawEnvelope::decode(&delivery.data)?;
-        tally.record(&envelope.message);
+        if plain {
+            tally.record(&serde_json::from_slice::<BenchMessage>(&delivery.data)?);
+        } else {
+            tally.record(&RawEnvelope::decode(&delivery.data)?.message);
+        }
         let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
         unacked = Some((delivery.acker, count));
         if (count >= batch || tally.is_complete())
@@ -278,7 +324,7 @@ impl Side for LapinSide {
         let queue = self.declare("backlog").await?;
         let ch = self.publisher().await?;
         send_all(n, self.settings.window, self.settings.payload, |m| {
-            publish_one(&ch, m)
+            publish_one(&ch, self.plain, m)
         })
         .await?;
         self.backlog = Some(queue);
@@ -290,6 +336,7 @@ impl Side for LapinSide {
         let tally = Tally::new(n, false);
         self.consumer(queue, tally.clone()).await?.await??;
         tally.wait(WAIT).await?;
+        self.drop_queues().await;
         Ok(tally.span())
     }
 
@@ -300,12 +347,13 @@ impl Side for LapinSide {
         let ch = self.publisher().await?;
         let started = Instant::now();
         send_all(n, self.settings.window, self.settings.payload, |m| {
-            publish_one(&ch, m)
+            publish_one(&ch, self.plain, m)
         })
         .await?;
         tally.wait(WAIT).await?;
         let took = started.elapsed();
         consumer.await??;
+        self.drop_queues().await;
         Ok(took)
     }
 
@@ -314,27 +362,20 @@ impl Side for LapinSide {
         let tally = Tally::new(n, true);
         let consumer = self.consumer(queue, tally.clone()).await?;
         let ch = self.publisher().await?;
+        let plain = self.plain;
         send_open_loop(n, rate, self.settings.payload, |m| {
             let ch = ch.clone();
-            async move { publish_one(&ch, m).await }
+            async move { publish_one(&ch, plain, m).await }
         })
         .await?;
         tally.wait(WAIT).await?;
         consumer.await??;
+        self.drop_queues().await;
         Ok(tally.latencies())
     }
 
     async fn cleanup(&mut self) {
-        if let Ok(ch) = self.connection.create_channel().await {
-            for q in self.queues.drain(..) {
-                let _ = ch
-                    .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                    .await;
-                let _ = ch
-                    .exchange_delete(ShortString::from(q.as_str()), Default::default())
-                    .await;
-            }
-        }
+        self.drop_queues().await;
         let _ = self
             .connection
             .close(200, ShortString::from("bench done"))
