@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use crate::envelope::{Envelope, ReadEnvelope, WireEnvelope, parse_guid};
 use crate::error::{Error, ErrorKind};
 use crate::headers::{Headers, names};
-use crate::host::SharedHost;
+use crate::host::{HostInfo, SharedHost};
 use crate::transport::message::TransportMessage;
 use crate::urn::Urn;
 
@@ -231,6 +231,27 @@ impl RawJson {
     }
 }
 
+/// `host` as JSON. A bus stamps one `Arc<HostInfo>` on everything it sends, so each thread
+/// keeps the text of the last host it wrote and reuses it while the host is the same.
+fn host_json(host: &Arc<HostInfo>) -> Result<String, Error> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Arc<HostInfo>, String)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        if let Some((seen, json)) = last.borrow().as_ref()
+            && (Arc::ptr_eq(seen, host) || **seen == **host)
+        {
+            return Ok(json.clone());
+        }
+        let json = serde_json::to_string(&**host).map_err(|e| {
+            Error::with_source(ErrorKind::Serialize, "could not write host info", e)
+        })?;
+        *last.borrow_mut() = Some((host.clone(), json.clone()));
+        Ok(json)
+    })
+}
+
 fn header_guid(headers: &Headers, names: &[&str]) -> Option<uuid::Uuid> {
     names
         .iter()
@@ -257,7 +278,7 @@ impl Serializer for RawJson {
         let mut headers = envelope.headers.clone();
         let mut set_id = |name: &str, id: Option<uuid::Uuid>| {
             if let Some(id) = id {
-                headers.insert(name, id.to_string());
+                headers.insert(name, guid_text(id));
             }
         };
         set_id(names::MESSAGE_ID, envelope.message_id);
@@ -294,10 +315,7 @@ impl Serializer for RawJson {
             headers.insert("DestinationAddress", v.as_str());
         }
         if let Some(host) = &envelope.host {
-            let json = serde_json::to_string(host).map_err(|e| {
-                Error::with_source(ErrorKind::Serialize, "could not write host info", e)
-            })?;
-            headers.insert(names::HOST_INFO, json);
+            headers.insert(names::HOST_INFO, host_json(host)?);
         }
         Ok(TransportMessage {
             body: Bytes::copy_from_slice(message.get().as_bytes()),

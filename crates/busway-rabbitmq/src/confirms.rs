@@ -67,7 +67,8 @@ pub(crate) enum Outcome {
 /// One publish waiting for its outcome.
 struct Entry {
     state: State,
-    identity: Identity,
+    /// `None` for a publish that is not mandatory: the broker never returns one.
+    identity: Option<Identity>,
     done: Option<oneshot::Sender<Outcome>>,
 }
 
@@ -121,7 +122,7 @@ impl Confirms {
 
     /// Registers a publish that just took its delivery tag. Call it in tag order (under the
     /// lock the tags are taken with).
-    pub(crate) fn register(&self, identity: Identity) -> Pending {
+    pub(crate) fn register(&self, identity: Option<Identity>) -> Pending {
         let (written, writing) = oneshot::channel();
         let (done, outcome) = oneshot::channel();
         let _ = self.entries.send(Entry {
@@ -204,7 +205,10 @@ async fn collect(channel: Channel, mut rx: mpsc::UnboundedReceiver<Entry>) {
             continue;
         };
         let outcome = match std::mem::replace(&mut front.state, State::Abandoned) {
-            State::Said(kind) => match returned.iter().position(|r| front.identity.matches(r)) {
+            State::Said(kind) => match returned
+                .iter()
+                .position(|r| front.identity.as_ref().is_some_and(|i| i.matches(r)))
+            {
                 Some(i) => {
                     let r = returned.remove(i).expect("index from position");
                     Outcome::Returned(r.reply_code, r.reply_text.as_str().to_string())

@@ -104,7 +104,7 @@ impl Link {
         &self,
         publisher: &Publisher,
         publish: F,
-        identity: Identity,
+        identity: Option<Identity>,
     ) -> lapin::Result<Outcome>
     where
         F: Future<Output = lapin::Result<lapin::PublisherConfirm>>,

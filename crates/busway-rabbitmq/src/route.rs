@@ -62,17 +62,20 @@ impl Route {
     /// string (255 bytes). A longer one (a hostile message type or fault address) is an
     /// address error here rather than a panic inside the client.
     fn check_names(&self) -> Result<()> {
-        let names: Box<dyn Iterator<Item = &String>> = match self {
-            Route::Endpoint(spec) => Box::new(
-                std::iter::once(&spec.name)
-                    .chain(&spec.queue)
-                    .chain(&spec.message_types),
-            ),
-            Route::Exchange(spec) => Box::new(std::iter::once(&spec.name)),
-            Route::MessageTypes(types) => Box::new(types.iter()),
-            Route::ReplyTo(token) => Box::new(std::iter::once(token)),
+        let (first, rest): (&String, &[String]) = match self {
+            Route::Endpoint(spec) => (&spec.name, &spec.message_types),
+            Route::Exchange(spec) => (&spec.name, &[]),
+            Route::MessageTypes(types) => match types.split_first() {
+                Some((first, rest)) => (first, rest),
+                None => return Ok(()),
+            },
+            Route::ReplyTo(token) => (token, &[]),
         };
-        for name in names {
+        let queue = match self {
+            Route::Endpoint(spec) => spec.queue.as_ref(),
+            _ => None,
+        };
+        for name in std::iter::once(first).chain(queue).chain(rest) {
             if name.len() > wire::MAX_SHORT {
                 let preview: String = name.chars().take(60).collect();
                 return Err(Error::new(
@@ -215,12 +218,13 @@ async fn confirm_publish(
     target: &str,
     redeclare_on_return: bool,
 ) -> std::result::Result<(), Attempt> {
-    let identity = Identity {
+    // Only a mandatory publish can come back; the others need nothing to be told apart by.
+    let identity = mandatory.then(|| Identity {
         exchange: exchange.to_string(),
         routing_key: routing_key.to_string(),
         message_id: props.message_id().as_ref().map(|m| m.as_str().to_string()),
         body: body.clone(),
-    };
+    });
     let publish = publisher.channel.basic_publish(
         ShortString::from(exchange),
         ShortString::from(routing_key),
