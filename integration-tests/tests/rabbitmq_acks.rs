@@ -189,7 +189,7 @@ async fn faults_and_acks_interleaved_are_each_settled_once() {
                             let n = ctx.message().n;
                             // Uneven handling times so deliveries finish out of order.
                             tokio::time::sleep(Duration::from_micros(u64::from(n % 7) * 300)).await;
-                            if n % 5 == 0 {
+                            if n.is_multiple_of(5) {
                                 Err(ConsumeError::msg("every fifth job fails"))
                             } else {
                                 Ok(())

@@ -48,7 +48,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             messages: None,
-            seconds: 5.0,
+            seconds: 3.0,
             payload: 256,
             pairs: 5,
             window: 64,

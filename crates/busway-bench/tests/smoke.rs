@@ -39,8 +39,12 @@ fn every_scenario_runs_and_writes_the_report() {
             "inmemory",
             "mediator",
             "rabbitmq",
+            "rabbitmq-json",
+            "ruststream",
+            "hexeract",
             "kafka",
             "outbox",
+            "outbox-batch",
             "saga",
             "saga-memory",
             "backlog"
@@ -76,7 +80,10 @@ fn every_scenario_runs_and_writes_the_report() {
             .unwrap_or(0.0)
             > 0.0
     );
-    let backlog = &scenarios[7];
+    let backlog = scenarios
+        .iter()
+        .find(|s| s["name"] == "backlog")
+        .expect("the backlog scenario");
     for side in ["busway", "lapin"] {
         assert!(
             backlog["extra"][side]["drain_peak_rss_kb"]
@@ -86,7 +93,15 @@ fn every_scenario_runs_and_writes_the_report() {
         );
     }
     let md = std::fs::read_to_string(out.join("results.md")).expect("results.md");
-    assert!(md.contains("| rabbitmq |"), "{md}");
+    for name in [
+        "rabbitmq",
+        "rabbitmq-json",
+        "ruststream",
+        "hexeract",
+        "outbox-batch",
+    ] {
+        assert!(md.contains(&format!("| {name} |")), "{md}");
+    }
     assert!(out.join("throughput.png").exists());
     assert!(out.join("latency-rabbitmq.png").exists());
     let _ = std::fs::remove_dir_all(&out);

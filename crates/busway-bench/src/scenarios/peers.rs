@@ -6,7 +6,7 @@
 //! Every side runs with the same settings: persistent messages, publisher confirms with
 //! `window` publishes in flight, `prefetch` unacknowledged deliveries, a manual ack after the
 //! handler ran, the payload `BenchMessage::new(seq, payload)` as JSON, a fresh durable queue per
-//! phase, each message counted with [`Tally::record`]. What differs is each framework's own
+//! phase, each message counted with [`crate::message::Tally::record`]. What differs is each framework's own
 //! (stated in each scenario's description):
 //!
 //! - busway publishes to the message-type exchange (MassTransit's topology: type exchange →
