@@ -195,6 +195,69 @@ async fn refused_and_accepted_sends_are_told_apart_under_concurrency() {
     transport.close().await.expect("close");
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Reliability:Refused")]
+struct RefusedEvent {
+    n: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Message)]
+#[serde(rename_all = "camelCase")]
+#[message(urn = "urn:message:Reliability:Accepted")]
+struct AcceptedEvent {
+    n: u32,
+}
+
+/// Publishes by message type share the confirm collector with sends but carry no identity
+/// for returns (the broker cannot return them). Under concurrency every publish the broker
+/// refuses (its only queue rejects) is still an error and every accepted one OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_and_accepted_publishes_are_told_apart_under_concurrency() {
+    init_tracing();
+    let vhost = TestVhost::create("publish-confirms");
+    refuse_publishes(&vhost, "refuse", "refusing-");
+    let transport = transport_for(&vhost.url());
+    let refusing = unique("refusing-q");
+    let accepting = unique("accepting-q");
+    // Built, not started: the queues are declared and bound, nothing consumes.
+    let bus = Bus::builder()
+        .transport(transport.clone())
+        .receive_endpoint(refusing.clone(), |e| {
+            e.handler(|_: ConsumeContext<RefusedEvent>| async { Ok(()) })
+        })
+        .receive_endpoint(accepting.clone(), |e| {
+            e.handler(|_: ConsumeContext<AcceptedEvent>| async { Ok(()) })
+        })
+        .build()
+        .await
+        .expect("build");
+    let results: Vec<(bool, bool)> = futures_util::stream::iter(0..SENDS)
+        .map(|n| {
+            let bus = bus.clone();
+            async move {
+                if n % 2 == 0 {
+                    (true, bus.publish(RefusedEvent { n }).await.is_ok())
+                } else {
+                    (false, bus.publish(AcceptedEvent { n }).await.is_ok())
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let refused_ok = results.iter().filter(|(r, ok)| *r && *ok).count();
+    let accepted_err = results.iter().filter(|(r, ok)| !*r && !*ok).count();
+    assert_eq!(
+        (refused_ok, accepted_err),
+        (0, 0),
+        "refused publishes reported OK, accepted ones reported failed (of {SENDS} at 32 in flight)"
+    );
+    assert_eq!(depth(&transport, &accepting).await, SENDS / 2);
+    assert_eq!(depth(&transport, &refusing).await, 0);
+    transport.close().await.expect("close");
+}
+
 /// Issue 12.1, returns: with concurrent sends through one transport, every send the broker
 /// returns (an exchange no queue is bound to) is an error and every routed one is OK. lapin
 /// hands a `basic.return` to whichever confirm it completes next, and completes the tags of
