@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 /// Names of the headers busway and MassTransit read and write.
+// A name added here belongs in `WELL_KNOWN` below too, so it is not copied when read.
 pub mod names {
     /// Why a message was moved: `fault` (error queue) or `dead-letter` (skipped queue).
     pub const REASON: &str = "MT-Reason";
@@ -144,14 +145,6 @@ fn name_of(text: &str) -> Name {
     name_of_static(text).map_or_else(|| Cow::Owned(text.to_owned()), Cow::Borrowed)
 }
 
-/// `name` as a header name, reusing the static text of a well-known one.
-fn owned_name(name: String) -> Name {
-    match name_of_static(&name) {
-        Some(known) => Cow::Borrowed(known),
-        None => Cow::Owned(name),
-    }
-}
-
 fn name_of_static(text: &str) -> Option<&'static str> {
     WELL_KNOWN
         .iter()
@@ -200,7 +193,7 @@ impl Headers {
             .find(|(k, _)| k.eq_ignore_ascii_case(&name))
         {
             Some(entry) => entry.1 = value,
-            None => entries.push((owned_name(name), value)),
+            None => entries.push((Cow::Owned(name), value)),
         }
     }
 
@@ -208,7 +201,7 @@ impl Headers {
     pub fn insert_if_absent(&mut self, name: impl Into<String>, value: impl Into<Value>) {
         let name = name.into();
         if !self.contains(&name) {
-            self.entries_mut().push((owned_name(name), value.into()));
+            self.entries_mut().push((Cow::Owned(name), value.into()));
         }
     }
 
@@ -269,6 +262,16 @@ impl Headers {
         self.entries().is_empty()
     }
 
+    /// Headers from names and values read off the wire (an AMQP table, Kafka record
+    /// headers), collected as [`FromIterator`] does; well-known names are not copied.
+    pub fn from_wire<'a>(entries: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
+        let mut builder = HeadersBuilder::default();
+        for (k, v) in entries {
+            builder.push(name_of(k), v);
+        }
+        builder.finish()
+    }
+
     /// Copies every header of `other` into `self`, replacing same-named ones.
     pub fn extend_from(&mut self, other: &Headers) {
         if self.is_empty() {
@@ -311,19 +314,7 @@ impl<K: Into<String>, V: Into<Value>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut builder = HeadersBuilder::default();
         for (k, v) in iter {
-            builder.push(owned_name(k.into()), v.into());
-        }
-        builder.finish()
-    }
-}
-
-impl Headers {
-    /// Headers from names and values read off the wire (an AMQP table, Kafka record
-    /// headers), collected as [`FromIterator`] does; well-known names are not copied.
-    pub fn from_wire<'a>(entries: impl IntoIterator<Item = (&'a str, Value)>) -> Self {
-        let mut builder = HeadersBuilder::default();
-        for (k, v) in entries {
-            builder.push(name_of(k), v);
+            builder.push(Cow::Owned(k.into()), v.into());
         }
         builder.finish()
     }
@@ -435,7 +426,7 @@ impl<'de> Deserialize<'de> for WireName {
                 Ok(WireName(name_of(v)))
             }
             fn visit_string<E: serde::de::Error>(self, v: String) -> Result<WireName, E> {
-                Ok(WireName(owned_name(v)))
+                Ok(WireName(Cow::Owned(v)))
             }
         }
         deserializer.deserialize_str(NameVisitor)

@@ -70,9 +70,7 @@ impl Scenario for OutboxScenario {
     }
 
     async fn available(&self) -> Result<(), String> {
-        if !super::rabbitmq::reachable(&self.rabbitmq_url, 5672) {
-            return Err("RabbitMQ is not reachable (start it with scripts/services)".into());
-        }
+        super::rabbitmq::broker_available(&self.rabbitmq_url)?;
         if !super::rabbitmq::reachable(&self.database_url, 5432) {
             return Err("PostgreSQL is not reachable (start it with scripts/services)".into());
         }

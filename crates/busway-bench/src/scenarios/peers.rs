@@ -30,16 +30,18 @@ mod hexeract_side;
 mod ruststream_side;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway::BoxError;
 use busway::rabbitmq::RabbitMq;
+use futures_util::future::BoxFuture;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{FieldTable, ShortString};
 
-use super::rabbitmq::{LapinSide, reachable, redact};
+use super::rabbitmq::{LapinSide, broker_available};
 use super::{BuswaySide, Encoding};
+use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
 use crate::{Scenario, Settings, Side};
 
 /// The framework a peer scenario compares busway with.
@@ -129,14 +131,7 @@ impl Scenario for PeerScenario {
     }
 
     async fn available(&self) -> Result<(), String> {
-        if reachable(&self.url, 5672) {
-            Ok(())
-        } else {
-            Err(format!(
-                "RabbitMQ is not reachable at {} (start it with scripts/services)",
-                redact(&self.url)
-            ))
-        }
+        broker_available(&self.url)
     }
 
     async fn busway(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
@@ -151,12 +146,14 @@ impl Scenario for PeerScenario {
     async fn raw(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
         Ok(match self.peer {
             Peer::Lapin => Box::new(LapinSide::connect(&self.url, settings, true).await?),
-            Peer::RustStream => {
-                Box::new(ruststream_side::RustStreamSide::connect(&self.url, settings).await?)
-            }
-            Peer::Hexeract => {
-                Box::new(hexeract_side::HexeractSide::connect(&self.url, settings).await?)
-            }
+            Peer::RustStream => Box::new(PeerSide::new(
+                ruststream_side::RustStreamClient::connect(&self.url, settings).await?,
+                settings,
+            )),
+            Peer::Hexeract => Box::new(PeerSide::new(
+                hexeract_side::HexeractClient::connect(&self.url, settings).await?,
+                settings,
+            )),
         })
     }
 
@@ -166,6 +163,121 @@ impl Scenario for PeerScenario {
             Peer::RustStream => ("busway", "ruststream"),
             Peer::Hexeract => ("busway", "hexeract"),
         }
+    }
+}
+
+/// What a peer framework does for the benchmark; [`PeerSide`] runs the four phases on it
+/// the same way for every peer.
+#[async_trait]
+trait PeerClient: Send + Sync {
+    /// A running consumer.
+    type Consumer: Send;
+
+    /// Declares a fresh durable queue for `phase` and returns its name.
+    async fn declare(&mut self, phase: &str) -> Result<String, BoxError>;
+
+    /// Starts consuming `queue` into `tally`; returns once the consumer is registered.
+    async fn start(&self, queue: &str, tally: Arc<Tally>) -> Result<Self::Consumer, BoxError>;
+
+    /// Stops a consumer and reports how it ended.
+    async fn stop(consumer: Self::Consumer) -> Result<(), BoxError>;
+
+    /// Publishes `m` to `queue` and waits for its confirm (owned, for the open-loop sender).
+    fn publish(&self, queue: Arc<str>, m: BenchMessage)
+    -> BoxFuture<'static, Result<(), BoxError>>;
+
+    /// Deletes the queues it declared and closes its connections.
+    async fn cleanup(&mut self);
+}
+
+/// The four phases over a [`PeerClient`]: one fresh queue per phase, `window` publishes in
+/// flight, the consumer stopped whether the phase succeeded or not.
+struct PeerSide<P> {
+    client: P,
+    settings: Settings,
+    backlog: Option<String>,
+}
+
+impl<P: PeerClient> PeerSide<P> {
+    fn new(client: P, settings: &Settings) -> Self {
+        Self {
+            client,
+            settings: settings.clone(),
+            backlog: None,
+        }
+    }
+
+    async fn publish_all(&self, queue: &str, n: usize) -> Result<(), BoxError> {
+        let queue: Arc<str> = queue.into();
+        send_all(n, self.settings.window, self.settings.payload, |m| {
+            self.client.publish(queue.clone(), m)
+        })
+        .await
+    }
+}
+
+/// `outcome` of a phase, after `consumer` is stopped (its error reported only when the
+/// phase itself succeeded).
+async fn stop_after<P: PeerClient, T>(
+    consumer: P::Consumer,
+    outcome: Result<T, BoxError>,
+) -> Result<T, BoxError> {
+    let stopped = P::stop(consumer).await;
+    let value = outcome?;
+    stopped?;
+    Ok(value)
+}
+
+#[async_trait]
+impl<P: PeerClient> Side for PeerSide<P> {
+    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
+        let queue = self.client.declare("backlog").await?;
+        self.publish_all(&queue, n).await?;
+        self.backlog = Some(queue);
+        Ok(())
+    }
+
+    async fn consume(&mut self, n: usize) -> Result<Duration, BoxError> {
+        let queue = self.backlog.take().ok_or("consume before publish")?;
+        let tally = Tally::new(n, false);
+        let consumer = self.client.start(&queue, tally.clone()).await?;
+        let waited = tally.wait(WAIT).await;
+        stop_after::<P, _>(consumer, waited).await?;
+        Ok(tally.span())
+    }
+
+    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
+        let queue = self.client.declare("e2e").await?;
+        let tally = Tally::new(n, false);
+        let consumer = self.client.start(&queue, tally.clone()).await?;
+        let started = Instant::now();
+        let waited = match self.publish_all(&queue, n).await {
+            Ok(()) => tally.wait(WAIT).await.map(|()| started.elapsed()),
+            Err(e) => Err(e),
+        };
+        stop_after::<P, _>(consumer, waited).await
+    }
+
+    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
+        let queue = self.client.declare("latency").await?;
+        let tally = Tally::new(n, true);
+        let consumer = self.client.start(&queue, tally.clone()).await?;
+        let queue: Arc<str> = queue.into();
+        let client = &self.client;
+        let sent = send_open_loop(n, rate, self.settings.payload, |m| {
+            client.publish(queue.clone(), m)
+        })
+        .await;
+        let waited = match sent {
+            Ok(()) => tally.wait(WAIT).await,
+            Err(e) => Err(e),
+        };
+        stop_after::<P, _>(consumer, waited).await?;
+        Ok(tally.latencies())
+    }
+
+    async fn cleanup(&mut self) {
+        self.client.cleanup().await;
     }
 }
 

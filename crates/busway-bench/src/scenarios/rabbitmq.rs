@@ -45,6 +45,18 @@ impl RabbitScenario {
     }
 }
 
+/// `Err` with a reason (and how to start it) when no RabbitMQ answers at `url`.
+pub(crate) fn broker_available(url: &str) -> Result<(), String> {
+    if reachable(url, 5672) {
+        Ok(())
+    } else {
+        Err(format!(
+            "RabbitMQ is not reachable at {} (start it with scripts/services)",
+            redact(url)
+        ))
+    }
+}
+
 /// Whether something listens at the host and port of an `amqp://` URL.
 pub(crate) fn reachable(url: &str, default_port: u16) -> bool {
     let rest = url.split("://").nth(1).unwrap_or(url);
@@ -74,14 +86,7 @@ impl Scenario for RabbitScenario {
     }
 
     async fn available(&self) -> Result<(), String> {
-        if reachable(&self.url, 5672) {
-            Ok(())
-        } else {
-            Err(format!(
-                "RabbitMQ is not reachable at {} (start it with scripts/services)",
-                redact(&self.url)
-            ))
-        }
+        broker_available(&self.url)
     }
 
     async fn busway(&self, settings: &Settings) -> Result<Box<dyn Side>, BoxError> {
@@ -104,7 +109,7 @@ impl Scenario for RabbitScenario {
 }
 
 /// `url` with its credentials replaced by `***`.
-pub(crate) fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
         _ => url.to_string(),

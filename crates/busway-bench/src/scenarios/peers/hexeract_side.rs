@@ -2,10 +2,11 @@
 //! publish in flight per pooled channel), and a `RabbitMqWorker` with one typed handler.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use busway::BoxError;
+use futures_util::future::BoxFuture;
 use hexeract::bus::{BusError, Handler, Queue, Transport};
 use hexeract::bus_rabbitmq::{
     RabbitMqConnection, RabbitMqTransport, RabbitMqWorkerBuilder, declare_queue,
@@ -14,9 +15,9 @@ use hexeract::core::HandlerContext;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{delete_queues, queue_name, wait_for_consumer};
-use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
-use crate::{Settings, Side};
+use super::{PeerClient, delete_queues, queue_name, wait_for_consumer};
+use crate::Settings;
+use crate::message::{BenchMessage, Tally};
 
 impl hexeract::bus::Message for BenchMessage {
     const MESSAGE_TYPE: &'static str = "busway.bench.BenchMessage";
@@ -38,7 +39,7 @@ impl Handler<BenchMessage> for Record {
 const CONSUMER_READY: Duration = Duration::from_secs(30);
 
 /// A running worker and the token that stops it.
-struct Worker {
+pub(super) struct Worker {
     cancel: CancellationToken,
     task: JoinHandle<Result<(), BusError>>,
 }
@@ -52,27 +53,30 @@ impl Worker {
 }
 
 /// Hexeract with the benchmark's settings.
-pub(super) struct HexeractSide {
-    settings: Settings,
+pub(super) struct HexeractClient {
+    prefetch: u16,
     connection: RabbitMqConnection,
     transport: Arc<RabbitMqTransport>,
-    backlog: Option<String>,
     queues: Vec<String>,
 }
 
-impl HexeractSide {
+impl HexeractClient {
     /// Connects; the transport's pool has `window` channels (one publish in flight each).
     pub(super) async fn connect(url: &str, settings: &Settings) -> Result<Self, BoxError> {
         let connection = RabbitMqConnection::connect(url).await?;
         let transport = RabbitMqTransport::from_connection(connection.clone(), settings.window);
         Ok(Self {
-            settings: settings.clone(),
+            prefetch: settings.prefetch,
             connection,
             transport: Arc::new(transport),
-            backlog: None,
             queues: Vec::new(),
         })
     }
+}
+
+#[async_trait]
+impl PeerClient for HexeractClient {
+    type Consumer = Worker;
 
     async fn declare(&mut self, phase: &str) -> Result<String, BoxError> {
         let name = queue_name("hexeract", phase);
@@ -81,12 +85,12 @@ impl HexeractSide {
         Ok(name)
     }
 
-    /// Starts a worker consuming `queue` into `tally` and waits until its consumer is
-    /// registered.
-    async fn worker(&self, queue: &str, tally: Arc<Tally>) -> Result<Worker, BoxError> {
+    /// Starts a worker and waits until its consumer is registered (it starts in the
+    /// background).
+    async fn start(&self, queue: &str, tally: Arc<Tally>) -> Result<Worker, BoxError> {
         let worker = RabbitMqWorkerBuilder::new(self.connection.clone())
             .queue(queue)
-            .prefetch(self.settings.prefetch)
+            .prefetch(self.prefetch)
             .register_handler::<BenchMessage, _>(Record(tally))
             .build()?;
         let cancel = CancellationToken::new();
@@ -94,92 +98,27 @@ impl HexeractSide {
         let worker = Worker { cancel, task };
         match wait_for_consumer(self.connection.inner(), queue, CONSUMER_READY).await {
             Ok(()) => Ok(worker),
-            Err(e) => {
-                let stopped = worker.stop().await;
-                Err(match stopped {
-                    Err(why) => format!("the hexeract worker stopped: {why}").into(),
-                    Ok(()) => e,
-                })
-            }
+            Err(e) => Err(match worker.stop().await {
+                Err(why) => format!("the hexeract worker stopped: {why}").into(),
+                Ok(()) => e,
+            }),
         }
     }
 
-    async fn publish_all(&self, queue: &str, n: usize) -> Result<(), BoxError> {
-        let transport = &*self.transport;
-        send_all(
-            n,
-            self.settings.window,
-            self.settings.payload,
-            |m| async move {
-                transport.publish(queue, &m).await?;
-                Ok(())
-            },
-        )
-        .await
-    }
-}
-
-/// Waits for the tally, then stops the worker either way.
-async fn drain(worker: Worker, tally: &Tally) -> Result<(), BoxError> {
-    let waited = tally.wait(WAIT).await;
-    worker.stop().await?;
-    waited
-}
-
-#[async_trait]
-impl Side for HexeractSide {
-    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
-        let queue = self.declare("backlog").await?;
-        self.publish_all(&queue, n).await?;
-        self.backlog = Some(queue);
-        Ok(())
+    async fn stop(worker: Worker) -> Result<(), BoxError> {
+        worker.stop().await
     }
 
-    async fn consume(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let queue = self.backlog.take().ok_or("consume before publish")?;
-        let tally = Tally::new(n, false);
-        let worker = self.worker(&queue, tally.clone()).await?;
-        drain(worker, &tally).await?;
-        Ok(tally.span())
-    }
-
-    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let queue = self.declare("e2e").await?;
-        let tally = Tally::new(n, false);
-        let worker = self.worker(&queue, tally.clone()).await?;
-        let started = Instant::now();
-        let waited = match self.publish_all(&queue, n).await {
-            Ok(()) => tally.wait(WAIT).await,
-            Err(e) => Err(e),
-        };
-        let took = started.elapsed();
-        worker.stop().await?;
-        waited?;
-        Ok(took)
-    }
-
-    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
-        let queue = self.declare("latency").await?;
-        let tally = Tally::new(n, true);
-        let worker = self.worker(&queue, tally.clone()).await?;
-        let queue: Arc<str> = queue.into();
-        let sent = send_open_loop(n, rate, self.settings.payload, |m| {
-            let transport = self.transport.clone();
-            let queue = queue.clone();
-            async move {
-                transport.publish(&queue, &m).await?;
-                Ok(())
-            }
+    fn publish(
+        &self,
+        queue: Arc<str>,
+        m: BenchMessage,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let transport = self.transport.clone();
+        Box::pin(async move {
+            transport.publish(&queue, &m).await?;
+            Ok(())
         })
-        .await;
-        match sent {
-            Ok(()) => drain(worker, &tally).await?,
-            Err(e) => {
-                let _ = worker.stop().await;
-                return Err(e);
-            }
-        }
-        Ok(tally.latencies())
     }
 
     async fn cleanup(&mut self) {

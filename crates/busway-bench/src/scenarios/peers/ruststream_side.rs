@@ -5,18 +5,18 @@
 use std::convert::Infallible;
 use std::num::NonZeroU16;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use busway::BoxError;
+use futures_util::future::BoxFuture;
 use ruststream::ConnectedBroker;
 use ruststream_lapin::prelude::*;
 use ruststream_lapin::{ConfirmsPublisher, ConnectedLapinBroker};
 use serde::Serialize;
 
-use super::{declare_queue, delete_queues, queue_name};
-use crate::message::{BenchMessage, Tally, WAIT, send_all, send_open_loop};
-use crate::{Settings, Side};
+use super::{PeerClient, declare_queue, delete_queues, queue_name};
+use crate::Settings;
+use crate::message::{BenchMessage, Tally};
 
 /// The benchmark message as RustStream publishes it: `#[derive(Outgoing)]` with no fixed
 /// destination (the call site names the queue), serialized as the message itself.
@@ -38,19 +38,18 @@ async fn record(message: &BenchMessage, State(tally): State<Arc<Tally>>) -> Hand
 }
 
 /// RustStream with the benchmark's settings.
-pub(super) struct RustStreamSide {
+pub(super) struct RustStreamClient {
     url: String,
-    settings: Settings,
+    prefetch: u16,
     /// Declares and deletes the queues (RustStream declares only while subscribing).
     admin: lapin::Connection,
     /// The publishing connection; kept for its shutdown.
     broker: Option<ConnectedLapinBroker>,
     publisher: ConfirmsPublisher,
-    backlog: Option<String>,
     queues: Vec<String>,
 }
 
-impl RustStreamSide {
+impl RustStreamClient {
     /// Connects the publisher and the admin connection.
     pub(super) async fn connect(url: &str, settings: &Settings) -> Result<Self, BoxError> {
         let admin = lapin::Connection::connect(url, Default::default()).await?;
@@ -58,14 +57,18 @@ impl RustStreamSide {
         let publisher = broker.publisher(LapinPublish::default().confirms());
         Ok(Self {
             url: url.to_string(),
-            settings: settings.clone(),
+            prefetch: settings.prefetch,
             admin,
             broker: Some(broker),
             publisher,
-            backlog: None,
             queues: Vec::new(),
         })
     }
+}
+
+#[async_trait]
+impl PeerClient for RustStreamClient {
+    type Consumer = RunningApp;
 
     async fn declare(&mut self, phase: &str) -> Result<String, BoxError> {
         let name = queue_name("ruststream", phase);
@@ -74,10 +77,11 @@ impl RustStreamSide {
         Ok(name)
     }
 
-    /// Starts an app consuming `queue` into `tally`; it returns once the subscription is open.
-    async fn consumer(&self, queue: String, tally: Arc<Tally>) -> Result<RunningApp, BoxError> {
-        let prefetch = NonZeroU16::new(self.settings.prefetch).ok_or("prefetch 0")?;
+    /// Starts an app consuming `queue`; it returns once the subscription is open.
+    async fn start(&self, queue: &str, tally: Arc<Tally>) -> Result<RunningApp, BoxError> {
+        let prefetch = NonZeroU16::new(self.prefetch).ok_or("prefetch 0")?;
         let broker = LapinBroker::new(self.url.as_str()).prefetch(prefetch);
+        let queue = queue.to_string();
         let app = RustStream::new(AppInfo::new("busway-bench", env!("CARGO_PKG_VERSION")))
             .on_startup(async move |()| Ok::<_, Infallible>(Consuming { tally }))
             .with_broker(broker, move |b| {
@@ -86,86 +90,21 @@ impl RustStreamSide {
         Ok(app.start().await?)
     }
 
-    async fn publish_all(&self, queue: &str, n: usize) -> Result<(), BoxError> {
-        let publisher = &self.publisher;
-        send_all(
-            n,
-            self.settings.window,
-            self.settings.payload,
-            |m| async move { publish_one(publisher, queue, m).await },
-        )
-        .await
-    }
-}
-
-async fn publish_one(
-    publisher: &ConfirmsPublisher,
-    queue: &str,
-    m: BenchMessage,
-) -> Result<(), BoxError> {
-    publisher.message(&Bench(m)).to(queue).publish().await?;
-    Ok(())
-}
-
-/// Waits for the tally, then stops the app either way.
-async fn drain(running: RunningApp, tally: &Tally) -> Result<(), BoxError> {
-    let waited = tally.wait(WAIT).await;
-    running.shutdown().await?;
-    waited
-}
-
-#[async_trait]
-impl Side for RustStreamSide {
-    async fn publish(&mut self, n: usize) -> Result<(), BoxError> {
-        let queue = self.declare("backlog").await?;
-        self.publish_all(&queue, n).await?;
-        self.backlog = Some(queue);
+    async fn stop(running: RunningApp) -> Result<(), BoxError> {
+        running.shutdown().await?;
         Ok(())
     }
 
-    async fn consume(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let queue = self.backlog.take().ok_or("consume before publish")?;
-        let tally = Tally::new(n, false);
-        let running = self.consumer(queue, tally.clone()).await?;
-        drain(running, &tally).await?;
-        Ok(tally.span())
-    }
-
-    async fn end_to_end(&mut self, n: usize) -> Result<Duration, BoxError> {
-        let queue = self.declare("e2e").await?;
-        let tally = Tally::new(n, false);
-        let running = self.consumer(queue.clone(), tally.clone()).await?;
-        let started = Instant::now();
-        let published = self.publish_all(&queue, n).await;
-        let waited = match published {
-            Ok(()) => tally.wait(WAIT).await,
-            Err(e) => Err(e),
-        };
-        let took = started.elapsed();
-        running.shutdown().await?;
-        waited?;
-        Ok(took)
-    }
-
-    async fn latency(&mut self, n: usize, rate: f64) -> Result<Vec<u64>, BoxError> {
-        let queue = self.declare("latency").await?;
-        let tally = Tally::new(n, true);
-        let running = self.consumer(queue.clone(), tally.clone()).await?;
-        let queue: Arc<str> = queue.into();
-        let sent = send_open_loop(n, rate, self.settings.payload, |m| {
-            let publisher = self.publisher.clone();
-            let queue = queue.clone();
-            async move { publish_one(&publisher, &queue, m).await }
+    fn publish(
+        &self,
+        queue: Arc<str>,
+        m: BenchMessage,
+    ) -> BoxFuture<'static, Result<(), BoxError>> {
+        let publisher = self.publisher.clone();
+        Box::pin(async move {
+            publisher.message(&Bench(m)).to(&*queue).publish().await?;
+            Ok(())
         })
-        .await;
-        match sent {
-            Ok(()) => drain(running, &tally).await?,
-            Err(e) => {
-                let _ = running.shutdown().await;
-                return Err(e);
-            }
-        }
-        Ok(tally.latencies())
     }
 
     async fn cleanup(&mut self) {
